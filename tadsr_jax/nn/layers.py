@@ -1,0 +1,140 @@
+"""Dense, convolution, normalisation and embedding layers, NHWC, with PyTorch-compatible parameter names.
+
+Parameter leaves are named so that a PyTorch state-dict key maps onto them mechanically
+(`weight` -> `kernel` / `scale` / `embedding`, `bias` -> `bias`), see `tadsr_jax.weights.convert`.
+`Linear` and `Conv2d` can carry LoRA adapters (see `tadsr_jax.nn.lora`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tadsr_jax.nn import lora
+
+
+def _torch_default_uniform(rngs: nnx.Rngs, shape: Sequence[int], fan_in: int, dtype) -> jax.Array:
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(rngs.params(), tuple(shape), dtype, -bound, bound)
+
+
+class Linear(lora.LoRAHost):
+    """y = x W + b (+ LoRA deltas of the active adapters)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 dtype=jnp.float32, zero_init: bool = False, rngs: nnx.Rngs):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        shape = (in_features, out_features)
+        init = jnp.zeros(shape, dtype) if zero_init else _torch_default_uniform(rngs, shape, in_features, dtype)
+        self.kernel = nnx.Param(init)
+        if use_bias:
+            self.bias = nnx.Param(jnp.zeros((out_features,), dtype) if zero_init
+                                  else _torch_default_uniform(rngs, (out_features,), in_features, dtype))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        for adapter in self.active_lora():
+            a, b = adapter.a[...].astype(x.dtype), adapter.b[...].astype(x.dtype)
+            y = y + adapter.scale * ((x @ a) @ b)
+        return y
+
+    def lora_factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.in_features, rank), (rank, self.out_features)
+
+    def lora_delta(self, adapter: lora.LoRAAdapter) -> jax.Array:
+        return adapter.scale * (adapter.a[...] @ adapter.b[...])
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int | Sequence[tuple[int, int]]) -> jax.Array:
+    """NHWC x HWIO convolution with symmetric integer padding or explicit ((top, bottom), (left, right))."""
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=tuple(padding),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv2d(lora.LoRAHost):
+    """2-D convolution, NHWC activations and HWIO kernel (PyTorch OIHW is transposed on load)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int = 0, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        fan_in = in_channels * kernel_size * kernel_size
+        self.kernel = nnx.Param(_torch_default_uniform(
+            rngs, (kernel_size, kernel_size, in_channels, out_channels), fan_in, dtype))
+        self.bias = nnx.Param(_torch_default_uniform(rngs, (out_channels,), fan_in, dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        for adapter in self.active_lora():
+            # PEFT conv LoRA: A has the base kernel's geometry, B is a 1x1 conv.
+            a, b = adapter.a[...].astype(x.dtype), adapter.b[...].astype(x.dtype)
+            y = y + adapter.scale * (conv2d(x, a, self.stride, self.padding) @ b)
+        return y
+
+    def lora_factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        k = self.kernel_size
+        return (k, k, self.in_channels, rank), (rank, self.out_channels)
+
+    def lora_delta(self, adapter: lora.LoRAAdapter) -> jax.Array:
+        return adapter.scale * jnp.einsum("hwir,ro->hwio", adapter.a[...], adapter.b[...])
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over NHWC (or NTC) input; statistics in float32 whatever the activation dtype."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float, dtype=jnp.float32):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.num_groups, self.eps = num_groups, eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; statistics in float32."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features), dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)

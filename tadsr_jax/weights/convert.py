@@ -1,0 +1,122 @@
+"""PyTorch state-dict tensors -> NNX state, by rule.
+
+Our modules mirror the PyTorch module tree, so a key maps onto a path mechanically:
+`a.b.0.c.weight` -> ('a', 'b', 0, 'c', leaf) where leaf is whichever of kernel/scale/embedding the module
+owns. Layout changes follow from the target's rank: Linear (out, in) -> (in, out), Conv OIHW -> HWIO,
+and a 1x1 conv stored for a Linear target (legacy VAE attention) is squeezed. Model-specific differences
+are regex renames applied first (data, not code), e.g. legacy `query` -> `to_q`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tadsr_jax.nn.lora import LoRAParam
+
+# The frozen base weights: every Param that is not a LoRA factor.
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+Path = tuple[str | int, ...]
+RenameRule = tuple[str, str]
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+class WeightsError(ValueError):
+    """A weight file or folder does not fit the model; the message is one line naming the tensor or file."""
+
+
+def _module_path(name: str) -> Path:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def torch_to_jax_layout(array: np.ndarray, target_ndim: int) -> np.ndarray:
+    if target_ndim == 2 and array.ndim == 4 and array.shape[2:] == (1, 1):
+        array = array[:, :, 0, 0]
+    if target_ndim == 2 and array.ndim == 2:
+        return array.T
+    if target_ndim == 4 and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def jax_to_torch_layout(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        return array.T
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def path_to_torch_key(path: Path) -> str:
+    """Inverse of the key mapping, for the parameters of our modules."""
+    *module, leaf = path
+    leaf = "bias" if leaf == "bias" else "weight"
+    return ".".join(str(p) for p in (*module, leaf))
+
+
+def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
+                 rename: Sequence[RenameRule] = (), ignore: Sequence[str] = (),
+                 keep_missing: Callable[[str], bool] | None = None, dtype=None,
+                 variable_filter=BASE_PARAMS) -> nnx.Module:
+    """Fill `model`'s base parameters (or `variable_filter`'s leaves) from (torch key, array) pairs and return the new module.
+
+    `model` may be abstract (from `nnx.eval_shape`): tensors are converted one at a time, so only one full
+    copy of the weights is ever held. Leaves not in the file are an error unless `keep_missing(key)` says
+    to keep the model's own (initialised) value. `dtype` casts every loaded leaf (e.g. jnp.bfloat16).
+    Raises WeightsError naming the first missing, unexpected or mis-shaped tensor.
+    """
+    graphdef, state, rest = nnx.split(model, variable_filter, ...)
+    flat = dict(state.flat_state())
+    rename = [(re.compile(p), r) for p, r in rename]
+    ignore = [re.compile(p) for p in ignore]
+    loaded: set[Path] = set()
+    unexpected: list[str] = []
+    for key, array in tensors:
+        if any(p.fullmatch(key) for p in ignore):
+            continue
+        name = key
+        for pattern, replacement in rename:
+            name = pattern.sub(replacement, name)
+        *module, leaf = _module_path(name)
+        candidates = ("bias",) if leaf == "bias" else _WEIGHT_LEAVES if leaf == "weight" else ()
+        path = next((tuple(module) + (c,) for c in candidates if tuple(module) + (c,) in flat), None)
+        if path is None:
+            unexpected.append(key)
+            continue
+        variable = flat[path]
+        array = torch_to_jax_layout(np.asarray(array), len(variable.shape))
+        if array.shape != tuple(variable.shape):
+            raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(np.asarray(array).shape)} after "
+                               f"layout conversion, the model expects {tuple(variable.shape)}")
+        flat[path] = variable.replace(jnp.asarray(array, dtype or variable.dtype))
+        loaded.add(path)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"{source}: unexpected tensor {unexpected[0]!r}{more}; is this the right folder?")
+    missing = [path_to_torch_key(p) for p in flat if p not in loaded]
+    not_kept = [k for k in missing if keep_missing is None or not keep_missing(k)]
+    if not_kept:
+        more = f" (and {len(not_kept) - 1} more)" if len(not_kept) > 1 else ""
+        raise WeightsError(f"{source}: missing tensor {not_kept[0]!r}{more}")
+    for path in flat:
+        if path not in loaded and dtype is not None:
+            flat[path] = flat[path].replace(jnp.asarray(flat[path][...], dtype))
+    return nnx.merge(graphdef, nnx.State.from_flat_path(flat), rest)
+
+
+def state_to_torch(model: nnx.Module, variable_filter=BASE_PARAMS, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Our parameters as a PyTorch-layout state dict (for saving diffusers-format folders)."""
+    state = nnx.state(model, variable_filter)
+    return {path_to_torch_key(path): np.ascontiguousarray(jax_to_torch_layout(np.asarray(var[...], dtype)))
+            for path, var in state.flat_state()}
+
+
+def count_params(model: nnx.Module, variable_filter=BASE_PARAMS) -> int:
+    """Number of scalars in the filtered leaves (works on abstract models)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, variable_filter)))

@@ -1,0 +1,76 @@
+"""Reading diffusers/transformers model folders: config.json and weight files (safetensors or .bin, sharded or not)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from tadsr_jax.weights.convert import WeightsError
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_SAFETENSORS, TRANSFORMERS_BIN = "model", "pytorch_model"
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise WeightsError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: unreadable config ({e})") from None
+
+
+def weight_files(folder: str, stems: Sequence[str] = (DIFFUSERS_WEIGHTS,), variant: str | None = None) -> list[str]:
+    """The weight files of a model folder, preferring safetensors; sharded checkpoints via their index."""
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{folder}: model folder does not exist")
+    suffix = f".{variant}" if variant else ""
+    for ext in (".safetensors", ".bin"):
+        for stem in stems:
+            single = os.path.join(folder, f"{stem}{suffix}{ext}")
+            if os.path.isfile(single):
+                return [single]
+            index = single + ".index.json"
+            if os.path.isfile(index):
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return [os.path.join(folder, s) for s in shards]
+    names = ", ".join(f"{s}{suffix}.safetensors/.bin" for s in stems)
+    raise WeightsError(f"{folder}: no weight file ({names})")
+
+
+def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _read_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch); "
+                           "or convert the folder to safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt pickles
+        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    for key in list(state):
+        tensor = state.pop(key)
+        yield key, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def read_tensors(files: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) pairs, one tensor at a time."""
+    for path in files:
+        yield from (_read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tadsr_jax.models.vae import AutoencoderKL, VAEConfig
 from tadsr_jax.weights.convert import WeightsError, load_tensors
 from tadsr_jax.weights.files import read_config, read_tensors, weight_files
 
@@ -30,3 +31,30 @@ def load_unet(folder: str, *, dtype=jnp.float32, variant: str | None = None) -> 
     abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     files = weight_files(folder, variant=variant)
     return load_tensors(abstract, read_tensors(files), source=folder, dtype=dtype)
+
+
+# diffusers' legacy VAE attention names (as in SD checkpoints and TADSR's time_vae/).
+LEGACY_VAE_ATTENTION = ((r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),
+                        (r"\.proj_attn\.", ".to_out.0."))
+
+
+def _is_time_tensor(key: str) -> bool:
+    return key.startswith("encoder.") and "time" in key
+
+
+def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, variant: str | None = None,
+             seed: int = 0) -> AutoencoderKL:
+    """A diffusers `vae/` folder, or TADSR's `time_vae/` with `time_aware=True`, -> AutoencoderKL.
+
+    A time-aware VAE may be loaded from a stock SD `vae/` folder: the time layers it lacks start as the
+    reference recommends (zero `time_emb_proj`, PyTorch-default `time_embedding` from `seed`), so the encoder
+    starts out identical to the stock one.
+    """
+    cfg = _config(folder, VAEConfig)
+    files = weight_files(folder, variant=variant)
+    if time_aware:  # small enough to build concretely, which provides the initial time layers
+        model = AutoencoderKL(cfg, time_aware=True, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    else:
+        model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load_tensors(model, read_tensors(files), source=folder, rename=LEGACY_VAE_ATTENTION, dtype=dtype,
+                        keep_missing=_is_time_tensor if time_aware else None)

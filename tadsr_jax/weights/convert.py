@@ -2,7 +2,7 @@
 
 Our modules mirror the PyTorch module tree, so a key maps onto a path mechanically:
 `a.b.0.c.weight` -> ('a', 'b', 0, 'c', leaf) where leaf is whichever of kernel/scale/embedding the module
-owns. Layout changes follow from the target's rank: Linear (out, in) -> (in, out), Conv OIHW -> HWIO,
+owns. Kernel layouts follow from the target's rank: Linear (out, in) -> (in, out), Conv OIHW -> HWIO,
 and a 1x1 conv stored for a Linear target (legacy VAE attention) is squeezed. Model-specific differences
 are regex renames applied first (data, not code), e.g. legacy `query` -> `to_q`.
 """
@@ -36,6 +36,7 @@ def _module_path(name: str) -> Path:
 
 
 def torch_to_jax_layout(array: np.ndarray, target_ndim: int) -> np.ndarray:
+    """A Linear or Conv weight in PyTorch layout -> our kernel layout (other leaves need no change)."""
     if target_ndim == 2 and array.ndim == 4 and array.shape[2:] == (1, 1):
         array = array[:, :, 0, 0]
     if target_ndim == 2 and array.ndim == 2:
@@ -46,6 +47,7 @@ def torch_to_jax_layout(array: np.ndarray, target_ndim: int) -> np.ndarray:
 
 
 def jax_to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """Inverse of `torch_to_jax_layout` for kernels."""
     if array.ndim == 2:
         return array.T
     if array.ndim == 4:
@@ -72,7 +74,7 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
     Raises WeightsError naming the first missing, unexpected or mis-shaped tensor.
     """
     graphdef, state, rest = nnx.split(model, variable_filter, ...)
-    flat = dict(state.flat_state())
+    flat = dict(nnx.to_flat_state(state))
     rename = [(re.compile(p), r) for p, r in rename]
     ignore = [re.compile(p) for p in ignore]
     loaded: set[Path] = set()
@@ -90,7 +92,9 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
             unexpected.append(key)
             continue
         variable = flat[path]
-        array = torch_to_jax_layout(np.asarray(array), len(variable.shape))
+        array = np.asarray(array)
+        if path[-1] == "kernel":
+            array = torch_to_jax_layout(array, len(variable.shape))
         if array.shape != tuple(variable.shape):
             raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(np.asarray(array).shape)} after "
                                f"layout conversion, the model expects {tuple(variable.shape)}")
@@ -107,14 +111,18 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
     for path in flat:
         if path not in loaded and dtype is not None:
             flat[path] = flat[path].replace(jnp.asarray(flat[path][...], dtype))
-    return nnx.merge(graphdef, nnx.State.from_flat_path(flat), rest)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 def state_to_torch(model: nnx.Module, variable_filter=BASE_PARAMS, dtype=np.float32) -> dict[str, np.ndarray]:
     """Our parameters as a PyTorch-layout state dict (for saving diffusers-format folders)."""
     state = nnx.state(model, variable_filter)
-    return {path_to_torch_key(path): np.ascontiguousarray(jax_to_torch_layout(np.asarray(var[...], dtype)))
-            for path, var in state.flat_state()}
+    tensors = {}
+    for path, var in nnx.to_flat_state(state):
+        array = np.asarray(var[...], dtype)
+        tensors[path_to_torch_key(path)] = np.ascontiguousarray(
+            jax_to_torch_layout(array) if path[-1] == "kernel" else array)
+    return tensors
 
 
 def count_params(model: nnx.Module, variable_filter=BASE_PARAMS) -> int:

@@ -6,15 +6,23 @@ holds two full copies of the weights.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 from flax import nnx
 
+from tadsr_jax.diffusion import NoiseSchedule
+from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tadsr_jax.models.vae import AutoencoderKL, VAEConfig
 from tadsr_jax.weights.convert import WeightsError, load_tensors
-from tadsr_jax.weights.files import read_config, read_tensors, weight_files
+from tadsr_jax.weights.files import (TRANSFORMERS_BIN, TRANSFORMERS_SAFETENSORS, read_config, read_tensors,
+                                     weight_files)
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 
 def _config(folder: str, config_cls):
@@ -58,3 +66,39 @@ def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, varian
         model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return load_tensors(model, read_tensors(files), source=folder, rename=LEGACY_VAE_ATTENTION, dtype=dtype,
                         keep_missing=_is_time_tensor if time_aware else None)
+
+
+def load_schedule(folder: str) -> NoiseSchedule:
+    """A diffusers `scheduler/` folder (scheduler_config.json) -> NoiseSchedule."""
+    path = os.path.join(folder, "scheduler_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: unreadable scheduler config ({e})") from None
+    try:
+        return NoiseSchedule.from_config(config)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def load_text_encoder(folder: str, *, dtype=jnp.float32) -> CLIPTextModel:
+    """A transformers `CLIPTextModel` folder (config.json + model.safetensors or pytorch_model.bin).
+
+    Accepts both key layouts: transformers 5 saves `embeddings.…`, older checkpoints (e.g. SD-2.1's
+    text_encoder) `text_model.embeddings.…` plus a `position_ids` buffer.
+    """
+    cfg = _config(folder, CLIPTextConfig)
+    abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    files = weight_files(folder, stems=(TRANSFORMERS_SAFETENSORS, TRANSFORMERS_BIN))
+    return load_tensors(abstract, read_tensors(files), source=folder, rename=[(r"^text_model\.", "")],
+                        ignore=[r".*position_ids"], dtype=dtype)
+
+
+def load_tokenizer(folder: str) -> "CLIPTokenizer":
+    """transformers' CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        raise WeightsError(f"{folder}: no vocab.json (expected a CLIP tokenizer folder)")
+    return CLIPTokenizer.from_pretrained(folder)

@@ -16,6 +16,8 @@ TRANSFORMERS_SAFETENSORS, TRANSFORMERS_BIN = "model", "pytorch_model"
 
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{folder}: model folder does not exist")
     if not os.path.isfile(path):
         raise WeightsError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
     try:

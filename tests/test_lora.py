@@ -1,0 +1,241 @@
+"""LoRA adapters (tadsr_jax.nn.lora): parity with PEFT's layer math (TADSR_SPEC.md 2.2) re-stated in torch,
+initialisation, merging, and several adapter sets chosen per call."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from torch_utils import nchw_to_nhwc, nhwc_to_nchw, rel_err
+
+from tadsr_jax.nn import Conv2d, Linear, ResnetBlock2D, Transformer2DModel, lora
+
+RANK, ALPHA = 4, 8.0
+
+run = nnx.jit(lambda model, *args: model(*args))
+
+
+class LoRAA(lora.LoRAParam):
+    pass
+
+
+class LoRAB(lora.LoRAParam):
+    pass
+
+
+def _randomize_b(model, name: str, seed: int, std: float = 0.5) -> None:
+    """B starts at zero, which would hide any error in the LoRA path; give it random values."""
+    key = jax.random.key(seed)
+    for i, host in enumerate(lora.lora_hosts(model).values()):
+        if name in host.lora:
+            b = host.lora[name].b
+            b[...] = std * jax.random.normal(jax.random.fold_in(key, i), b[...].shape, jnp.float32)
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, np.float32))
+
+
+def test_linear_lora_matches_peft_formula():
+    layer = Linear(24, 20, rngs=nnx.Rngs(0))
+    assert lora.add_adapter(layer, "default", LoRAA, [""], rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1)) == 1
+    _randomize_b(layer, "default", seed=2)
+    x = np.random.default_rng(0).standard_normal((2, 7, 24)).astype(np.float32)
+    with lora.active_adapters(layer, ["default"]):
+        ours = run(layer, jnp.asarray(x))
+    adapter = layer.lora["default"]
+    w, bias = _t(layer.kernel[...]).T, _t(layer.bias[...])        # (out, in)
+    a, b = _t(adapter.a[...]).T, _t(adapter.b[...]).T              # (r, in), (out, r)
+    xt = torch.from_numpy(x)
+    ref = F.linear(xt, w, bias) + (ALPHA / RANK) * F.linear(F.linear(xt, a), b)
+    assert rel_err(ours, ref.numpy()) <= 1e-5
+    # the LoRA term is not negligible, so a wrong scale or factor layout fails the check above
+    assert rel_err(F.linear(xt, w, bias).numpy(), ref.numpy()) > 0.1
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 2, 1), (1, 1, 0)])
+def test_conv_lora_matches_peft_formula(kernel_size, stride, padding):
+    cin, cout = 6, 10
+    layer = Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+    lora.add_adapter(layer, "default", LoRAA, [""], rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
+    _randomize_b(layer, "default", seed=3)
+    x = torch.randn(2, cin, 9, 11, generator=torch.Generator().manual_seed(0))  # odd, non-square
+    with lora.active_adapters(layer, ["default"]):
+        ours = run(layer, jnp.asarray(nchw_to_nhwc(x)))
+    adapter = layer.lora["default"]
+    w = _t(layer.kernel[...]).permute(3, 2, 0, 1)                   # HWIO -> OIHW
+    a = _t(adapter.a[...]).permute(3, 2, 0, 1)                      # (kh, kw, in, r) -> (r, in, kh, kw)
+    b = _t(adapter.b[...]).T[:, :, None, None]                      # (r, out) -> (out, r, 1, 1)
+    base = F.conv2d(x, w, _t(layer.bias[...]), stride, padding)
+    ref = base + 2.0 * F.conv2d(F.conv2d(x, a, None, stride, padding), b)
+    assert rel_err(nhwc_to_nchw(ours), ref.numpy()) <= 1e-5
+    assert rel_err(base.numpy(), ref.numpy()) > 0.1
+
+
+def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
+    layer = Conv2d(64, 48, 3, padding=1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 64))
+    before = np.asarray(run(layer, x))
+    lora.add_adapter(layer, "default", LoRAA, [""], rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
+    linear = Linear(512, 384, rngs=nnx.Rngs(2))
+    lora.add_adapter(linear, "default", LoRAA, [""], rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(3))
+    for host in (layer, linear):
+        adapter = host.lora["default"]
+        assert isinstance(adapter.a, LoRAA) and isinstance(adapter.b, LoRAA)
+        assert not np.any(np.asarray(adapter.b[...]))
+        a = np.asarray(adapter.a[...])
+        assert abs(a.std() / (1.0 / RANK) - 1) < 0.1, a.std()      # 2304 / 2048 samples: ~1.5% noise
+        assert abs(a.mean()) < 0.02
+    with lora.active_adapters(layer, ["default"]):
+        after = np.asarray(run(layer, x))
+    np.testing.assert_array_equal(after, before)
+
+
+def _transformer():
+    return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4, use_linear_projection=False,
+                              rngs=nnx.Rngs(0))
+
+
+def _transformer_inputs():
+    key_x, key_c = jax.random.split(jax.random.key(1))
+    return jax.random.normal(key_x, (2, 4, 6, 16)), jax.random.normal(key_c, (2, 5, 12))
+
+
+CONV_AND_LINEAR = ["proj_in", "proj_out", "transformer_blocks.0.attn1.to_q",
+                   "transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_out.0",
+                   "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
+
+
+def test_transformer_merged_equals_unmerged_and_merge_removes_factors():
+    model = _transformer()
+    hosts = lora.lora_hosts(model)
+    assert isinstance(hosts["proj_in"], Conv2d) and isinstance(hosts["transformer_blocks.0.ff.net.2"], Linear)
+    assert lora.add_adapter(model, "default", LoRAA, CONV_AND_LINEAR, rngs=nnx.Rngs(1)) == len(CONV_AND_LINEAR)
+    _randomize_b(model, "default", seed=4, std=0.2)
+    x, ctx = _transformer_inputs()
+    base = run(model, x, ctx)
+    lora.set_active_adapters(model, ["default"])
+    unmerged = run(model, x, ctx)
+    assert rel_err(base, unmerged) > 1e-2                           # the adapters change the output
+    assert len(jax.tree.leaves(nnx.state(model, LoRAA))) == 2 * len(CONV_AND_LINEAR)
+    assert lora.merge_adapters(model, ["default"]) == len(CONV_AND_LINEAR)
+    assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []
+    assert all(not h.lora and h.active_adapters == () for h in lora.lora_hosts(model).values())
+    merged = run(model, x, ctx)
+    assert rel_err(merged, unmerged) <= 1e-5
+
+
+def test_resnet_merged_equals_unmerged():
+    block = ResnetBlock2D(8, 12, groups=4, eps=1e-5, temb_channels=10, rngs=nnx.Rngs(0))
+    targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+    lora.add_adapter(block, "default", LoRAA, targets, rngs=nnx.Rngs(1))
+    _randomize_b(block, "default", seed=5, std=0.2)
+    x = jax.random.normal(jax.random.key(2), (2, 7, 5, 8))
+    temb = jax.random.normal(jax.random.key(3), (2, 10))
+    base = run(block, x, temb)
+    with lora.active_adapters(block, ["default"]):
+        unmerged = run(block, x, temb)
+    assert rel_err(base, unmerged) > 1e-2
+    lora.merge_adapters(block, ["default"])
+    assert jax.tree.leaves(nnx.state(block, lora.LoRAParam)) == []
+    assert rel_err(run(block, x, temb), unmerged) <= 1e-5
+
+
+TARGETS_A = ["proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"]
+TARGETS_B = ["proj_out", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"]  # overlaps A
+
+
+def _two_adapter_model():
+    model = _transformer()
+    lora.add_adapter(model, "a", LoRAA, TARGETS_A, rngs=nnx.Rngs(1))
+    lora.add_adapter(model, "b", LoRAB, TARGETS_B, rngs=nnx.Rngs(2))
+    _randomize_b(model, "a", seed=6, std=0.2)
+    _randomize_b(model, "b", seed=7, std=0.2)
+    return model
+
+
+def _merged_output(model, names, x, ctx):
+    """Reference for the active set `names`: a copy with exactly those adapters folded into the kernels."""
+    copy = nnx.clone(model)
+    lora.merge_adapters(copy, names)
+    lora.set_active_adapters(copy, [])
+    return run(copy, x, ctx)
+
+
+def test_adapter_sets_are_distinct_variable_types():
+    model = _two_adapter_model()
+    state_a = nnx.to_flat_state(nnx.state(model, LoRAA))
+    paths_a = {".".join(map(str, path)) for path, _ in state_a}
+    assert len(paths_a) == 2 * len(TARGETS_A)
+    assert all(".lora.a." in p for p in paths_a), paths_a
+    assert {p.split(".lora.")[0] for p in paths_a} == set(TARGETS_A)
+    assert len(jax.tree.leaves(nnx.state(model, LoRAB))) == 2 * len(TARGETS_B)
+    assert len(jax.tree.leaves(nnx.state(model, lora.LoRAParam))) == 2 * (len(TARGETS_A) + len(TARGETS_B))
+
+
+def test_active_adapters_context_selects_sets():
+    x, ctx = _transformer_inputs()
+    base_model = _transformer()
+    base = run(base_model, x, ctx)
+    model = _two_adapter_model()
+    with lora.active_adapters(model, []):
+        np.testing.assert_allclose(run(model, x, ctx), base, rtol=0, atol=1e-6)
+    with lora.active_adapters(model, ["a"]):
+        only_a = run(model, x, ctx)
+    with lora.active_adapters(model, ["b"]):
+        only_b = run(model, x, ctx)
+    with lora.active_adapters(model, ["a", "b"]):
+        both = run(model, x, ctx)
+    assert rel_err(only_a, _merged_output(model, ["a"], x, ctx)) <= 1e-5
+    assert rel_err(only_b, _merged_output(model, ["b"], x, ctx)) <= 1e-5
+    assert rel_err(both, _merged_output(model, ["a", "b"], x, ctx)) <= 1e-5
+    # the three choices really differ from each other and from the base model
+    for u, v in [(only_a, base), (only_b, base), (only_a, only_b), (both, only_a), (both, only_b)]:
+        assert rel_err(u, v) > 1e-2
+
+
+def test_linear_two_adapters_sum_matches_formula():
+    layer = Linear(16, 12, rngs=nnx.Rngs(0))
+    lora.add_adapter(layer, "a", LoRAA, [""], rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    lora.add_adapter(layer, "b", LoRAB, [""], rank=2, alpha=1.0, rngs=nnx.Rngs(2))  # different scale
+    _randomize_b(layer, "a", seed=8)
+    _randomize_b(layer, "b", seed=9)
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    base = F.linear(xt, _t(layer.kernel[...]).T, _t(layer.bias[...]))
+
+    def delta(name):
+        ad = layer.lora[name]
+        return ad.scale * F.linear(F.linear(xt, _t(ad.a[...]).T), _t(ad.b[...]).T)
+
+    assert layer.lora["a"].scale == 2.0 and layer.lora["b"].scale == 0.5
+    for names, ref in [([], base), (["a"], base + delta("a")), (["b"], base + delta("b")),
+                       (["a", "b"], base + delta("a") + delta("b"))]:
+        with lora.active_adapters(layer, names):
+            assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= 1e-5, names
+
+
+def test_active_adapters_context_restores_previous_choice():
+    model = _two_adapter_model()
+    lora.set_active_adapters(model, ["b"])
+    hosts = lora.lora_hosts(model).values()
+    with lora.active_adapters(model, ["a"]):
+        assert all(h.active_adapters == ("a",) for h in hosts)
+        with lora.active_adapters(model, []):
+            assert all(h.active_adapters == () for h in hosts)
+        assert all(h.active_adapters == ("a",) for h in hosts)
+    assert all(h.active_adapters == ("b",) for h in hosts)
+    with pytest.raises(RuntimeError):
+        with lora.active_adapters(model, ["a", "b"]):
+            raise RuntimeError("inside")
+    assert all(h.active_adapters == ("b",) for h in hosts)
+
+
+def test_add_adapter_unknown_target_raises():
+    model = _transformer()
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn1.to_nothing"):
+        lora.add_adapter(model, "a", LoRAA, ["proj_in", "transformer_blocks.0.attn1.to_nothing"],
+                         rngs=nnx.Rngs(0))
+    assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []   # nothing half-added

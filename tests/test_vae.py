@@ -1,0 +1,188 @@
+"""AutoencoderKL and TADSR's time-aware encoder against diffusers (and a torch re-statement of TADSR_SPEC.md 1.1)."""
+
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL as TorchVAE
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+
+from tadsr_jax.weights.loaders import load_vae
+
+TINY = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, latent_channels=4, layers_per_block=2)
+TIMESTEPS = torch.tensor([1, 999])
+
+encode = nnx.jit(lambda vae, x, t: vae.encode(x, t))
+decode = nnx.jit(lambda vae, z: vae.decode(z))
+
+
+@pytest.fixture(scope="module")
+def torch_vae():
+    return randomize_(TorchVAE(**TINY), seed=2)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(torch_vae, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    torch_vae.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+def _rewrite(src: str, dst: str, transform) -> str:
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    tensors = transform(load_file(os.path.join(src, "diffusion_pytorch_model.safetensors")))
+    save_file(tensors, os.path.join(dst, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_encoder_matches_diffusers(torch_vae, vae_folder, images):
+    with torch.no_grad():
+        posterior = torch_vae.encode(images).latent_dist
+    ours = encode(load_vae(vae_folder), jnp.asarray(nchw_to_nhwc(images)), None)
+    assert rel_err(nhwc_to_nchw(ours.mean), posterior.mean.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.logvar), posterior.logvar.numpy()) <= 1e-4
+
+
+def test_decoder_matches_diffusers(torch_vae, vae_folder):
+    latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = torch_vae.decode(latents).sample.numpy()
+    ours = decode(load_vae(vae_folder), jnp.asarray(nchw_to_nhwc(latents)))
+    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4
+
+
+def test_legacy_attention_names_load(torch_vae, vae_folder, images, tmp_path):
+    """SD checkpoints and TADSR's time_vae/ name the VAE attention query/key/value/proj_attn."""
+    legacy_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def to_legacy(tensors):
+        out = {}
+        for key, value in tensors.items():
+            for new, old in legacy_names.items():
+                key = key.replace(f".{new}.", f".{old}.")
+            out[key] = value
+        return out
+
+    legacy = _rewrite(vae_folder, str(tmp_path / "legacy"), to_legacy)
+    assert any(".query." in k for k in load_file(os.path.join(legacy, "diffusion_pytorch_model.safetensors")))
+    with torch.no_grad():
+        ref = torch_vae.encode(images).latent_dist.mean.numpy()
+    ours = encode(load_vae(legacy), jnp.asarray(nchw_to_nhwc(images)), None)
+    assert rel_err(nhwc_to_nchw(ours.mean), ref) <= 1e-4
+
+
+def test_posterior_sampling_is_seeded(vae_folder, images):
+    posterior = encode(load_vae(vae_folder), jnp.asarray(nchw_to_nhwc(images)), None)
+    key = jax.random.key(7)
+    a, b = posterior.sample(key), posterior.sample(key)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, posterior.sample(jax.random.key(8)))
+    expected = posterior.mean + jnp.exp(0.5 * posterior.logvar) * jax.random.normal(key, posterior.mean.shape)
+    np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(posterior.mode(), posterior.mean)
+
+
+def test_time_aware_with_zero_time_layers_is_the_stock_encoder(torch_vae, vae_folder, images):
+    """Loaded from a stock vae/ folder, the time layers start at zero projections: any t gives SD's encoder."""
+    vae = load_vae(vae_folder, time_aware=True)
+    with torch.no_grad():
+        ref = torch_vae.encode(images).latent_dist
+    ours = encode(vae, jnp.asarray(nchw_to_nhwc(images)), jnp.asarray(TIMESTEPS.numpy()))
+    assert rel_err(nhwc_to_nchw(ours.mean), ref.mean.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.logvar), ref.logvar.numpy()) <= 1e-4
+
+
+# --- A PyTorch re-statement of TADSR_SPEC.md 1.1 on top of diffusers' stock encoder modules.
+
+def _time_tensors(encoder, seed: int) -> dict[str, torch.Tensor]:
+    """The 4 + 2 * (#ResNets) new tensors of a TimeAwareAutoencoderKL, random."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
+    tensors = {"encoder.time_embedding.linear_1.weight": rand(256, 128),
+               "encoder.time_embedding.linear_1.bias": rand(256),
+               "encoder.time_embedding.linear_2.weight": rand(256, 256),
+               "encoder.time_embedding.linear_2.bias": rand(256)}
+    resnets = [(f"down_blocks.{i}.resnets.{j}", r) for i, block in enumerate(encoder.down_blocks)
+               for j, r in enumerate(block.resnets)]
+    resnets += [(f"mid_block.resnets.{j}", r) for j, r in enumerate(encoder.mid_block.resnets)]
+    for name, resnet in resnets:
+        channels = resnet.conv1.out_channels
+        tensors[f"encoder.{name}.time_emb_proj.weight"] = rand(2 * channels, 256)
+        tensors[f"encoder.{name}.time_emb_proj.bias"] = rand(2 * channels)
+    return tensors, resnets
+
+
+def _reference_time_aware_moments(vae, time, x, t):
+    enc = vae.encoder
+    freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    e = F.linear(F.silu(F.linear(emb, time["encoder.time_embedding.linear_1.weight"],
+                                 time["encoder.time_embedding.linear_1.bias"])),
+                 time["encoder.time_embedding.linear_2.weight"], time["encoder.time_embedding.linear_2.bias"])
+
+    def resnet(block, h_in, name):
+        h = block.conv1(F.silu(block.norm1(h_in)))
+        p = F.linear(F.silu(e), time[f"encoder.{name}.time_emb_proj.weight"],
+                     time[f"encoder.{name}.time_emb_proj.bias"])
+        scale, shift = p.chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        h = block.conv2(F.silu(h))
+        return (block.conv_shortcut(h_in) if block.conv_shortcut is not None else h_in) + h
+
+    h = enc.conv_in(x)
+    for i, block in enumerate(enc.down_blocks):
+        for j, r in enumerate(block.resnets):
+            h = resnet(r, h, f"down_blocks.{i}.resnets.{j}")
+        if block.downsamplers is not None:
+            h = block.downsamplers[0](h)
+    h = resnet(enc.mid_block.resnets[0], h, "mid_block.resnets.0")
+    h = enc.mid_block.attentions[0](h)
+    h = resnet(enc.mid_block.resnets[1], h, "mid_block.resnets.1")
+    h = vae.quant_conv(enc.conv_out(F.silu(enc.conv_norm_out(h))))
+    mean, logvar = h.chunk(2, dim=1)
+    return mean, logvar.clamp(-30, 20)
+
+
+@pytest.fixture(scope="module")
+def time_vae(torch_vae, vae_folder, tmp_path_factory):
+    """A TADSR-style time_vae/ folder: the stock tensors plus random time tensors."""
+    time, resnets = _time_tensors(torch_vae.encoder, seed=5)
+    assert len(time) == 4 + 2 * len(resnets)
+    folder = _rewrite(vae_folder, str(tmp_path_factory.mktemp("tv") / "time_vae"),
+                      lambda tensors: {**tensors, **{k: v.numpy() for k, v in time.items()}})
+    return folder, time
+
+
+@pytest.mark.parametrize("timesteps", [TIMESTEPS, torch.tensor(500)], ids=["per-sample", "scalar"])
+def test_time_aware_encoder_matches_restatement(torch_vae, time_vae, images, timesteps):
+    folder, time = time_vae
+    t_batch = timesteps.expand(images.shape[0]) if timesteps.ndim == 0 else timesteps
+    with torch.no_grad():
+        mean, logvar = _reference_time_aware_moments(torch_vae, time, images, t_batch)
+    ours = encode(load_vae(folder, time_aware=True), jnp.asarray(nchw_to_nhwc(images)),
+                  jnp.asarray(timesteps.numpy()))
+    assert rel_err(nhwc_to_nchw(ours.mean), mean.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.logvar), logvar.numpy()) <= 1e-4
+
+
+def test_time_aware_latents_depend_on_t(time_vae, images):
+    vae = load_vae(time_vae[0], time_aware=True)
+    x = jnp.asarray(nchw_to_nhwc(images[:1]))
+    low, high = encode(vae, x, jnp.asarray([1])).mean, encode(vae, x, jnp.asarray([999])).mean
+    assert np.abs(np.asarray(low - high)).max() > 1e-2 * float(np.std(np.asarray(low)))

@@ -17,6 +17,14 @@ RANK, ALPHA = 4, 8.0
 run = nnx.jit(lambda model, *args: model(*args))
 
 
+@pytest.fixture(autouse=True)
+def _fast_random():
+    """jax 0.10's partitionable threefry takes XLA:CPU 5-30 s to compile for each rank>=3 shape (every conv
+    kernel); the classic threefry compiles in well under a second. The values do not matter here."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
 class LoRAA(lora.LoRAParam):
     pass
 
@@ -27,11 +35,11 @@ class LoRAB(lora.LoRAParam):
 
 def _randomize_b(model, name: str, seed: int, std: float = 0.5) -> None:
     """B starts at zero, which would hide any error in the LoRA path; give it random values."""
-    key = jax.random.key(seed)
-    for i, host in enumerate(lora.lora_hosts(model).values()):
+    rng = np.random.default_rng(seed)
+    for host in lora.lora_hosts(model).values():
         if name in host.lora:
             b = host.lora[name].b
-            b[...] = std * jax.random.normal(jax.random.fold_in(key, i), b[...].shape, jnp.float32)
+            b[...] = jnp.asarray(std * rng.standard_normal(b[...].shape), jnp.float32)
 
 
 def _t(x) -> torch.Tensor:
@@ -76,7 +84,7 @@ def test_conv_lora_matches_peft_formula(kernel_size, stride, padding):
 
 def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
     layer = Conv2d(64, 48, 3, padding=1, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 64))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 64)), jnp.float32)
     before = np.asarray(run(layer, x))
     lora.add_adapter(layer, "default", LoRAA, [""], rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
     linear = Linear(512, 384, rngs=nnx.Rngs(2))
@@ -93,14 +101,18 @@ def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
     np.testing.assert_array_equal(after, before)
 
 
-def _transformer():
-    return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4, use_linear_projection=False,
-                              rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module")
+def transformer():
+    """A small SD spatial transformer with 1x1-conv projections (Conv2d and Linear LoRA hosts); tests clone it."""
+    with jax.threefry_partitionable(False):
+        return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4,
+                                  use_linear_projection=False, rngs=nnx.Rngs(0))
 
 
 def _transformer_inputs():
-    key_x, key_c = jax.random.split(jax.random.key(1))
-    return jax.random.normal(key_x, (2, 4, 6, 16)), jax.random.normal(key_c, (2, 5, 12))
+    rng = np.random.default_rng(1)
+    return (jnp.asarray(rng.standard_normal((2, 4, 6, 16)), jnp.float32),
+            jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32))
 
 
 CONV_AND_LINEAR = ["proj_in", "proj_out", "transformer_blocks.0.attn1.to_q",
@@ -108,8 +120,8 @@ CONV_AND_LINEAR = ["proj_in", "proj_out", "transformer_blocks.0.attn1.to_q",
                    "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
 
 
-def test_transformer_merged_equals_unmerged_and_merge_removes_factors():
-    model = _transformer()
+def test_transformer_merged_equals_unmerged_and_merge_removes_factors(transformer):
+    model = nnx.clone(transformer)
     hosts = lora.lora_hosts(model)
     assert isinstance(hosts["proj_in"], Conv2d) and isinstance(hosts["transformer_blocks.0.ff.net.2"], Linear)
     assert lora.add_adapter(model, "default", LoRAA, CONV_AND_LINEAR, rngs=nnx.Rngs(1)) == len(CONV_AND_LINEAR)
@@ -132,8 +144,9 @@ def test_resnet_merged_equals_unmerged():
     targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]
     lora.add_adapter(block, "default", LoRAA, targets, rngs=nnx.Rngs(1))
     _randomize_b(block, "default", seed=5, std=0.2)
-    x = jax.random.normal(jax.random.key(2), (2, 7, 5, 8))
-    temb = jax.random.normal(jax.random.key(3), (2, 10))
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 7, 5, 8)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, 10)), jnp.float32)
     base = run(block, x, temb)
     with lora.active_adapters(block, ["default"]):
         unmerged = run(block, x, temb)
@@ -147,8 +160,8 @@ TARGETS_A = ["proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0
 TARGETS_B = ["proj_out", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"]  # overlaps A
 
 
-def _two_adapter_model():
-    model = _transformer()
+def _two_adapter_model(transformer):
+    model = nnx.clone(transformer)
     lora.add_adapter(model, "a", LoRAA, TARGETS_A, rngs=nnx.Rngs(1))
     lora.add_adapter(model, "b", LoRAB, TARGETS_B, rngs=nnx.Rngs(2))
     _randomize_b(model, "a", seed=6, std=0.2)
@@ -156,16 +169,26 @@ def _two_adapter_model():
     return model
 
 
-def _merged_output(model, names, x, ctx):
-    """Reference for the active set `names`: a copy with exactly those adapters folded into the kernels."""
-    copy = nnx.clone(model)
-    lora.merge_adapters(copy, names)
-    lora.set_active_adapters(copy, [])
-    return run(copy, x, ctx)
+CHOICES = [(), ("a",), ("b",), ("a", "b")]
 
 
-def test_adapter_sets_are_distinct_variable_types():
-    model = _two_adapter_model()
+@nnx.jit
+def _choice_outputs(model, x, ctx):
+    """For each choice of active adapters: the output under `active_adapters`, and the reference output of a
+    copy with exactly those adapters merged into the kernels and none active. One compilation for all."""
+    outputs = {}
+    for names in CHOICES:
+        with lora.active_adapters(model, names):
+            outputs[names] = model(x, ctx)
+        merged = nnx.clone(model)
+        lora.merge_adapters(merged, names)
+        lora.set_active_adapters(merged, [])
+        outputs["merged", names] = merged(x, ctx)
+    return outputs
+
+
+def test_adapter_sets_are_distinct_variable_types(transformer):
+    model = _two_adapter_model(transformer)
     state_a = nnx.to_flat_state(nnx.state(model, LoRAA))
     paths_a = {".".join(map(str, path)) for path, _ in state_a}
     assert len(paths_a) == 2 * len(TARGETS_A)
@@ -175,25 +198,23 @@ def test_adapter_sets_are_distinct_variable_types():
     assert len(jax.tree.leaves(nnx.state(model, lora.LoRAParam))) == 2 * (len(TARGETS_A) + len(TARGETS_B))
 
 
-def test_active_adapters_context_selects_sets():
+def test_active_adapters_context_selects_sets(transformer):
     x, ctx = _transformer_inputs()
-    base_model = _transformer()
-    base = run(base_model, x, ctx)
-    model = _two_adapter_model()
-    with lora.active_adapters(model, []):
-        np.testing.assert_allclose(run(model, x, ctx), base, rtol=0, atol=1e-6)
-    with lora.active_adapters(model, ["a"]):
-        only_a = run(model, x, ctx)
-    with lora.active_adapters(model, ["b"]):
-        only_b = run(model, x, ctx)
-    with lora.active_adapters(model, ["a", "b"]):
-        both = run(model, x, ctx)
-    assert rel_err(only_a, _merged_output(model, ["a"], x, ctx)) <= 1e-5
-    assert rel_err(only_b, _merged_output(model, ["b"], x, ctx)) <= 1e-5
-    assert rel_err(both, _merged_output(model, ["a", "b"], x, ctx)) <= 1e-5
-    # the three choices really differ from each other and from the base model
-    for u, v in [(only_a, base), (only_b, base), (only_a, only_b), (both, only_a), (both, only_b)]:
-        assert rel_err(u, v) > 1e-2
+    base = run(transformer, x, ctx)
+    model = _two_adapter_model(transformer)
+    out = _choice_outputs(model, x, ctx)
+    np.testing.assert_allclose(out[()], base, rtol=0, atol=1e-6)       # no adapters: the base model
+    for names in CHOICES:
+        assert rel_err(out[names], out["merged", names]) <= 1e-5, names
+    # the choices really differ from each other and from the base model
+    for u, v in [(("a",), ()), (("b",), ()), (("a",), ("b",)), (("a", "b"), ("a",)), (("a", "b"), ("b",))]:
+        assert rel_err(out[u], out[v]) > 1e-2, (u, v)
+    # the jitted call (which merged copies) left the model's adapters and active choice as they were
+    hosts = lora.lora_hosts(model)
+    assert {n: set(h.lora) for n, h in hosts.items() if h.lora} == {
+        "proj_in": {"a"}, "proj_out": {"b"}, "transformer_blocks.0.attn1.to_q": {"a", "b"},
+        "transformer_blocks.0.ff.net.2": {"a", "b"}}
+    assert all(h.active_adapters == () for h in hosts.values())
 
 
 def test_linear_two_adapters_sum_matches_formula():
@@ -217,8 +238,8 @@ def test_linear_two_adapters_sum_matches_formula():
             assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= 1e-5, names
 
 
-def test_active_adapters_context_restores_previous_choice():
-    model = _two_adapter_model()
+def test_active_adapters_context_restores_previous_choice(transformer):
+    model = _two_adapter_model(transformer)
     lora.set_active_adapters(model, ["b"])
     hosts = lora.lora_hosts(model).values()
     with lora.active_adapters(model, ["a"]):
@@ -233,8 +254,8 @@ def test_active_adapters_context_restores_previous_choice():
     assert all(h.active_adapters == ("b",) for h in hosts)
 
 
-def test_add_adapter_unknown_target_raises():
-    model = _transformer()
+def test_add_adapter_unknown_target_raises(transformer):
+    model = nnx.clone(transformer)
     with pytest.raises(ValueError, match="transformer_blocks.0.attn1.to_nothing"):
         lora.add_adapter(model, "a", LoRAA, ["proj_in", "transformer_blocks.0.attn1.to_nothing"],
                          rngs=nnx.Rngs(0))

@@ -49,6 +49,11 @@ class VAEConfig:
         return cfg
 
 
+def time_sinusoid_dim(cfg: VAEConfig) -> int:
+    """Width of the time-aware encoder's timestep sinusoid (max(128, first block's channels))."""
+    return max(128, cfg.block_out_channels[0])
+
+
 def _resnet_time_kwargs(time_aware: bool) -> dict:
     """ResNet keyword arguments for a plain or time-aware (scale/shift, zero-initialised) encoder."""
     if not time_aware:
@@ -101,7 +106,7 @@ class Encoder(nnx.Module):
         channels, groups = cfg.block_out_channels, cfg.norm_num_groups
         resnet_kwargs = _resnet_time_kwargs(time_aware)
         self.time_aware = time_aware
-        self.time_sinusoid_dim = max(128, channels[0])
+        self.time_sinusoid_dim = time_sinusoid_dim(cfg)
         self.time_embedding = (TimestepEmbedding(self.time_sinusoid_dim, TIME_EMBED_CHANNELS, dtype=dtype,
                                                  rngs=rngs) if time_aware else None)
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1, dtype=dtype, rngs=rngs)

@@ -64,13 +64,13 @@ def path_to_torch_key(path: Path) -> str:
 
 def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
                  rename: Sequence[RenameRule] = (), ignore: Sequence[str] = (),
-                 keep_missing: Callable[[str], bool] | None = None, dtype=None,
+                 fill_missing: Callable[[str, jax.ShapeDtypeStruct], jax.Array | None] | None = None, dtype=None,
                  variable_filter=BASE_PARAMS) -> nnx.Module:
     """Fill `model`'s base parameters (or `variable_filter`'s leaves) from (torch key, array) pairs and return the new module.
 
     `model` may be abstract (from `nnx.eval_shape`): tensors are converted one at a time, so only one full
-    copy of the weights is ever held. Leaves not in the file are an error unless `keep_missing(key)` says
-    to keep the model's own (initialised) value. `dtype` casts every loaded leaf (e.g. jnp.bfloat16).
+    copy of the weights is ever held. A leaf missing from the file is an error unless
+    `fill_missing(key, abstract_leaf)` returns its value (in our layout). `dtype` casts every leaf.
     Raises WeightsError naming the first missing, unexpected or mis-shaped tensor.
     """
     graphdef, state, rest = nnx.split(model, variable_filter, ...)
@@ -103,14 +103,18 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise WeightsError(f"{source}: unexpected tensor {unexpected[0]!r}{more}; is this the right folder?")
-    missing = [path_to_torch_key(p) for p in flat if p not in loaded]
-    not_kept = [k for k in missing if keep_missing is None or not keep_missing(k)]
-    if not_kept:
-        more = f" (and {len(not_kept) - 1} more)" if len(not_kept) > 1 else ""
-        raise WeightsError(f"{source}: missing tensor {not_kept[0]!r}{more}")
-    for path in flat:
-        if path not in loaded and dtype is not None:
-            flat[path] = flat[path].replace(jnp.asarray(flat[path][...], dtype))
+    missing = []
+    for path in [p for p in flat if p not in loaded]:
+        variable = flat[path]
+        value = fill_missing and fill_missing(path_to_torch_key(path), jax.ShapeDtypeStruct(variable.shape,
+                                                                                            variable.dtype))
+        if value is None:
+            missing.append(path_to_torch_key(path))
+        else:
+            flat[path] = variable.replace(jnp.asarray(value, dtype or variable.dtype))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{source}: missing tensor {missing[0]!r}{more}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 

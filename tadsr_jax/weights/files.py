@@ -76,3 +76,18 @@ def read_tensors(files: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
     """(key, array) pairs, one tensor at a time."""
     for path in files:
         yield from (_read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path))
+
+
+def write_model_folder(folder: str, config: dict, tensors: dict[str, np.ndarray],
+                       stem: str = DIFFUSERS_WEIGHTS) -> None:
+    """Write config.json and `<stem>.safetensors` as diffusers/transformers do; each file appears atomically."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(config_path + ".tmp", config_path)
+    weights_path = os.path.join(folder, f"{stem}.safetensors")
+    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    os.replace(weights_path + ".tmp", weights_path)

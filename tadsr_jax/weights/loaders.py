@@ -6,18 +6,21 @@ holds two full copies of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import TYPE_CHECKING
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tadsr_jax.models.vae import AutoencoderKL, VAEConfig
-from tadsr_jax.weights.convert import WeightsError, load_tensors
+from tadsr_jax.models.vae import TIME_EMBED_CHANNELS, AutoencoderKL, VAEConfig, time_sinusoid_dim
+from tadsr_jax.nn import TimestepEmbedding
+from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
 from tadsr_jax.weights.files import (TRANSFORMERS_BIN, TRANSFORMERS_SAFETENSORS, read_config, read_tensors,
                                      weight_files)
 
@@ -46,8 +49,20 @@ LEGACY_VAE_ATTENTION = ((r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.v
                         (r"\.proj_attn\.", ".to_out.0."))
 
 
-def _is_time_tensor(key: str) -> bool:
-    return key.startswith("encoder.") and "time" in key
+def _initial_time_layers(cfg: VAEConfig, seed: int):
+    """`fill_missing` for a time-aware VAE loaded from a stock folder: zero `time_emb_proj` (so the encoder
+    starts as SD's) and a PyTorch-default `time_embedding` MLP (the reference's init is unknown)."""
+    mlp = TimestepEmbedding(time_sinusoid_dim(cfg), TIME_EMBED_CHANNELS, rngs=nnx.Rngs(seed))
+    fresh = {f"encoder.time_embedding.{path_to_torch_key(p)}": v[...] for p, v in nnx.to_flat_state(nnx.state(mlp))}
+
+    def fill(key: str, leaf: jax.ShapeDtypeStruct):
+        if not key.startswith("encoder.") or "time" not in key:
+            return None
+        if "time_emb_proj" in key:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return fresh[key]
+
+    return fill
 
 
 def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, variant: str | None = None,
@@ -60,12 +75,9 @@ def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, varian
     """
     cfg = _config(folder, VAEConfig)
     files = weight_files(folder, variant=variant)
-    if time_aware:  # small enough to build concretely, which provides the initial time layers
-        model = AutoencoderKL(cfg, time_aware=True, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    else:
-        model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_tensors(model, read_tensors(files), source=folder, rename=LEGACY_VAE_ATTENTION, dtype=dtype,
-                        keep_missing=_is_time_tensor if time_aware else None)
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, time_aware=time_aware, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load_tensors(abstract, read_tensors(files), source=folder, rename=LEGACY_VAE_ATTENTION, dtype=dtype,
+                        fill_missing=_initial_time_layers(cfg, seed) if time_aware else None)
 
 
 def load_schedule(folder: str) -> NoiseSchedule:
@@ -102,3 +114,30 @@ def load_tokenizer(folder: str) -> "CLIPTokenizer":
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
         raise WeightsError(f"{folder}: no vocab.json (expected a CLIP tokenizer folder)")
     return CLIPTokenizer.from_pretrained(folder)
+
+
+@dataclasses.dataclass
+class Networks:
+    """Everything TADSR builds on, loaded from one SD-style folder."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL  # time-aware
+    text_encoder: CLIPTextModel
+    tokenizer: "CLIPTokenizer"
+    schedule: NoiseSchedule
+
+
+def load_networks(folder: str, *, dtype=jnp.float32) -> Networks:
+    """unet/, time_vae/ (or a stock vae/, whose encoder then starts without time conditioning), text_encoder/,
+    tokenizer/ and scheduler/ of `folder`."""
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{folder}: pretrained model folder does not exist")
+    vae_folder = os.path.join(folder, "time_vae")
+    if not os.path.isdir(vae_folder):
+        vae_folder = os.path.join(folder, "vae")
+    return Networks(
+        unet=load_unet(os.path.join(folder, "unet"), dtype=dtype),
+        vae=load_vae(vae_folder, time_aware=True, dtype=dtype),
+        text_encoder=load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype),
+        tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+        schedule=load_schedule(os.path.join(folder, "scheduler")))

@@ -17,14 +17,6 @@ RANK, ALPHA = 4, 8.0
 run = nnx.jit(lambda model, *args: model(*args))
 
 
-@pytest.fixture(autouse=True)
-def _fast_random():
-    """jax 0.10's partitionable threefry takes XLA:CPU 5-30 s to compile for each rank>=3 shape (every conv
-    kernel); the classic threefry compiles in well under a second. The values do not matter here."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 class LoRAA(lora.LoRAParam):
     pass
 
@@ -61,6 +53,9 @@ def test_linear_lora_matches_peft_formula():
     assert rel_err(ours, ref.numpy()) <= 1e-5
     # the LoRA term is not negligible, so a wrong scale or factor layout fails the check above
     assert rel_err(F.linear(xt, w, bias).numpy(), ref.numpy()) > 0.1
+    # merging (eagerly here) folds the same delta into the kernel
+    assert lora.merge_adapters(layer, ["default"]) == 1 and not layer.lora
+    assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= 1e-5
 
 
 @pytest.mark.parametrize("kernel_size,stride,padding", [(3, 2, 1), (1, 1, 0)])
@@ -104,9 +99,8 @@ def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
 @pytest.fixture(scope="module")
 def transformer():
     """A small SD spatial transformer with 1x1-conv projections (Conv2d and Linear LoRA hosts); tests clone it."""
-    with jax.threefry_partitionable(False):
-        return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4,
-                                  use_linear_projection=False, rngs=nnx.Rngs(0))
+    return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4, use_linear_projection=False,
+                              rngs=nnx.Rngs(0))
 
 
 def _transformer_inputs():
@@ -120,40 +114,46 @@ CONV_AND_LINEAR = ["proj_in", "proj_out", "transformer_blocks.0.attn1.to_q",
                    "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
 
 
+@nnx.jit
+def _base_unmerged_merged(model, *args):
+    """Outputs without adapters, with adapter "default", and after merging it; the merge (nnx.jit carries
+    the removal of the factors back to `model`) and the three calls compile together."""
+    with lora.active_adapters(model, []):
+        base = model(*args)
+    with lora.active_adapters(model, ["default"]):
+        unmerged = model(*args)
+    count = lora.merge_adapters(model, ["default"])
+    return base, unmerged, model(*args), count
+
+
 def test_transformer_merged_equals_unmerged_and_merge_removes_factors(transformer):
     model = nnx.clone(transformer)
     hosts = lora.lora_hosts(model)
     assert isinstance(hosts["proj_in"], Conv2d) and isinstance(hosts["transformer_blocks.0.ff.net.2"], Linear)
     assert lora.add_adapter(model, "default", LoRAA, CONV_AND_LINEAR, rngs=nnx.Rngs(1)) == len(CONV_AND_LINEAR)
     _randomize_b(model, "default", seed=4, std=0.2)
-    x, ctx = _transformer_inputs()
-    base = run(model, x, ctx)
-    lora.set_active_adapters(model, ["default"])
-    unmerged = run(model, x, ctx)
-    assert rel_err(base, unmerged) > 1e-2                           # the adapters change the output
     assert len(jax.tree.leaves(nnx.state(model, LoRAA))) == 2 * len(CONV_AND_LINEAR)
-    assert lora.merge_adapters(model, ["default"]) == len(CONV_AND_LINEAR)
+    base, unmerged, merged, count = _base_unmerged_merged(model, *_transformer_inputs())
+    assert rel_err(base, unmerged) > 1e-2                           # the adapters change the output
+    assert rel_err(merged, unmerged) <= 1e-5
+    assert int(count) == len(CONV_AND_LINEAR)
     assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []
     assert all(not h.lora and h.active_adapters == () for h in lora.lora_hosts(model).values())
-    merged = run(model, x, ctx)
-    assert rel_err(merged, unmerged) <= 1e-5
 
 
 def test_resnet_merged_equals_unmerged():
     block = ResnetBlock2D(8, 12, groups=4, eps=1e-5, temb_channels=10, rngs=nnx.Rngs(0))
-    targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+    targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]   # 3x3 and 1x1 convs, and a Linear
     lora.add_adapter(block, "default", LoRAA, targets, rngs=nnx.Rngs(1))
     _randomize_b(block, "default", seed=5, std=0.2)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 7, 5, 8)), jnp.float32)
     temb = jnp.asarray(rng.standard_normal((2, 10)), jnp.float32)
-    base = run(block, x, temb)
-    with lora.active_adapters(block, ["default"]):
-        unmerged = run(block, x, temb)
+    base, unmerged, merged, count = _base_unmerged_merged(block, x, temb)
     assert rel_err(base, unmerged) > 1e-2
-    lora.merge_adapters(block, ["default"])
+    assert rel_err(merged, unmerged) <= 1e-5
+    assert int(count) == len(targets)
     assert jax.tree.leaves(nnx.state(block, lora.LoRAParam)) == []
-    assert rel_err(run(block, x, temb), unmerged) <= 1e-5
 
 
 TARGETS_A = ["proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"]

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
 from tadsr_jax.weights.loaders import load_unet

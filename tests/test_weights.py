@@ -114,3 +114,37 @@ def test_import_pulls_in_neither_torch_nor_tensorflow():
             "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_random_folder_loads_in_diffusers_and_transformers(tmp_path):
+    """Folders we write are standard: the PyTorch classes read them and compute what our loaders' models do."""
+    import torch
+    import transformers
+    from torch_utils import nchw_to_nhwc, nhwc_to_nchw, rel_err
+
+    from tadsr_jax.models.clip_text import encode_prompts
+    from tadsr_jax.weights.loaders import load_networks
+    from tadsr_jax.weights.tiny import write_random_sd_folder
+
+    text_cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=12, hidden_act="gelu")
+    vae_cfg = dict(block_out_channels=[16], layers_per_block=1, norm_num_groups=8,
+                   down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"])
+    folder = write_random_sd_folder(str(tmp_path / "sd"), unet={**TINY_UNET, "cross_attention_dim": 16},
+                                    vae=vae_cfg, text_encoder=text_cfg, seed=3)
+    nets = load_networks(folder)
+
+    torch_unet = TorchUNet.from_pretrained(os.path.join(folder, "unet")).eval()
+    latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        ref = torch_unet(latents, 5, context).sample.numpy()
+    ours = nets.unet(jnp.asarray(nchw_to_nhwc(latents)), 5, jnp.asarray(context.numpy()))
+    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4
+
+    torch_text = transformers.CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    ids = tokenizer(["a cat"], padding="max_length", max_length=12, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = torch_text(ids).last_hidden_state.numpy()
+    assert rel_err(encode_prompts(nets.text_encoder, nets.tokenizer, ["a cat"]), ref) <= 1e-4
+    np.testing.assert_array_equal(nets.schedule.alphas_cumprod, load_networks(folder).schedule.alphas_cumprod)

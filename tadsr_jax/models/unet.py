@@ -9,8 +9,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tadsr_jax.nn import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
-                          Upsample2D, batch_timesteps, timestep_sinusoid)
+from tadsr_jax.nn import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    batch_timesteps,
+    timestep_sinusoid,
+)
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

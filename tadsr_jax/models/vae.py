@@ -12,8 +12,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tadsr_jax.nn import (Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
-                          batch_timesteps, timestep_sinusoid)
+from tadsr_jax import prng
+from tadsr_jax.nn import (
+    Attention,
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    batch_timesteps,
+    timestep_sinusoid,
+)
 
 VAE_EPS = 1e-6
 TIME_EMBED_CHANNELS = 256  # hard-coded in the reference's TimeAwareEncoder
@@ -192,7 +202,7 @@ class DiagonalGaussian:
         return jnp.exp(0.5 * self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        return self.mean + self.std * prng.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
         return self.mean

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tadsr_jax import prng
 from tadsr_jax.nn import lora
 
 
 def _torch_default_uniform(rngs: nnx.Rngs, shape: Sequence[int], fan_in: int, dtype) -> jax.Array:
     """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), tuple(shape), dtype, -bound, bound)
+    return prng.uniform(rngs.params(), shape, dtype, -bound, bound)
 
 
 class Linear(lora.LoRAHost):
@@ -134,7 +135,7 @@ class LayerNorm(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features), dtype))
+        self.embedding = nnx.Param(prng.normal(rngs.params(), (num_embeddings, features), dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tadsr_jax import prng
+
 
 class LoRAParam(nnx.Param):
     """Base variable type of LoRA factors; define one subclass per adapter set."""
@@ -73,7 +75,7 @@ def add_adapter(model: nnx.Module, name: str, param_type: type[LoRAParam], targe
         if name in host.lora:
             raise ValueError(f"adapter {name!r} already exists on {target!r}")
         a_shape, b_shape = host.lora_factor_shapes(rank)
-        a = param_type(jax.random.normal(rngs.params(), a_shape, jnp.float32) / rank)
+        a = param_type(prng.normal(rngs.params(), a_shape) / rank)
         b = param_type(jnp.zeros(b_shape, jnp.float32))
         host.lora[name] = LoRAAdapter(a, b, alpha / rank)
     return len(targets)

@@ -206,14 +206,16 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | int, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | int, encoder_hidden_states: jax.Array, *,
+                 conv_in: Conv2d | None = None) -> jax.Array:
+        """`conv_in` replaces the model's input convolution for this call (TADSR's student trains its own)."""
         dtype = self.conv_in.kernel.dtype
         t = batch_timesteps(timesteps, sample.shape[0])
         t_feat = timestep_sinusoid(t, self.config.block_out_channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
                                    freq_shift=self.config.freq_shift)
         temb = self.time_embedding(t_feat.astype(dtype))
         context = encoder_hidden_states.astype(dtype)
-        x = self.conv_in(sample.astype(dtype))
+        x = (conv_in or self.conv_in)(sample.astype(dtype))
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)

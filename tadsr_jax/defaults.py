@@ -2,19 +2,70 @@
 
 import ml_collections
 
+from tadsr_jax.data.pipeline import data_config
+from tadsr_jax.parallel import mesh_config
+
+# The reference's negative prompt for the teacher's classifier-free guidance (TADSR_SPEC.md 3.1).
+NEGATIVE_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
+                   "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
+                   "jpeg artifacts, deformed, lowres, over-smooth")
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 123
 
     config.model = ml_collections.ConfigDict()
     # An SD-style folder (unet/, time_vae/ or vae/, text_encoder/, tokenizer/, scheduler/). Empty: write a
     # random-weight model of the architectures below into <workdir>/random_sd once and use that.
     config.model.pretrained = ""
-    config.model.dtype = "float32"  # or "bfloat16": weights and activations of the frozen networks
+    config.model.dtype = "float32"  # or "bfloat16": the frozen networks' weights and activations
     config.model.unet = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict()
     config.model.text_encoder = ml_collections.ConfigDict()
+    config.model.lora_rank = 4
+    config.model.lora_alpha = 8.0
+    # The reference's fake score effectively trains only its mid-block LoRA; ("encoder", "decoder", "others")
+    # gives it all three groups.
+    config.model.fake_score_groups = ("others",)
+    config.model.remat = False  # recompute UNet blocks in the backward pass (memory for compute)
+
+    config.lpips = ml_collections.ConfigDict()
+    config.lpips.path = ""  # safetensors from `launch/convert.py --what=lpips`
+    config.lpips.random_seed = -1  # >= 0: a seeded random VGG stand-in (offline tiny configs only)
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.l2 = 1.0
+    config.loss.lpips = 2.0
+    config.loss.vsd = 1.0
+    config.loss.fake = 1.0
+    config.loss.teacher_scale = 0.5  # TA-VSD lambda: t_teacher = floor(lambda * t + gamma)
+    config.loss.teacher_shift = 0.0  # gamma
+    config.loss.cfg_base = 7.5
+    config.loss.cfg_per_step = 1.0 / 200.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 100_000
+    config.train.batch_size = 16  # global
+    config.train.lr = 5e-5
+    config.train.lr_schedule = "constant"
+    config.train.warmup_steps = 0
+    config.train.b1 = 0.9
+    config.train.b2 = 0.999
+    config.train.eps = 1e-8
+    config.train.weight_decay = 1e-2
+    config.train.max_grad_norm = 1.0
+    config.train.student_timesteps = "list"  # "list": int(linspace(1, 999, 50)); "uniform": any of 1..999
+    config.train.num_student_timesteps = 50
+    config.train.negative_prompt = NEGATIVE_PROMPT
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+    config.train.sample_every = 1000
+    config.train.sample_timestep = 500
+
+    config.data = data_config()
+    config.mesh = mesh_config()
 
     config.sr = ml_collections.ConfigDict()
     config.sr.timestep = 500  # the fidelity (low) / realism (high) knob, 1..999

@@ -1,0 +1,108 @@
+"""The training input pipeline: a grain graph from a source to per-process batches, checkpointable.
+
+  source -> seed -> shuffle -> repeat(forever) -> random_map(MakeTrainPair) -> [process_index::process_count]
+         -> to_iter_dataset (threads; drops the Nones of files that fail to decode) -> batch -> [mp_prefetch]
+         -> [tokenize]
+Shuffling and the per-example randomness (grain seeds random_map by (seed, position)) happen on the global,
+repeated stream before it is strided across processes, so each example's crop/flip/synthetic choice depends only on
+(seed, epoch, position), processes read disjoint examples, and global batch k holds the same examples whatever the
+process count (as long as no file fails to decode and num_workers <= 1: n workers interleave batches made from
+slices i::n of the process's stream). Each epoch is reshuffled (repeat reseeds upstream transforms per epoch).
+The iterator's state is grain's (the next index, per worker when num_workers > 0); restoring it needs the same
+data, config, seed and process layout.
+"""
+
+from collections.abc import Callable
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from tadsr_jax.data.sources import HRFolderSource, PairedListSource
+from tadsr_jax.data.transforms import MakeTrainPair
+
+SOURCES = {
+    "paired_list": lambda config: PairedListSource(config.path),
+    "hr_folder": lambda config: HRFolderSource(config.path, config.captions),
+}
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Defaults of `config.data`."""
+    config = ml_collections.ConfigDict()
+    config.source = "paired_list"  # "paired_list" (HR_path LR_path prompt... lines) or "hr_folder" (LR synthesised)
+    config.path = ""  # the list file or the HR folder; empty: scikit-image samples (offline tiny runs)
+    config.sample_size = 128  # side of those samples
+    config.captions = ""  # hr_folder only: optional file of `relative/name<TAB>caption` lines; else empty prompts
+    config.crop_size = 512  # square random crop, same window on HR and LR; smaller images are first upscaled
+    config.scale = 4  # SR factor of the synthetic bicubic LR
+    config.flip = True  # random horizontal flip
+    config.synthetic_prob = 0.01  # paired_list: chance of a bicubic LR from the HR instead of the listed LR
+    config.num_workers = 0  # grain worker processes; 0 decodes in this process
+    config.read_threads = 8  # decoding threads (in each worker process when num_workers > 0)
+    config.prefetch = 2  # batches buffered ahead (per worker when num_workers > 0)
+    return config
+
+
+class _Tokenize:
+    """Replaces the batch's `prompt` strings by `input_ids` (local_batch, T) int32."""
+
+    def __init__(self, tokenize: Callable[[list[str]], np.ndarray], batch_size: int):
+        self.tokenize = tokenize
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        batch = dict(batch)
+        ids = np.asarray(self.tokenize([str(p) for p in batch.pop("prompt")]), np.int32)
+        if ids.ndim != 2 or ids.shape[0] != self.batch_size:
+            raise ValueError(f"tokenize must return ({self.batch_size}, T) token ids, got shape {ids.shape}")
+        batch["input_ids"] = ids
+        return batch
+
+
+def _check(config: ml_collections.ConfigDict, global_batch_size: int, process_index: int, process_count: int):
+    if config.source not in SOURCES:
+        raise ValueError(f"data.source must be one of {sorted(SOURCES)}, got {config.source!r}")
+    if not config.path:
+        raise ValueError("data.path is empty: set it to the list file or image folder")
+    if config.crop_size <= 0 or config.crop_size % config.scale:
+        raise ValueError(f"data.crop_size ({config.crop_size}) must be a positive multiple of data.scale "
+                         f"({config.scale})")
+    if not 0.0 <= config.synthetic_prob <= 1.0:
+        raise ValueError(f"data.synthetic_prob must be in [0, 1], got {config.synthetic_prob}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of the process count "
+                         f"{process_count}")
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                        process_index: int, process_count: int,
+                        tokenize: Callable[[list[str]], np.ndarray] | None = None) -> grain.DatasetIterator:
+    """An endless iterator of this process's batches: {"hq", "lq"} float32 (B, crop, crop, 3) in [-1, 1], plus
+    "input_ids" int32 (B, T) when `tokenize` is given, else "prompt" (B,) str; B = global_batch_size //
+    process_count. Checkpoint it with `get_state()` / `set_state()`.
+    """
+    _check(data_config, global_batch_size, process_index, process_count)
+    local_batch = global_batch_size // process_count
+    transform = MakeTrainPair(data_config.crop_size, data_config.scale, data_config.flip, data_config.synthetic_prob)
+    dataset = (grain.MapDataset.source(SOURCES[data_config.source](data_config))
+               .seed(seed).shuffle().repeat(None).random_map(transform)[process_index::process_count])
+    read = grain.ReadOptions(num_threads=data_config.read_threads,
+                             prefetch_buffer_size=max(1, data_config.read_threads, data_config.prefetch * local_batch))
+    # Records whose files fail to decode come out as None and are dropped here; if more than half of a window of
+    # 1000 fail, grain raises instead of looping forever over a broken data set.
+    examples = grain.experimental.WithOptionsIterDataset(
+        dataset.to_iter_dataset(read), grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.5))
+    batches = examples.batch(local_batch, drop_remainder=True)
+    if data_config.num_workers > 0:
+        # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they are still unparsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_config.num_workers, per_worker_buffer_size=max(1, data_config.prefetch)))
+    if tokenize is not None:
+        batches = batches.map(_Tokenize(tokenize, local_batch))
+    return iter(batches)

@@ -1,0 +1,150 @@
+"""Random-access sources of training records: (HR path, LR path or None, prompt), checked when built.
+
+A source only lists examples; pixels are read later, per example, by `transforms.MakeTrainPair`. Every file is
+opened once here (header only, no decoding) so that missing, empty or non-image files are dropped up front with
+one log line each, and a source with nothing readable fails at once instead of at the first batch. Files whose
+header is fine but whose pixels are corrupt (e.g. truncated) are dropped when they are first read.
+"""
+
+import dataclasses
+import logging
+import os
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# What PIL raises for unreadable, truncated or absurd files (DecompressionBombError is not an OSError).
+READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training example before decoding. `lr` is None when the LR is synthesised from the HR."""
+
+    hr: str
+    lr: str | None
+    prompt: str
+
+
+def failure_reason(path: str, err: BaseException) -> str:
+    """A short human reason for an image that could not be read."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "empty file"
+    if isinstance(err, UnidentifiedImageError):
+        return "not a recognised image format"
+    return f"{type(err).__name__}: {err}"
+
+
+def unreadable_reason(path: str) -> str | None:
+    """None if the file opens as an image (header only), else why not."""
+    try:
+        with Image.open(path):
+            return None
+    except READ_ERRORS as err:
+        return failure_reason(path, err)
+
+
+def _keep_readable(records: list[Record]) -> list[Record]:
+    kept = []
+    for record in records:
+        reasons = [(p, unreadable_reason(p)) for p in (record.hr, record.lr) if p is not None]
+        bad = [(p, r) for p, r in reasons if r is not None]
+        for path, reason in bad:
+            logger.warning("skipping unreadable image %s: %s", path, reason)
+        if not bad:
+            kept.append(record)
+    return kept
+
+
+class _RecordSource:
+    """A grain RandomAccessDataSource over a fixed list of records."""
+
+    def __init__(self, path: str, records: list[Record]):
+        self.path = path
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, size={len(self)})"
+
+
+def parse_paired_list(list_path: str) -> list[Record]:
+    """Parses `HR_path LR_path prompt words...` lines (the reference's format).
+
+    Tokens are whitespace-separated; tokens 3.. re-joined with single spaces are the prompt (two tokens: empty
+    prompt). Blank lines are ignored; a line with one token is skipped with a warning. Relative paths are relative
+    to the list file's folder.
+    """
+    base = os.path.dirname(os.path.abspath(list_path))
+    records = []
+    with open(list_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) < 2:
+                logger.warning("%s:%d: skipping line with fewer than 2 fields (HR_path LR_path prompt...)",
+                               list_path, number)
+                continue
+            hr, lr = (os.path.join(base, p) for p in tokens[:2])
+            records.append(Record(hr=hr, lr=lr, prompt=" ".join(tokens[2:])))
+    return records
+
+
+class PairedListSource(_RecordSource):
+    """Pre-computed (HR, LR) pairs with prompts from a list file, as the reference trains."""
+
+    def __init__(self, list_path: str):
+        if not os.path.isfile(list_path):
+            raise FileNotFoundError(f"paired list file not found: {list_path}")
+        super().__init__(list_path, _keep_readable(parse_paired_list(list_path)))
+        if not self.records:
+            raise ValueError(f"no readable HR/LR image pair in list {list_path}")
+
+
+def read_captions(captions_path: str) -> dict[str, str]:
+    """Reads `relative/file/name<TAB>caption` lines; malformed lines are skipped with a warning."""
+    captions = {}
+    with open(captions_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            name, tab, caption = line.partition("\t")
+            if not tab:
+                logger.warning("%s:%d: skipping caption line without a TAB", captions_path, number)
+                continue
+            captions[os.path.normpath(name)] = caption.strip()
+    return captions
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursive), as sorted paths relative to it."""
+    names = []
+    for root, _, files in os.walk(folder):
+        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in files
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(names)
+
+
+class HRFolderSource(_RecordSource):
+    """HR images from a folder tree; the LR is synthesised from each crop. Prompts from an optional captions file."""
+
+    def __init__(self, folder: str, captions_path: str = ""):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"HR image folder not found: {folder}")
+        captions = read_captions(captions_path) if captions_path else {}
+        records = [Record(hr=os.path.join(folder, name), lr=None, prompt=captions.get(os.path.normpath(name), ""))
+                   for name in list_images(folder)]
+        super().__init__(folder, _keep_readable(records))
+        if not self.records:
+            raise ValueError(f"no readable image in folder {folder}")

@@ -1,0 +1,95 @@
+"""Per-example work: decode, random crop, flip, (re)size the LR, scale to [-1, 1]. All resampling is PIL's."""
+
+import logging
+import threading
+
+import grain
+import numpy as np
+from PIL import Image
+
+from tadsr_jax.data.sources import READ_ERRORS, Record, failure_reason
+
+logger = logging.getLogger(__name__)
+
+# Files whose pixels failed to decode, logged once per process however many epochs hit them again.
+_reported: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def read_rgb(path: str) -> Image.Image:
+    """Decodes an image as 8-bit RGB (grayscale, palette and RGBA are converted; alpha is dropped)."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip 16-bit grey to white; keep the top byte
+            image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8))
+        return image.convert("RGB")
+
+
+def _read_or_report(path: str) -> Image.Image | None:
+    try:
+        return read_rgb(path)
+    except READ_ERRORS as err:
+        with _reported_lock:
+            first = path not in _reported
+            _reported.add(path)
+        if first:
+            logger.warning("skipping unreadable image %s: %s", path, failure_reason(path, err))
+        return None
+
+
+def bicubic_degrade(image: Image.Image, scale: int) -> Image.Image:
+    """PIL bicubic down by `scale`, then bicubic back up to the original size (the reference's synthetic LR)."""
+    w, h = image.size
+    small = image.resize((w // scale, h // scale), Image.BICUBIC)
+    return small.resize((w, h), Image.BICUBIC)
+
+
+def cover_size(size: tuple[int, int], crop_size: int) -> tuple[int, int]:
+    """(w, h) scaled up so the short side is `crop_size`; unchanged if both sides already reach it."""
+    w, h = size
+    if min(w, h) >= crop_size:
+        return w, h
+    factor = crop_size / min(w, h)
+    return max(crop_size, round(w * factor)), max(crop_size, round(h * factor))
+
+
+def to_float(image: Image.Image) -> np.ndarray:
+    """HWC uint8 RGB -> float32 in [-1, 1]."""
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+class MakeTrainPair(grain.transforms.RandomMap):
+    """Record -> {"hq", "lq", "prompt"} (or None if a file fails to decode; grain drops Nones).
+
+    Paired records: the LR is resized to the HR size with LANCZOS, or, with probability `synthetic_prob`, replaced
+    by `bicubic_degrade` of the HR crop. Records without an LR are always synthesised. Then both are cropped with
+    the same random window and flipped together; the synthetic LR is made from the final (cropped, flipped) HR.
+    """
+
+    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float):
+        self.crop_size = crop_size
+        self.scale = scale
+        self.flip = flip
+        self.synthetic_prob = synthetic_prob
+
+    def random_map(self, record: Record, rng: np.random.Generator) -> dict | None:
+        hr = _read_or_report(record.hr)
+        if hr is None:
+            return None
+        synthetic = record.lr is None or rng.random() < self.synthetic_prob
+        images = [hr]
+        if not synthetic:
+            lr = _read_or_report(record.lr)
+            if lr is None:
+                return None
+            images.append(lr.resize(hr.size, Image.LANCZOS))
+        size = cover_size(hr.size, self.crop_size)
+        if size != hr.size:
+            images = [image.resize(size, Image.BICUBIC) for image in images]
+        left = int(rng.integers(0, size[0] - self.crop_size + 1))
+        top = int(rng.integers(0, size[1] - self.crop_size + 1))
+        images = [image.crop((left, top, left + self.crop_size, top + self.crop_size)) for image in images]
+        if self.flip and rng.random() < 0.5:
+            images = [image.transpose(Image.FLIP_LEFT_RIGHT) for image in images]
+        hr = images[0]
+        lr = bicubic_degrade(hr, self.scale) if synthetic else images[1]
+        return {"hq": to_float(hr), "lq": to_float(lr), "prompt": record.prompt}

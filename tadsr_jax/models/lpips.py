@@ -1,0 +1,129 @@
+"""LPIPS perceptual distance (Zhang et al. 2018), VGG16 trunk, version 0.1, NHWC.
+
+Matches `lpips.LPIPS(net='vgg', version='0.1', lpips=True, spatial=False)` of the `lpips` package in eval mode
+with `normalize=False` (inputs in [-1, 1]):
+
+    d(x, y) = sum_l mean_hw( w_l . (n(f_l(s(x))) - n(f_l(s(y))))^2 )
+
+s: ScalingLayer ((x - shift) / scale, per RGB channel); f_l: torchvision VGG16 `features` up to relu1_2,
+relu2_2, relu3_3, relu4_3 and relu5_3; n: unit norm over channels, f / (||f|| + 1e-10); w_l >= 0: the 1x1
+convolutions (no bias) of the heads `lin0..lin4`.
+
+The attribute tree mirrors the PyTorch names, so weights map by rule (`tadsr_jax.weights.convert`):
+torchvision's `features.{0,2,5,...,28}.weight/bias` -> `features[i]` (param-less `ReLU` / `MaxPool2d`
+placeholders fill the other positions, exactly as in torchvision's Sequential) and LPIPS'
+`lin{k}.model.1.weight` -> `lin{k}.model[1]` (`model[0]` is the head's Dropout, an identity in eval mode).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tadsr_jax.nn.layers import Conv2d
+
+# torchvision vgg16 `features`: 3x3 convolutions ("M" = 2x2 max-pool), of which LPIPS uses indices 0..29.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# The `features` indices whose (ReLU) outputs LPIPS compares: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+TAP_INDICES = (3, 8, 15, 22, 29)
+CHANNELS = (64, 128, 256, 512, 512)
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+NORM_EPS = 1e-10
+
+
+class ReLU(nnx.Module):
+    """Param-less placeholder for torchvision's `ReLU(inplace=True)` positions in `features`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class MaxPool2d(nnx.Module):
+    """2x2 max-pool with stride 2 over NHWC (odd sizes are floored, as in PyTorch)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+class Identity(nnx.Module):
+    """Param-less placeholder for the heads' `Dropout` (an identity in eval mode, where LPIPS is used)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class NetLinLayer(nnx.Module):
+    """One LPIPS head: `model` = [Dropout, 1x1 conv c -> 1 without bias], as in the lpips package."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.model = nnx.List([Identity(), Conv2d(channels, 1, 1, use_bias=False, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.model[1](self.model[0](x))
+
+
+def _normalize(f: jax.Array, dtype) -> jax.Array:
+    """f / (||f||_channels + 1e-10) in `dtype`; the sqrt's gradient is kept finite where ||f|| = 0."""
+    f = f.astype(dtype)
+    sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+    return f / (jnp.sqrt(jnp.maximum(sq, 1e-30)) + NORM_EPS)
+
+
+class LPIPS(nnx.Module):
+    """LPIPS v0.1 with the VGG16 trunk; `__call__(x, y)` gives the (B,) distances of NHWC images in [-1, 1].
+
+    The VGG convolutions run in the weights' dtype; scaling, normalisation, heads and averages in float32
+    (float64 for float64 weights), which is also the dtype of the distances.
+    """
+
+    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        layers: list[nnx.Module] = []
+        channels = 3
+        for item in VGG16_LAYOUT:
+            if item == "M":
+                layers.append(MaxPool2d())
+            else:
+                layers += [Conv2d(channels, item, 3, padding=1, dtype=dtype, rngs=rngs), ReLU()]
+                channels = item
+        self.features = nnx.List(layers)  # indices 0..29 of torchvision's vgg16().features
+        self.lin0 = NetLinLayer(CHANNELS[0], dtype=dtype, rngs=rngs)
+        self.lin1 = NetLinLayer(CHANNELS[1], dtype=dtype, rngs=rngs)
+        self.lin2 = NetLinLayer(CHANNELS[2], dtype=dtype, rngs=rngs)
+        self.lin3 = NetLinLayer(CHANNELS[3], dtype=dtype, rngs=rngs)
+        self.lin4 = NetLinLayer(CHANNELS[4], dtype=dtype, rngs=rngs)
+
+    @property
+    def compute_dtype(self):
+        """float32, or float64 for float64 weights: the dtype of everything but the VGG convolutions."""
+        return jnp.promote_types(self.features[0].kernel.dtype, jnp.float32)
+
+    @property
+    def heads(self) -> tuple[NetLinLayer, ...]:
+        return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
+
+    def vgg_features(self, x: jax.Array) -> list[jax.Array]:
+        """The five tapped VGG activations (relu1_2 .. relu5_3) of ScalingLayer(x), in the weights' dtype."""
+        dtype = self.compute_dtype
+        shift, scale = jnp.asarray(SHIFT, dtype), jnp.asarray(SCALE, dtype)
+        h = ((x.astype(dtype) - shift) / scale).astype(self.features[0].kernel.dtype)
+        taps = []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in TAP_INDICES:
+                taps.append(h)
+        return taps
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """LPIPS distance per batch element: x, y (B, H, W, 3) in [-1, 1] -> (B,) in `compute_dtype`."""
+        if x.shape != y.shape:
+            raise ValueError(f"LPIPS: image shapes differ, {x.shape} vs {y.shape}")
+        batch = x.shape[0]
+        taps = self.vgg_features(jnp.concatenate([x, y], axis=0))  # one trunk pass for both images
+        dtype = self.compute_dtype
+        total = jnp.zeros((batch,), dtype)
+        for feat, head in zip(taps, self.heads):
+            diff = jnp.square(_normalize(feat[:batch], dtype) - _normalize(feat[batch:], dtype))
+            total = total + head(diff).mean(axis=(1, 2, 3))
+        return total

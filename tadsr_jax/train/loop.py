@@ -1,0 +1,226 @@
+"""The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from tadsr_jax import parallel
+from tadsr_jax.data.pipeline import make_train_iterator
+from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
+from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR
+from tadsr_jax.models.clip_text import tokenize
+from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
+from tadsr_jax.train.step import TrainState, host_metrics, init_state, make_train_step, optimizer, sample_images
+from tadsr_jax.weights.lpips import load_lpips, random_lpips
+from tadsr_jax.weights.loaders import load_networks
+from tadsr_jax.weights.tiny import resolve_pretrained
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (e.g. a non-finite loss); the message says which."""
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything one training run needs, built once by `build`."""
+
+    config: ml_collections.ConfigDict
+    state: TrainState
+    frozen: nnx.State
+    rest: nnx.State
+    neg_context: jax.Array
+    step_fn: Callable  # jitted (state, frozen, rest, batch, neg_context) -> (state, metrics), state donated
+    sample_fn: Callable  # jitted (state, frozen, rest, batch, key) -> SR images
+    batch_sharding: jax.sharding.NamedSharding
+    tokenize: Callable[[list[str]], np.ndarray]
+
+
+def _place(tree, shardings):
+    """Host values (identical on every process) -> global arrays with the given shardings."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])),
+                        tree, shardings)
+
+
+def _lpips(config: ml_collections.ConfigDict):
+    if not config.loss.lpips:
+        return None
+    if config.lpips.path:
+        return load_lpips(config.lpips.path)
+    if config.lpips.random_seed >= 0:
+        return random_lpips(config.lpips.random_seed)
+    raise TrainingError("loss.lpips > 0 needs lpips.path (convert VGG16 + LPIPS weights with launch/convert.py "
+                        "--what=lpips) or, for offline tests only, lpips.random_seed >= 0")
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
+    """Load the networks, attach the adapters, shard everything over the mesh and compile nothing yet."""
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    nets = load_networks(resolve_pretrained(config.model, workdir), dtype=jnp.dtype(config.model.dtype))
+    nets.unet.remat = config.model.remat
+    model = TADSR(nets.unet, nets.vae, nets.text_encoder, _lpips(config), rank=config.model.lora_rank,
+                  alpha=config.model.lora_alpha, fake_score_groups=tuple(config.model.fake_score_groups),
+                  rngs=nnx.Rngs(config.seed))
+    graphdef, generator, fake_score, frozen, rest = nnx.split(model, GENERATOR, FAKE_SCORE, FROZEN, ...)
+    # Trainable tensors and optimizer states in fp32 even when the frozen base is bf16.
+    generator = jax.tree.map(lambda x: x.astype(jnp.float32), generator)
+    tx = optimizer(config.train)
+    state = init_state(generator, fake_score, tx, config.seed)
+
+    replicated = parallel.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    frozen_sharding = parallel.shard_params(frozen, mesh, min_size=config.mesh.fsdp_min_size)
+    rest_sharding = jax.tree.map(lambda _: replicated, rest)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    max_len = nets.text_encoder.config.max_position_embeddings
+    tokenizer = nets.tokenizer
+    tokenize_fn = _Tokenizer(tokenizer, max_len)
+    neg_ids = jnp.asarray(tokenize_fn([config.train.negative_prompt]))
+    neg_context = nnx.jit(lambda te, ids: te(ids))(nets.text_encoder, neg_ids)
+
+    step_fn = jax.jit(make_train_step(graphdef, nets.schedule, tx, config),
+                      in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    sample_fn = jax.jit(sample_images(graphdef, nets.schedule, config.train.sample_timestep),
+                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
+                        out_shardings=replicated)
+    return Trainer(config=config, state=_place(state, state_sharding), frozen=_place(frozen, frozen_sharding),
+                   rest=_place(rest, rest_sharding), neg_context=_place(neg_context, replicated),
+                   step_fn=step_fn, sample_fn=sample_fn, batch_sharding=batch_sharding, tokenize=tokenize_fn)
+
+
+class _Tokenizer:
+    """Picklable prompt -> ids callable for the input pipeline's workers."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        return tokenize(self.tokenizer, prompts, self.max_length)
+
+
+def _grid(batch: dict[str, jax.Array], sr: jax.Array, rows: int = 4) -> np.ndarray:
+    """LQ | SR | HR rows as uint8."""
+    to_uint8 = lambda x: np.asarray(np.round((np.clip(np.asarray(x[:rows], np.float32), -1, 1) + 1) * 127.5),
+                                    np.uint8)
+    lq, sr, hq = (to_uint8(v) for v in (batch["lq"], sr, batch["hq"]))
+    return np.concatenate([np.concatenate([a, b, c], axis=1) for a, b, c in zip(lq, sr, hq)], axis=0)
+
+
+class _Logger:
+    """stdout + TensorBoard (tensorboardX) on process 0; silent elsewhere."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.writer = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        logging.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in values.items()}))
+
+    def image(self, step: int, name: str, image: np.ndarray, path: str) -> None:
+        if not self.active:
+            return
+        self.writer.add_image(name, image, step, dataformats="HWC")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(image).save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`data.path`, or (when empty, for offline tiny runs) scikit-image's training samples written to `workdir`."""
+    if data_config.path:
+        return data_config
+    folder = os.path.join(workdir, "sample_images")
+    if not os.path.isdir(folder):
+        write_sample_images(folder, TRAIN_SAMPLES, size=data_config.sample_size)
+    resolved = ml_collections.ConfigDict(data_config.to_dict())
+    resolved.source, resolved.path = "hr_folder", folder
+    return resolved
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train to `config.train.steps`, resuming from the latest checkpoint in `workdir`; returns last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    trainer = build(config, workdir)
+    cfg = config.train
+    data = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size, seed=config.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               tokenize=trainer.tokenize)
+    checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+    state = trainer.state
+    start = checkpointer.latest_step() or 0
+    if start:
+        state = checkpointer.restore(abstract_like(state), data, start)
+        logging.info("resumed from step %d", start)
+    logger = _Logger(workdir)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    metrics, last_saved, window_start, window_steps = {}, start, time.perf_counter(), 0
+    progress = _progress(start, cfg.steps)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = parallel.global_batch(next(data), trainer.batch_sharding)
+            state, step_metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
+            window_steps += 1
+            if not bool(step_metrics["finite"]):
+                values = host_metrics(step_metrics)
+                raise TrainingError(f"non-finite loss at step {step} (generator {values['loss/generator']}, "
+                                    f"fake score {values['loss/fake_score']}); stopped, parameters not updated; "
+                                    f"last good checkpoint: step {last_saved}")
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = host_metrics(step_metrics)
+                elapsed = time.perf_counter() - window_start
+                metrics["step_time_s"] = elapsed / window_steps
+                metrics["images_per_s"] = cfg.batch_size * window_steps / elapsed
+                logger.scalars(step, metrics)
+                progress.set_postfix(loss=f"{metrics['loss/generator']:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, jax.random.key(0))
+                logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
+                             os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["signal"]:
+                checkpointer.save(step, state, data, force=True)
+                last_saved = step
+            if stop["signal"]:
+                logging.warning("SIGTERM: saved step %d, exiting", step)
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+    return metrics
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=jax.process_index() != 0, desc="train", unit="step")

@@ -1,0 +1,135 @@
+"""The train state and the single jitted TADSR train step (generator update, then fake-score update)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from tadsr_jax.diffusion import NoiseSchedule
+from tadsr_jax.method import losses
+from tadsr_jax.method.tadsr import LossConfig, fake_score_loss, generator_loss
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything training changes (and checkpoints): never the frozen base weights."""
+
+    step: jax.Array
+    generator: nnx.State
+    fake_score: nnx.State
+    generator_opt: optax.OptState
+    fake_score_opt: optax.OptState
+    key: jax.Array
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Constant (the reference) or cosine decay, each after an optional linear warmup."""
+    if config.lr_schedule == "constant":
+        main = optax.constant_schedule(config.lr)
+    elif config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.lr, max(config.steps - config.warmup_steps, 1))
+    else:
+        raise ValueError(f"train.lr_schedule: unknown schedule {config.lr_schedule!r} (constant, cosine)")
+    if not config.warmup_steps:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, config.warmup_steps), main],
+                                [config.warmup_steps])
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (decoupled weight decay, as torch.optim.AdamW)."""
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                                   weight_decay=config.weight_decay))
+
+
+def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTransformation,
+               seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), generator=generator, fake_score=fake_score,
+                      generator_opt=tx.init(generator), fake_score_opt=tx.init(fake_score),
+                      key=jax.random.key_data(jax.random.key(seed)))
+
+
+def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int) -> jax.Array:
+    """The reference draws from int(linspace(1, 999, 50)) per sample; 'uniform' draws any integer in [1, 999]."""
+    if mode == "list":
+        table = jnp.asarray(losses.student_timesteps(num))
+        return table[jax.random.randint(key, (batch,), 0, table.shape[0])]
+    if mode == "uniform":
+        return jax.random.randint(key, (batch,), 1, 1000)
+    raise ValueError(f"train.student_timesteps: unknown mode {mode!r} (list, uniform)")
+
+
+def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable:
+    """`step(state, frozen, rest, batch, neg_context) -> (state, metrics)`, to be jitted by the caller.
+
+    One step = the generator's three losses, its update, then the fake score's loss on the detached
+    generator latent and its update, as the reference orders them. A non-finite loss leaves the state
+    unchanged and reports `finite = False`, so the caller can stop without corrupting anything.
+    """
+    loss_cfg = LossConfig(**config.loss.to_dict())
+    train_cfg = config.train
+
+    def step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array],
+             neg_context: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        key, k_t, k_gen, k_fake = jax.random.split(jax.random.wrap_key_data(state.key), 4)
+        batch_size = batch["lq"].shape[0]
+        student_t = sample_student_timesteps(k_t, batch_size, train_cfg.student_timesteps,
+                                             train_cfg.num_student_timesteps)
+
+        def gen_loss(generator):
+            model = nnx.merge(graphdef, generator, state.fake_score, frozen, rest)
+            return generator_loss(model, schedule, batch, neg_context, student_t, k_gen, loss_cfg)
+
+        (g_loss, out), g_grads = jax.value_and_grad(gen_loss, has_aux=True)(state.generator)
+        g_updates, generator_opt = tx.update(g_grads, state.generator_opt, state.generator)
+        generator = optax.apply_updates(state.generator, g_updates)
+
+        def fake_loss(fake):
+            model = nnx.merge(graphdef, state.generator, fake, frozen, rest)
+            return loss_cfg.fake * fake_score_loss(model, schedule, out.x0, out.context, k_fake)
+
+        f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
+        f_updates, fake_score_opt = tx.update(f_grads, state.fake_score_opt, state.fake_score)
+        fake_score = optax.apply_updates(state.fake_score, f_updates)
+
+        finite = jnp.isfinite(g_loss) & jnp.isfinite(f_loss)
+        new = TrainState(step=state.step + 1, generator=generator, fake_score=fake_score,
+                         generator_opt=generator_opt, fake_score_opt=fake_score_opt,
+                         key=jax.random.key_data(key))
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss/generator": g_loss, "loss/fake_score": f_loss, "finite": finite,
+                   "grad_norm/generator": optax.global_norm(g_grads),
+                   "grad_norm/fake_score": optax.global_norm(f_grads),
+                   "lr": learning_rate(train_cfg)(state.step),
+                   "student_t_mean": jnp.mean(student_t.astype(jnp.float32))}
+        metrics.update({f"loss/{name}": value for name, value in out.losses.items()})
+        return new, metrics
+
+    return step
+
+
+def sample_images(model_graphdef: nnx.GraphDef, schedule: NoiseSchedule, timestep: int) -> Callable:
+    """`fn(state, frozen, rest, batch, seed_key) -> SR images` with the current generator, for sample grids."""
+
+    def fn(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array],
+           key: jax.Array) -> jax.Array:
+        model = nnx.merge(model_graphdef, state.generator, state.fake_score, frozen, rest)
+        context = model.text_encoder(batch["input_ids"])
+        t = jnp.full((batch["lq"].shape[0],), timestep, jnp.int32)
+        return model.student(schedule, batch["lq"], t, context, key)[1]
+
+    return fn
+
+
+def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}

@@ -1,0 +1,95 @@
+"""LPIPS (VGG16, v0.1) weights: conversion of the two PyTorch files into one safetensors file, loading, and a
+random stand-in for offline configs.
+
+The pretrained LPIPS-VGG needs two files: torchvision's ImageNet VGG16 (`vgg16-397923af.pth`, a state dict
+with `features.N.*` and `classifier.*`) and the lpips package's linear heads (`lpips/weights/v0.1/vgg.pth`,
+`lin{k}.model.1.weight`). `convert_lpips_weights` merges the kept tensors, in PyTorch layout, into one
+safetensors file that `load_lpips` reads without PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tadsr_jax.models.lpips import LPIPS
+from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
+from tadsr_jax.weights.files import read_tensors
+
+
+def _read_pth(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state-dict file -> {key: float32 array}."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: file does not exist")
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading .pth files needs PyTorch (pip install torch)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt pickles
+        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: not a state dict (a {type(state).__name__})")
+    return {key: t.detach().float().numpy() for key, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+def _abstract(dtype=jnp.float32) -> LPIPS:
+    return nnx.eval_shape(lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def convert_lpips_weights(vgg16_path: str, lpips_path: str, out_path: str) -> None:
+    """torchvision `vgg16-*.pth` + lpips `weights/v0.1/vgg.pth` -> one safetensors file (PyTorch layout).
+
+    Keeps `features.*` (VGG convolutions) and `lin*` (heads); drops `classifier.*` and the constant
+    `scaling_layer.*` buffers. The result is checked against the model before it is written (atomically).
+    Raises WeightsError on a missing/unreadable file or a missing/unexpected/mis-shaped tensor.
+    """
+    from safetensors.numpy import save_file
+
+    vgg = {k: v for k, v in _read_pth(vgg16_path).items() if not k.startswith("classifier.")}
+    heads = {k: v for k, v in _read_pth(lpips_path).items() if not k.startswith("scaling_layer.")}
+    if not any(k.startswith("features.") for k in vgg):
+        raise WeightsError(f"{vgg16_path}: no 'features.*' tensors; expected torchvision's VGG16 state dict")
+    if not any(k.startswith("lin") for k in heads):
+        raise WeightsError(f"{lpips_path}: no 'lin*' tensors; expected the lpips package's weights/v0.1/vgg.pth")
+    tensors = {**vgg, **heads}
+    load_tensors(_abstract(), tensors.items(), source=f"{vgg16_path} + {lpips_path}")  # validate only
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = out_path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, out_path)
+
+
+def load_lpips(path: str, *, dtype=jnp.float32) -> LPIPS:
+    """The LPIPS-VGG model from a file written by `convert_lpips_weights`, weights in `dtype`."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: LPIPS weights file does not exist (see launch/convert.py --what=lpips)")
+    return load_tensors(_abstract(dtype), read_tensors([path]), source=path, dtype=dtype)
+
+
+def random_lpips(seed: int, *, dtype=jnp.float32) -> LPIPS:
+    """An offline stand-in for tiny configs: random VGG convolutions and non-negative random heads.
+
+    Every tensor is PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (heads: its absolute value, as
+    LPIPS heads are non-negative), drawn with numpy from (seed, tensor name), so it is deterministic and
+    needs no XLA compilation. It is a distance (0 for identical images, never negative) but not perceptual.
+    """
+    abstract = _abstract(dtype)
+    shapes = {path_to_torch_key(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+    def draw(key: str, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        kernel = shapes[key.rsplit(".", 1)[0] + ".weight"]  # HWIO
+        bound = 1.0 / np.sqrt(np.prod(kernel[:3]))
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        value = rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+        return np.abs(value) if key.startswith("lin") else value
+
+    return load_tensors(abstract, (), source=f"random_lpips({seed})", fill_missing=draw, dtype=dtype)

@@ -1,0 +1,214 @@
+"""LPIPS-VGG (v0.1) against the lpips package, on real images, with the package's real linear heads.
+
+torchvision does not import beside this torch, so the lpips package gets a stand-in `torchvision.models`
+whose `vgg16()` has torchvision's `features` layout; its convolutions are randomised (no ImageNet weights
+can be downloaded), the heads are the ones shipped inside the lpips package.
+"""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from skimage import data
+from torch_utils import randomize_, rel_err
+
+from tadsr_jax.weights.convert import WeightsError
+from tadsr_jax.weights.lpips import convert_lpips_weights, load_lpips, random_lpips
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _fake_vgg16(pretrained: bool = False, weights=None, **kwargs) -> types.SimpleNamespace:
+    """torchvision.models.vgg16 without weights: only `.features`, laid out exactly as torchvision's."""
+    assert not pretrained and weights is None, "the stand-in has no pretrained weights"
+    layers, channels = [], 3
+    for item in VGG16_CFG:
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
+            channels = item
+    return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+
+
+@pytest.fixture(scope="module")
+def torch_lpips():
+    """lpips.LPIPS(net='vgg') with the package's real heads and a seeded random VGG trunk."""
+    fake_tv = types.ModuleType("torchvision")
+    fake_models = types.ModuleType("torchvision.models")
+    fake_models.vgg16 = _fake_vgg16
+    fake_tv.models = fake_models
+    names = ("torchvision", "torchvision.models")
+    saved = {name: sys.modules.get(name) for name in names}
+    sys.modules.update({"torchvision": fake_tv, "torchvision.models": fake_models})
+    try:
+        import lpips
+
+        model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    randomize_(model.net, seed=7)  # weights N(0, 1/fan_in), biases N(0, 0.1^2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weight_files(torch_lpips, tmp_path_factory):
+    """A torchvision-style vgg16.pth, an lpips-style vgg.pth and their conversion."""
+    folder = tmp_path_factory.mktemp("lpips")
+    features = {}
+    for s in (torch_lpips.net.slice1, torch_lpips.net.slice2, torch_lpips.net.slice3, torch_lpips.net.slice4,
+              torch_lpips.net.slice5):
+        features.update({f"features.{k}": v.clone() for k, v in s.state_dict().items()})
+    assert sorted({int(k.split(".")[1]) for k in features}) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    features["classifier.0.weight"] = torch.zeros(8, 4)  # torchvision's classifier must be dropped
+    heads = {k: v.clone() for k, v in torch_lpips.state_dict().items() if re.fullmatch(r"lin\d\..*", k)}
+    assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
+    shipped = torch.load(os.path.join(os.path.dirname(sys.modules[type(torch_lpips).__module__].__file__),
+                                      "weights", "v0.1", "vgg.pth"), map_location="cpu", weights_only=True)
+    for key, value in heads.items():  # the real, human-calibrated heads of the package
+        torch.testing.assert_close(value, shipped[key], rtol=0, atol=0)
+    paths = {name: str(folder / name) for name in ("vgg16.pth", "vgg.pth", "lpips_vgg.safetensors")}
+    torch.save(features, paths["vgg16.pth"])
+    torch.save(heads, paths["vgg.pth"])
+    convert_lpips_weights(paths["vgg16.pth"], paths["vgg.pth"], paths["lpips_vgg.safetensors"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model(weight_files):
+    return load_lpips(weight_files["lpips_vgg.safetensors"])
+
+
+distances = nnx.jit(lambda model, x, y: model(x, y))
+
+
+@nnx.jit
+def value_and_input_grad(model, x, y):
+    """Per-pair distances and d(sum of distances)/dx."""
+    def total(x):
+        d = model(x, y)
+        return d.sum(), d
+
+    (_, d), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return d, grad
+
+
+def _image_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
+    """NCHW float32 pairs in [-1, 1] from real photographs: a 64x64 batch of 3 and a 48x80 batch of 2."""
+    rng = np.random.default_rng(0)
+
+    def crop(image, top, left, h, w):
+        return image[top:top + h, left:left + w].astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+    astronaut, coffee, chelsea = data.astronaut(), data.coffee(), data.chelsea()
+    a = crop(astronaut, 100, 180, 64, 64)
+    c = crop(coffee, 150, 250, 64, 64)
+    k = crop(chelsea, 100, 150, 64, 64)
+    noisy = np.clip(a + 0.2 * rng.standard_normal(a.shape, dtype=np.float32), -1, 1)
+    square = (np.stack([a, c, k]), np.stack([noisy, k, np.roll(c, 3, axis=2)]))
+    w1 = crop(astronaut, 20, 200, 48, 80)
+    w2 = crop(coffee, 200, 300, 48, 80)
+    wide = (np.stack([w1, w2]), np.stack([crop(astronaut, 24, 204, 48, 80),
+                                          np.clip(w2 + 0.1 * rng.standard_normal(w2.shape, dtype=np.float32),
+                                                  -1, 1)]))
+    return [square, wide]
+
+
+@pytest.fixture(scope="module")
+def torch_lpips64(torch_lpips):
+    return copy.deepcopy(torch_lpips).double()
+
+
+def _nhwc(x: np.ndarray, dtype=jnp.float32) -> jax.Array:
+    return jnp.asarray(x.transpose(0, 2, 3, 1), dtype)
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["64x64", "48x80"])
+def test_distances_match_lpips_package(torch_lpips, model, pair):
+    x, y = _image_pairs()[pair]
+    with torch.no_grad():
+        theirs = torch_lpips(torch.tensor(x), torch.tensor(y)).reshape(-1).numpy()
+    ours = np.asarray(distances(model, _nhwc(x), _nhwc(y)))
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    err = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
+    print(f"LPIPS fp32 {x.shape}: distances {ours}, max per-pair rel err {err:.2e}")
+    assert err <= 1e-4, (ours, theirs)
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["64x64", "48x80"])
+def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files, pair):
+    """d(sum of distances)/dx, in float64 on both sides.
+
+    In float32 the two gradients are not comparable elementwise: where a ReLU pre-activation or a max-pool
+    tie lies within rounding of its switch point, torch and XLA may route the gradient differently (both
+    correct subgradients), which moves whole receptive-field patches; float64 makes that vanishingly rare.
+    """
+    x, y = _image_pairs()[pair]
+    tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    theirs = torch_lpips64(tx, torch.tensor(y, dtype=torch.float64)).reshape(-1)
+    theirs.sum().backward()
+    with jax.enable_x64(True):
+        model64 = load_lpips(weight_files["lpips_vgg.safetensors"], dtype=jnp.float64)
+        ours, grad = value_and_input_grad(model64, _nhwc(x, jnp.float64), _nhwc(y, jnp.float64))
+        ours, grad = np.asarray(ours), np.asarray(grad).transpose(0, 3, 1, 2)
+    assert ours.dtype == np.float64 and grad.dtype == np.float64
+    value_err = float(np.max(np.abs(ours - theirs.detach().numpy()) / np.abs(theirs.detach().numpy())))
+    grad_err = rel_err(grad, tx.grad.numpy())
+    print(f"LPIPS fp64 {x.shape}: distance rel err {value_err:.2e}, input-gradient rel err {grad_err:.2e}")
+    assert value_err <= 1e-4
+    assert grad_err <= 1e-4
+
+
+def test_identical_images_give_zero(model):
+    x, _ = _image_pairs()[0]
+    np.testing.assert_allclose(np.asarray(distances(model, _nhwc(x), _nhwc(x))), 0.0, atol=1e-7)
+
+
+def test_random_lpips_is_deterministic_with_nonnegative_heads():
+    a, b = random_lpips(0), random_lpips(0)
+    leaves_a, leaves_b = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
+    assert len(leaves_a) == 31
+    for u, v in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    for head in a.heads:
+        kernel = np.asarray(head.model[1].kernel[...])
+        assert kernel.shape[-1] == 1 and kernel.min() >= 0 and kernel.max() > 0
+    other = random_lpips(1)
+    assert not np.array_equal(np.asarray(other.lin0.model[1].kernel[...]), np.asarray(a.lin0.model[1].kernel[...]))
+
+
+def test_missing_head_is_named(weight_files, tmp_path):
+    tensors = load_file(weight_files["lpips_vgg.safetensors"])
+    assert "classifier.0.weight" not in tensors
+    del tensors["lin3.model.1.weight"]
+    broken = str(tmp_path / "broken.safetensors")
+    save_file(tensors, broken)
+    with pytest.raises(WeightsError, match=r"lin3\.model\.1\.weight"):
+        load_lpips(broken)
+
+
+def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
+    out = tmp_path / "out.safetensors"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "convert.py"), "--what=lpips",
+         f"--vgg16={tmp_path / 'nope.pth'}", f"--lpips_linear={weight_files['vgg.pth']}", f"--out={out}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()

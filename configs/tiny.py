@@ -15,9 +15,10 @@ def get_config():
         block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
         attention_head_dim=[2, 4], use_linear_projection=True, sample_size=32)
+    # One VAE block: latents at full resolution, so the briefly trained stand-in autoencoder is nearly lossless.
     config.model.vae = dict(
-        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=64)
+        block_out_channels=[32], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"], sample_size=64)
     config.model.text_encoder = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="gelu")

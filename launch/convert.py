@@ -1,4 +1,5 @@
-"""python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth --lpips_linear=lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
+"""python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \\
+    --lpips_linear=<site-packages>/lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
 
 Converts PyTorch weight files into the safetensors files our loaders read. Each `--what` is one handler in
 HANDLERS (flags -> library call -> one line of output); errors are one line on stderr and exit status 1.
@@ -7,7 +8,7 @@ HANDLERS (flags -> library call -> one line of output); errors are one line on s
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WHAT = flags.DEFINE_string("what", None, "What to convert: one of lpips.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
@@ -33,6 +34,8 @@ HANDLERS: dict[str, Callable[[], str]] = {"lpips": _convert_lpips}
 
 
 def main(argv: list[str]) -> int:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep output to one line (JAX logs its backend probe at INFO)
     if len(argv) > 1:
         print(f"convert: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 1

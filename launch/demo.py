@@ -1,18 +1,25 @@
-"""python launch/demo.py [--config=configs/tiny.py] [--workdir=out/demo]: x4 SR of a scikit-image sample."""
+"""python launch/demo.py [--config=configs/tiny.py] [--workdir=out/demo]
+
+Trains the config (tiny: a few hundred CPU steps), then super-resolves held-out scikit-image samples x4.
+The last line printed is a JSON object with psnr_bicubic and psnr_sr.
+"""
 
 import json
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from tadsr_jax import demo
+from tadsr_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model folder and the outputs go.")
+_WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model, checkpoints and outputs go.")
 
 
 def main(argv):
     del argv
+    runtime.enable_compilation_cache()
+    from tadsr_jax import demo
+
     print(json.dumps(demo.run(_CONFIG.value, _WORKDIR.value)))
 
 

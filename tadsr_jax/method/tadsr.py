@@ -146,6 +146,11 @@ def generator_loss(model: TADSR, schedule: NoiseSchedule, batch: dict[str, jax.A
 
     `batch` holds `lq`, `hq` (B,H,W,3) in [-1, 1] and `input_ids` (B, T); `neg_context` is the negative
     prompt's embedding (1, T, D), used only by the teacher's classifier-free guidance.
+
+    The frozen text encoder runs here, inside the jitted step, on token ids from the input pipeline: prompts
+    differ per example, CLIP costs a few percent of the step, and the step stays a pure function of the batch
+    (no host round trip, no embedding cache to keep consistent across hosts). The constant negative prompt is
+    embedded once, outside.
     """
     k_post, k_noise = jax.random.split(key)
     context = jax.lax.stop_gradient(model.text_encoder(batch["input_ids"]))

@@ -41,10 +41,14 @@ class ReLU(nnx.Module):
 
 
 class MaxPool2d(nnx.Module):
-    """2x2 max-pool with stride 2 over NHWC (odd sizes are floored, as in PyTorch)."""
+    """2x2 max-pool with stride 2 over NHWC, as PyTorch's: odd sizes are floored, and of tied maxima the first
+    in row-major window order takes the gradient (plain `x.max` would split it between ties)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+        a, b, c, d = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+        m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+        return jnp.where(a == m, a, jnp.where(b == m, b, jnp.where(c == m, c, d)))
 
 
 class Identity(nnx.Module):
@@ -106,7 +110,8 @@ class LPIPS(nnx.Module):
     def vgg_features(self, x: jax.Array) -> list[jax.Array]:
         """The five tapped VGG activations (relu1_2 .. relu5_3) of ScalingLayer(x), in the weights' dtype."""
         dtype = self.compute_dtype
-        shift, scale = jnp.asarray(SHIFT, dtype), jnp.asarray(SCALE, dtype)
+        # The package's constants are float32 buffers; keep their float32 values at any precision.
+        shift, scale = (jnp.asarray(c, jnp.float32).astype(dtype) for c in (SHIFT, SCALE))
         h = ((x.astype(dtype) - shift) / scale).astype(self.features[0].kernel.dtype)
         taps = []
         for i, layer in enumerate(self.features):
@@ -123,7 +128,7 @@ class LPIPS(nnx.Module):
         taps = self.vgg_features(jnp.concatenate([x, y], axis=0))  # one trunk pass for both images
         dtype = self.compute_dtype
         total = jnp.zeros((batch,), dtype)
-        for feat, head in zip(taps, self.heads):
+        for feat, head in zip(taps, self.heads, strict=True):
             diff = jnp.square(_normalize(feat[:batch], dtype) - _normalize(feat[batch:], dtype))
             total = total + head(diff).mean(axis=(1, 2, 3))
         return total

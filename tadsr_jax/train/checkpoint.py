@@ -31,13 +31,16 @@ class Checkpointer:
         return self._manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
 
-    def restore(self, abstract_state: TrainState, data_iterator, step: int | None = None) -> TrainState:
+    def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
         """The state at `step` (default: latest), laid out like `abstract_state` (shapes and shardings);
-        the data iterator is moved to the saved position in place."""
+        a given data iterator is moved to the saved position in place."""
         step = self._manager.latest_step() if step is None else step
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored["state"]
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -26,7 +26,7 @@ from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
 from tadsr_jax.train.step import TrainState, host_metrics, init_state, make_train_step, optimizer, sample_images
 from tadsr_jax.weights.lpips import load_lpips, random_lpips
 from tadsr_jax.weights.loaders import load_networks
-from tadsr_jax.weights.tiny import resolve_pretrained
+from tadsr_jax.train.tiny_sd import resolve_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -43,7 +43,7 @@ class Trainer:
     rest: nnx.State
     neg_context: jax.Array
     step_fn: Callable  # jitted (state, frozen, rest, batch, neg_context) -> (state, metrics), state donated
-    sample_fn: Callable  # jitted (state, frozen, rest, batch, key) -> SR images
+    sample_fn: Callable  # jitted (state, frozen, rest, batch, timesteps, key) -> SR images
     batch_sharding: jax.sharding.NamedSharding
     tokenize: Callable[[list[str]], np.ndarray]
 
@@ -94,8 +94,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     step_fn = jax.jit(make_train_step(graphdef, nets.schedule, tx, config),
                       in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    sample_fn = jax.jit(sample_images(graphdef, nets.schedule, config.train.sample_timestep),
-                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
+    sample_fn = jax.jit(sample_images(graphdef, nets.schedule),
+                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding,
+                                      replicated),
                         out_shardings=replicated)
     return Trainer(config=config, state=_place(state, state_sharding), frozen=_place(frozen, frozen_sharding),
                    rest=_place(rest, rest_sharding), neg_context=_place(neg_context, replicated),
@@ -202,7 +203,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 progress.set_postfix(loss=f"{metrics['loss/generator']:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.sample_every and step % cfg.sample_every == 0:
-                sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, jax.random.key(0))
+                t = parallel.global_batch({"t": np.full(batch["lq"].shape[0] // jax.process_count(),
+                                                        cfg.sample_timestep, np.int32)}, trainer.batch_sharding)["t"]
+                sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, t, jax.random.key(0))
                 logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
                              os.path.join(workdir, "samples", f"step_{step:08d}.png"))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["signal"]:

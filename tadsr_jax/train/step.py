@@ -118,15 +118,14 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
     return step
 
 
-def sample_images(model_graphdef: nnx.GraphDef, schedule: NoiseSchedule, timestep: int) -> Callable:
-    """`fn(state, frozen, rest, batch, seed_key) -> SR images` with the current generator, for sample grids."""
+def sample_images(graphdef: nnx.GraphDef, schedule: NoiseSchedule) -> Callable:
+    """`fn(state, frozen, rest, batch, timesteps, key) -> SR images` with the current generator."""
 
-    def fn(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array],
+    def fn(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array], timesteps: jax.Array,
            key: jax.Array) -> jax.Array:
-        model = nnx.merge(model_graphdef, state.generator, state.fake_score, frozen, rest)
+        model = nnx.merge(graphdef, state.generator, state.fake_score, frozen, rest)
         context = model.text_encoder(batch["input_ids"])
-        t = jnp.full((batch["lq"].shape[0],), timestep, jnp.int32)
-        return model.student(schedule, batch["lq"], t, context, key)[1]
+        return model.student(schedule, batch["lq"], timesteps, context, key)[1]
 
     return fn
 

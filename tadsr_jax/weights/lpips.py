@@ -83,7 +83,8 @@ def random_lpips(seed: int, *, dtype=jnp.float32) -> LPIPS:
     needs no XLA compilation. It is a distance (0 for identical images, never negative) but not perceptual.
     """
     abstract = _abstract(dtype)
-    shapes = {path_to_torch_key(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    shapes = {path_to_torch_key(path): tuple(v.shape) for path, v in params}
 
     def draw(key: str, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
         kernel = shapes[key.rsplit(".", 1)[0] + ".weight"]  # HWIO

@@ -81,13 +81,3 @@ def write_random_sd_folder(folder: str, *, unet: dict, vae: dict, text_encoder: 
         json.dump({"_class_name": "DDPMScheduler", **SD21_SCHEDULER}, f, indent=2)
     return folder
 
-
-def resolve_pretrained(model_config, workdir: str) -> str:
-    """`model_config.pretrained`, or a random-weight folder of its architectures written once under `workdir`."""
-    if model_config.pretrained:
-        return model_config.pretrained
-    folder = os.path.join(workdir, "random_sd")
-    if not os.path.isfile(os.path.join(folder, "scheduler", "scheduler_config.json")):  # written last
-        write_random_sd_folder(folder, unet=model_config.unet.to_dict(), vae=model_config.vae.to_dict(),
-                               text_encoder=model_config.text_encoder.to_dict(), seed=0)
-    return folder

@@ -1,0 +1,51 @@
+"""python launch/bench.py --what=train [--steps=5] [--warmup=2] [--cache_dir=DIR]
+
+Measures our speed against the PyTorch reference on the same weights, ours and the reference one after the
+other, each in its own subprocess. Prints a small table and, as the last line, one JSON object (`ours_s`,
+`torch_s`, `speedup`, `peak_fraction`, ...). Each `--what` is one handler in HANDLERS (flags -> library
+call -> report). Compilation is measured, so the persistent compilation cache is deliberately not enabled.
+"""
+
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+_WHAT = flags.DEFINE_string("what", "train", "What to measure: one of train.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are written once "
+                                 "(default ~/.cache/tadsr_jax/bench).")
+
+
+def _train():
+    from tadsr_jax.benchmarks import train
+
+    return train.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
+
+
+HANDLERS: dict[str, Callable] = {"train": _train}
+
+
+def main(argv: list[str]) -> int:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        print(f"bench: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 1
+    handler = HANDLERS.get(_WHAT.value)
+    if handler is None:
+        print(f"bench: --what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})", file=sys.stderr)
+        return 1
+    from tadsr_jax.benchmarks.common import BenchmarkError, print_report
+
+    try:
+        print_report(handler())
+    except BenchmarkError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: the train state and step, checkpoints, the loop, and the offline tiny SD stand-in."""

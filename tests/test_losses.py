@@ -40,11 +40,12 @@ SPEC_T_LIST = [1, 21, 41, 62, 82, 102, 123, 143, 163, 184, 204, 225, 245, 265, 2
                836, 856, 876, 897, 917, 937, 958, 978, 999]
 BLUR_T = np.array([1, 199, 200, 450, 650, 999])  # kernel sizes 5, 5, 9, 13, 17, 21
 
-TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(16, 32), cross_attention_dim=16,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=8,
-                 use_linear_projection=True)
-TINY_VAE = dict(block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
+# One level, so XLA compiles the UNet's backward in seconds; the cross-attention mid block is where the fake
+# score's LoRA lives (16 modules: 2 resnets x 2 convs, proj_in/out, 2 x 4 attention projections, 2 ff layers).
+TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(16,), cross_attention_dim=16,
+                 down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), attention_head_dim=2,
+                 norm_num_groups=8, use_linear_projection=True)
+TINY_VAE = dict(block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
                 down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
 TINY_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  max_position_embeddings=12, hidden_act="gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63)
@@ -436,11 +437,15 @@ def test_fake_score_loss_matches_torch(tiny, monkeypatch):
         seen.add((name, factor))
     assert seen == {(n, f) for n in fake.factors for f in "ab"}
     per_tensor = max(rel_err(o, r) for o, r in zip(ours, theirs))
-    overall = rel_err(np.concatenate(ours), np.concatenate(theirs))
-    print(f"\nfake-score loss: value {ref.item():.4g}, rel err {value_err:.1e}; LoRA grads rel err "
-          f"{overall:.1e} overall, {per_tensor:.1e} worst tensor ({len(ours)} tensors)")
-    assert value_err <= 1e-5 and overall <= 1e-4 and per_tensor <= 1e-4
-    assert all(np.any(o) for o in ours)
+    assert all(np.any(o) for o in ours)  # every factor of every module gets a gradient
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    overall, l2 = rel_err(ours, theirs), np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    print(f"\nfake-score loss: value {ref.item():.4g}, rel err {value_err:.1e}; LoRA grads (A and B, "
+          f"{len(seen)} tensors): max err / std {overall:.1e} overall, {per_tensor:.1e} worst tensor; "
+          f"relative L2 error {l2:.1e}")
+    # Gradients come out of a float32 backward pass through the UNet, whose different summation orders give
+    # max errors of ~1e-4 of the spread; a wrong factor layout, scale or adapter choice gives errors of order 1.
+    assert value_err <= 1e-5 and overall <= 5e-4 and per_tensor <= 5e-4 and l2 <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
     python tests/train_worker.py cli [launch/train.py flags...]
         launch/train.py itself, except that the persistent compilation cache is the test session's
-        (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla.
+        (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla, and that with
+        several processes the train step is compiled before its first call and the processes meet at a
+        barrier before running it (see `_CompileThenBarrier`).
     python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
         [--batch_processes=P] [--nan_checks] [--config.X=Y ...]
         `loop.build` + the jitted step on N fixed global batches (rows ordered as a P-process run assembles
@@ -48,8 +50,40 @@ def flat_state(tree) -> dict[str, "np.ndarray"]:
     return flat
 
 
+class _CompileThenBarrier:
+    """The jitted step, compiled ahead of its first call, then a barrier of all processes before it runs.
+
+    XLA:CPU's cross-process collectives (gloo) give up after 30 s when one process reaches the first
+    collective that much earlier than another; on a loaded test machine the two processes' compile times of
+    the train step can differ by more than that. The coordination service's barrier waits as long as needed.
+    """
+
+    def __init__(self, step_fn):
+        self.step_fn, self.compiled = step_fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            from jax._src import distributed
+
+            self.compiled = self.step_fn.lower(*args).compile()
+            distributed.global_state.client.wait_at_barrier("train_worker_step_compiled", 30 * 60 * 1000)
+        return self.compiled(*args)
+
+
+def _synchronize_first_step() -> None:
+    import dataclasses
+
+    from tadsr_jax.train import loop
+
+    build = loop.build
+    loop.build = lambda config, workdir: (lambda t: dataclasses.replace(t, step_fn=_CompileThenBarrier(t.step_fn)))(
+        build(config, workdir))
+
+
 def _cli(argv: list[str]) -> None:
     _use_session_cache()
+    if any(a.startswith("--num_processes=") and a != "--num_processes=1" for a in argv):
+        _synchronize_first_step()
     sys.argv = [str(REPO / "launch" / "train.py"), *argv]
     runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
 

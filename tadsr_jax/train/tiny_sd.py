@@ -27,16 +27,12 @@ from tadsr_jax.weights.files import read_config, write_model_folder
 from tadsr_jax.weights.loaders import load_vae
 from tadsr_jax.weights.tiny import write_random_sd_folder
 
-VAE_LR = 3e-3
+VAE_LR = 2e-3
 
 
 def _train_autoencoder(folder: str, images: np.ndarray, *, steps: int, crop: int, batch: int, seed: int) -> None:
     """Fit time_vae/ to reconstruct random crops of `images` (N,H,W,3 in [-1,1]) through a posterior sample."""
     vae = load_vae(folder, time_aware=True)
-    # Start with a narrow posterior (log-variance bias -10), as a trained SD VAE has, so sampled latents carry
-    # the image from the first step instead of unit noise.
-    latent = vae.config.latent_channels
-    vae.quant_conv.bias[...] = vae.quant_conv.bias[...].at[latent:].set(-10.0)
     graphdef, params = nnx.split(vae, nnx.Param)
     tx = optax.adam(VAE_LR)
     opt_state = tx.init(params)

@@ -11,8 +11,6 @@ and give exact autograd gradients w.r.t. the LoRA factors for the fake-score los
 """
 
 import contextlib
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +40,15 @@ BLUR_T = np.array([1, 199, 200, 450, 650, 999])  # kernel sizes 5, 5, 9, 13, 17,
 
 # One level, so XLA compiles the UNet's backward in seconds; the cross-attention mid block is where the fake
 # score's LoRA lives (16 modules: 2 resnets x 2 convs, proj_in/out, 2 x 4 attention projections, 2 ff layers).
-TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(16,), cross_attention_dim=16,
-                 down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), attention_head_dim=2,
-                 norm_num_groups=8, use_linear_projection=True)
-TINY_VAE = dict(block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
-                down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-TINY_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=12, hidden_act="gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63)
+TINY_UNET = {"sample_size": 8, "layers_per_block": 1, "block_out_channels": (16,), "cross_attention_dim": 16,
+             "down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",), "attention_head_dim": 2,
+             "norm_num_groups": 8, "use_linear_projection": True}
+TINY_VAE = {"block_out_channels": (16,), "layers_per_block": 1, "norm_num_groups": 8,
+            "mid_block_add_attention": False, "down_block_types": ("DownEncoderBlock2D",),
+            "up_block_types": ("UpDecoderBlock2D",)}
+TINY_TEXT = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "max_position_embeddings": 12, "hidden_act": "gelu", "bos_token_id": 62,
+             "eos_token_id": 63, "pad_token_id": 63}
 LORA_SCALE = 8.0 / 4  # PEFT alpha / rank with TADSR's rank 4, alpha 8 (TADSR_SPEC.md 2.2)
 FAKE = "fake_others"
 
@@ -302,8 +302,8 @@ def tiny(tmp_path_factory):
     # The schedule on each side from its own definition: diffusers' DDPMScheduler (float32) and ours.
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012)
-    return dict(model=model, schedule=NoiseSchedule.stable_diffusion(), torch_unet=torch_unet,
-                fake=TorchFakeScore(torch_unet, model), alphas_cumprod=scheduler.alphas_cumprod.float())
+    return {"model": model, "schedule": NoiseSchedule.stable_diffusion(), "torch_unet": torch_unet,
+            "fake": TorchFakeScore(torch_unet, model), "alphas_cumprod": scheduler.alphas_cumprod.float()}
 
 
 @contextlib.contextmanager
@@ -433,7 +433,8 @@ def test_fake_score_loss_matches_torch(tiny, monkeypatch):
             ref_g = ref_g.permute(2, 3, 1, 0) if factor == "a" else ref_g[:, :, 0, 0].T
         else:  # linear: (r, in) -> (in, r); (out, r) -> (r, out)
             ref_g = ref_g.T
-        ours.append(g.ravel()), theirs.append(ref_g.numpy().ravel())
+        ours.append(g.ravel())
+        theirs.append(ref_g.numpy().ravel())
         seen.add((name, factor))
     assert seen == {(n, f) for n in fake.factors for f in "ab"}
     per_tensor = max(rel_err(o, r) for o, r in zip(ours, theirs))

@@ -119,7 +119,7 @@ def xla_flops(compiled: Any) -> float | None:
     """
     try:
         analysis = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
+    except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if analysis is None:
         return None

@@ -556,7 +556,7 @@ def run_torch(folder: str, steps: int, warmup: int) -> dict[str, Any]:
         with FlopCounterMode(display=False) as counter:
             model.step()
         step_flops = float(counter.get_total_flops()) or None
-    except Exception as e:  # the count is informative only
+    except Exception as e:  # noqa: BLE001 - the count is informative only
         common.progress(f"bench train: torch FLOP count unavailable ({type(e).__name__}: {e})")
     peak = common.measure_torch_matmul_peak("float32")
     count = lambda params: int(sum(p.numel() for p in params))
@@ -611,8 +611,7 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
     cfg = summary()
     title = (f"train step: UNet/VAE {cfg['unet_channels']}, {HR_SIZE}x{HR_SIZE} HR, batch {BATCH}, fp32, "
              f"LoRA r{LORA_RANK}, text {cfg['text_encoder']}, all losses; speedup {result['speedup']:.2f}x")
-    notes = [f"median of {steps} steps after {warmup} warmup; {os.cpu_count()} CPU cores; "
-             f"weights {folder}"]
+    notes = [f"median of {steps} steps after {warmup} warmup; {os.cpu_count()} CPU cores; weights {folder}"]
     if not ours["metrics"].get("finite", 1.0):
         notes.append("warning: ours reported a non-finite loss (the step then leaves the state unchanged)")
     return common.Report(title=title, header=("", "ours (JAX)", "torch eager"), rows=rows, result=result,

@@ -475,7 +475,9 @@ def test_generator_l2_loss_and_gradients(tiny):
     ref = losses.blurred_mse(out.images, batch["hq"], t)
     err = abs(float(total) - float(ref)) / float(ref)
     print(f"\ngenerator L2: {float(total):.4g}, rel err vs blurred_mse(images) {err:.1e}")
-    assert err <= 1e-6
+    # Inside the jitted step XLA fuses and reorders the float32 mean over ~2.3k blurred pixels; outside it runs
+    # unfused, so the two sums differ by a few ulps (measured 1.0e-6); a wrong term would differ by O(1).
+    assert err <= 1e-5
 
     kinds = {"lora_b": 0, "time": 0, "conv_in": 0}
     for path, leaf in nnx.to_flat_state(grads):

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.max_grad_norm = 1.0
     config.train.student_timesteps = "list"  # "list": int(linspace(1, 999, 50)); "uniform": any of 1..999
     config.train.num_student_timesteps = 50
+    config.train.max_student_timestep = 999  # lower: train only the fidelity end of the timestep knob
     config.train.negative_prompt = NEGATIVE_PROMPT
     config.train.log_every = 50
     config.train.checkpoint_every = 500

@@ -148,6 +148,16 @@ def test_student_teacher_timesteps_and_guidance_scale():
     ts = losses.student_timesteps()
     np.testing.assert_array_equal(ts, np.linspace(1, 999, 50).astype(int))
     assert ts.tolist() == SPEC_T_LIST
+    from tadsr_jax.train.step import sample_student_timesteps
+
+    drawn = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "list", 50))
+    assert set(drawn.tolist()) == set(SPEC_T_LIST)
+    capped = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "list", 50, max_timestep=200))
+    assert set(capped.tolist()) == set(np.linspace(1, 200, 50).astype(int).tolist())
+    uniform = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "uniform", 50, max_timestep=200))
+    assert uniform.min() == 1 and uniform.max() == 200
+    with pytest.raises(ValueError, match="max_student_timestep"):
+        sample_student_timesteps(jax.random.key(0), 4, "list", 50, max_timestep=1000)
 
     t = np.arange(1000)
     np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t)), np.floor(0.5 * t).astype(int))

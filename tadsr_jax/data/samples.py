@@ -10,9 +10,11 @@ from PIL import Image
 
 SAMPLE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                 "camera", "coins")
-# Offline tiny training uses these; the demo evaluates on the held-out rest.
-TRAIN_SAMPLES = ("chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "coins")
+# The demo evaluates on these; offline tiny training (and the stand-in autoencoder) never sees them.
 HELD_OUT_SAMPLES = ("astronaut", "coffee", "camera")
+# Every other single image scikit-image ships (no download): photos, textures, text, microscopy.
+TRAIN_SAMPLES = ("chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "coins", "brick", "clock",
+                 "colorwheel", "grass", "gravel", "moon", "page", "retina", "text", "cell")
 
 
 def sample_image(name: str, size: int) -> Image.Image:

@@ -54,9 +54,10 @@ def blurred_mse(pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:
                                - timestep_blur(target.astype(jnp.float32), t)))
 
 
-def student_timesteps(num: int = 50) -> np.ndarray:
-    """The reference's generator timesteps: int(linspace(1, 999, num)) (truncation)."""
-    return np.linspace(1, 999, num).astype(np.int32)
+def student_timesteps(num: int = 50, max_timestep: int = 999) -> np.ndarray:
+    """The reference's generator timesteps: int(linspace(1, 999, num)) (truncation); `max_timestep` < 999
+    keeps training to the fidelity end of the knob."""
+    return np.linspace(1, max_timestep, num).astype(np.int32)
 
 
 def teacher_timestep(t: jax.Array, scale: float = 0.5, shift: float = 0.0) -> jax.Array:

@@ -58,13 +58,16 @@ def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTr
                       key=jax.random.key_data(jax.random.key(seed)))
 
 
-def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int) -> jax.Array:
-    """The reference draws from int(linspace(1, 999, 50)) per sample; 'uniform' draws any integer in [1, 999]."""
+def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, max_timestep: int = 999) -> jax.Array:
+    """The reference draws from int(linspace(1, 999, 50)) per sample; 'uniform' draws any integer in [1, 999].
+    `max_timestep` replaces 999 in both."""
+    if not 1 <= max_timestep <= 999:
+        raise ValueError(f"train.max_student_timestep must be in 1..999, got {max_timestep}")
     if mode == "list":
-        table = jnp.asarray(losses.student_timesteps(num))
+        table = jnp.asarray(losses.student_timesteps(num, max_timestep))
         return table[jax.random.randint(key, (batch,), 0, table.shape[0])]
     if mode == "uniform":
-        return jax.random.randint(key, (batch,), 1, 1000)
+        return jax.random.randint(key, (batch,), 1, max_timestep + 1)
     raise ValueError(f"train.student_timesteps: unknown mode {mode!r} (list, uniform)")
 
 
@@ -84,7 +87,7 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
         key, k_t, k_gen, k_fake = jax.random.split(jax.random.wrap_key_data(state.key), 4)
         batch_size = batch["lq"].shape[0]
         student_t = sample_student_timesteps(k_t, batch_size, train_cfg.student_timesteps,
-                                             train_cfg.num_student_timesteps)
+                                             train_cfg.num_student_timesteps, train_cfg.max_student_timestep)
 
         def gen_loss(generator):
             model = nnx.merge(graphdef, generator, state.fake_score, frozen, rest)

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -24,47 +23,18 @@ from safetensors.numpy import load_file, save_file
 from skimage import data
 from torch_utils import randomize_, rel_err
 
+from tadsr_jax.benchmarks.torch_reference import lpips_vgg
 from tadsr_jax.models.lpips import MaxPool2d
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.lpips import convert_lpips_weights, load_lpips, random_lpips
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-def _fake_vgg16(pretrained: bool = False, weights=None, **kwargs) -> types.SimpleNamespace:
-    """torchvision.models.vgg16 without weights: only `.features`, laid out exactly as torchvision's."""
-    assert not pretrained and weights is None, "the stand-in has no pretrained weights"
-    layers, channels = [], 3
-    for item in VGG16_CFG:
-        if item == "M":
-            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [torch.nn.Conv2d(channels, item, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
-            channels = item
-    return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
 
 
 @pytest.fixture(scope="module")
 def torch_lpips():
     """lpips.LPIPS(net='vgg') with the package's real heads and a seeded random VGG trunk."""
-    fake_tv = types.ModuleType("torchvision")
-    fake_models = types.ModuleType("torchvision.models")
-    fake_models.vgg16 = _fake_vgg16
-    fake_tv.models = fake_models
-    names = ("torchvision", "torchvision.models")
-    saved = {name: sys.modules.get(name) for name in names}
-    sys.modules.update({"torchvision": fake_tv, "torchvision.models": fake_models})
-    try:
-        import lpips
-
-        model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    model = lpips_vgg()
     randomize_(model.net, seed=7)  # weights N(0, 1/fan_in), biases N(0, 0.1^2)
     return model.eval()
 

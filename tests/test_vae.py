@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
+from tadsr_jax.benchmarks.torch_reference import time_aware_moments
 from tadsr_jax.weights.loaders import load_vae
 
 TINY = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -127,38 +127,6 @@ def _time_tensors(encoder, seed: int) -> dict[str, torch.Tensor]:
     return tensors, resnets
 
 
-def _reference_time_aware_moments(vae, time, x, t):
-    enc = vae.encoder
-    freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    e = F.linear(F.silu(F.linear(emb, time["encoder.time_embedding.linear_1.weight"],
-                                 time["encoder.time_embedding.linear_1.bias"])),
-                 time["encoder.time_embedding.linear_2.weight"], time["encoder.time_embedding.linear_2.bias"])
-
-    def resnet(block, h_in, name):
-        h = block.conv1(F.silu(block.norm1(h_in)))
-        p = F.linear(F.silu(e), time[f"encoder.{name}.time_emb_proj.weight"],
-                     time[f"encoder.{name}.time_emb_proj.bias"])
-        scale, shift = p.chunk(2, dim=1)
-        h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        h = block.conv2(F.silu(h))
-        return (block.conv_shortcut(h_in) if block.conv_shortcut is not None else h_in) + h
-
-    h = enc.conv_in(x)
-    for i, block in enumerate(enc.down_blocks):
-        for j, r in enumerate(block.resnets):
-            h = resnet(r, h, f"down_blocks.{i}.resnets.{j}")
-        if block.downsamplers is not None:
-            h = block.downsamplers[0](h)
-    h = resnet(enc.mid_block.resnets[0], h, "mid_block.resnets.0")
-    h = enc.mid_block.attentions[0](h)
-    h = resnet(enc.mid_block.resnets[1], h, "mid_block.resnets.1")
-    h = vae.quant_conv(enc.conv_out(F.silu(enc.conv_norm_out(h))))
-    mean, logvar = h.chunk(2, dim=1)
-    return mean, logvar.clamp(-30, 20)
-
-
 @pytest.fixture(scope="module")
 def time_vae(torch_vae, vae_folder, tmp_path_factory):
     """A TADSR-style time_vae/ folder: the stock tensors plus random time tensors."""
@@ -174,7 +142,7 @@ def test_time_aware_encoder_matches_restatement(torch_vae, time_vae, images, tim
     folder, time = time_vae
     t_batch = timesteps.expand(images.shape[0]) if timesteps.ndim == 0 else timesteps
     with torch.no_grad():
-        mean, logvar = _reference_time_aware_moments(torch_vae, time, images, t_batch)
+        mean, logvar = time_aware_moments(torch_vae, time, images, t_batch)
     ours = encode(load_vae(folder, time_aware=True), jnp.asarray(nchw_to_nhwc(images)),
                   jnp.asarray(timesteps.numpy()))
     assert rel_err(nhwc_to_nchw(ours.mean), mean.numpy()) <= 1e-4

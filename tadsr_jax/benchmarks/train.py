@@ -24,14 +24,12 @@ import copy
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-import types
 from typing import Any
 
 from tadsr_jax.benchmarks import common
@@ -218,42 +216,13 @@ def _count(tree) -> int:
 
 # --------------------------------------------------------------------------------------------------- torch
 
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-LEGACY_VAE_ATTENTION = ((r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),
-                        (r"\.proj_attn\.", ".to_out.0."))
-
-
 def _torch_lpips(path: str):
-    """lpips.LPIPS(net='vgg') with a torchvision-free VGG16 stand-in, loaded with our random LPIPS weights."""
-    import torch
+    """lpips.LPIPS(net='vgg') (torchvision-free, see torch_reference) loaded with our random LPIPS weights."""
     from safetensors.torch import load_file
 
-    def vgg16(pretrained: bool = False, weights=None, **kwargs):
-        assert not pretrained and weights is None, "the stand-in has no pretrained weights"
-        layers, channels = [], 3
-        for item in VGG16_CFG:
-            if item == "M":
-                layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [torch.nn.Conv2d(channels, item, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
-                channels = item
-        return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+    from tadsr_jax.benchmarks.torch_reference import lpips_vgg
 
-    fake_tv, fake_models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
-    fake_models.vgg16 = vgg16
-    fake_tv.models = fake_models
-    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
-    sys.modules.update({"torchvision": fake_tv, "torchvision.models": fake_models})
-    try:
-        import lpips
-
-        model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    model = lpips_vgg()
     tensors = load_file(path)
     state = {}
     for s in range(1, 6):
@@ -355,6 +324,8 @@ class _TorchTADSR:
         from safetensors.torch import load_file
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from tadsr_jax.weights import loaders
+
         torch.manual_seed(seed)
         with open(os.path.join(folder, META_FILE)) as f:
             meta = json.load(f)
@@ -366,7 +337,7 @@ class _TorchTADSR:
         tensors = load_file(os.path.join(folder, "time_vae", "diffusion_pytorch_model.safetensors"))
         renamed = {}
         for key, value in tensors.items():
-            for pattern, replacement in LEGACY_VAE_ATTENTION:
+            for pattern, replacement in loaders.LEGACY_VAE_ATTENTION:
                 key = re.sub(pattern, replacement, key)
             renamed[key] = value
         time_keys = [k for k in renamed if k.startswith("encoder.") and "time" in k]
@@ -424,39 +395,10 @@ class _TorchTADSR:
         return self.alphas[t].view(-1, 1, 1, 1)
 
     def _encode(self, x, t):
-        """TADSR_SPEC.md 1.1 on diffusers' stock encoder modules (as tests/test_vae.py) -> (mean, logvar)."""
-        import torch
-        import torch.nn.functional as F
+        """TADSR_SPEC.md 1.1 on diffusers' stock encoder modules -> (mean, logvar)."""
+        from tadsr_jax.benchmarks.torch_reference import time_aware_moments
 
-        enc, time_p = self.vae.encoder, self.time
-        freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
-        args = t.float()[:, None] * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-        e = F.linear(F.silu(F.linear(emb, time_p["encoder.time_embedding.linear_1.weight"],
-                                     time_p["encoder.time_embedding.linear_1.bias"])),
-                     time_p["encoder.time_embedding.linear_2.weight"], time_p["encoder.time_embedding.linear_2.bias"])
-
-        def resnet(block, h_in, name):
-            h = block.conv1(F.silu(block.norm1(h_in)))
-            p = F.linear(F.silu(e), time_p[f"encoder.{name}.time_emb_proj.weight"],
-                         time_p[f"encoder.{name}.time_emb_proj.bias"])
-            scale, shift = p.chunk(2, dim=1)
-            h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-            h = block.conv2(F.silu(h))
-            return (block.conv_shortcut(h_in) if block.conv_shortcut is not None else h_in) + h
-
-        h = enc.conv_in(x)
-        for i, block in enumerate(enc.down_blocks):
-            for j, r in enumerate(block.resnets):
-                h = resnet(r, h, f"down_blocks.{i}.resnets.{j}")
-            if block.downsamplers is not None:
-                h = block.downsamplers[0](h)
-        h = resnet(enc.mid_block.resnets[0], h, "mid_block.resnets.0")
-        h = enc.mid_block.attentions[0](h)
-        h = resnet(enc.mid_block.resnets[1], h, "mid_block.resnets.1")
-        h = self.vae.quant_conv(enc.conv_out(F.silu(enc.conv_norm_out(h))))
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(-30, 20)
+        return time_aware_moments(self.vae, self.time, x, t)
 
     def _unet(self, z, t, context, conv_in=None):
         if conv_in is None:

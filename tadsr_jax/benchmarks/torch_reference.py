@@ -1,0 +1,87 @@
+"""PyTorch re-statements shared by the parity tests and the train benchmark (imports torch: not for users).
+
+- `lpips_vgg()`: the `lpips` package's LPIPS(net='vgg') built without torchvision, which does not import beside
+  the pinned torch: a stand-in `torchvision.models.vgg16()` with torchvision's `features` layout and random
+  convolutions; the package's own linear heads.
+- `time_aware_moments()`: TADSR_SPEC.md 1.1, the time-aware VAE encoder, on diffusers' stock encoder modules.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _vgg16_stand_in(pretrained: bool = False, weights=None, **kwargs) -> types.SimpleNamespace:
+    """torchvision.models.vgg16 without weights: only `.features`, laid out exactly as torchvision's."""
+    if pretrained or weights is not None:
+        raise ValueError("the torchvision stand-in has no pretrained weights")
+    layers, channels = [], 3
+    for item in VGG16_CFG:
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
+            channels = item
+    return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+
+
+def lpips_vgg() -> torch.nn.Module:
+    """lpips.LPIPS(net='vgg', version='0.1') with the package's heads and a (PyTorch-default) random VGG trunk."""
+    fake_tv, fake_models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
+    fake_models.vgg16 = _vgg16_stand_in
+    fake_tv.models = fake_models
+    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
+    sys.modules.update({"torchvision": fake_tv, "torchvision.models": fake_models})
+    try:
+        import lpips
+
+        return lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def time_aware_moments(vae, time: dict[str, torch.Tensor], x: torch.Tensor,
+                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of diffusers `vae`'s encoder made time-aware with the tensors `time`
+    ('encoder.time_embedding.linear_{1,2}.*', 'encoder.<resnet>.time_emb_proj.*'), for NCHW `x` and (B,) `t`."""
+    enc = vae.encoder
+    freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    e = F.linear(F.silu(F.linear(emb, time["encoder.time_embedding.linear_1.weight"],
+                                 time["encoder.time_embedding.linear_1.bias"])),
+                 time["encoder.time_embedding.linear_2.weight"], time["encoder.time_embedding.linear_2.bias"])
+
+    def resnet(block, h_in, name):
+        h = block.conv1(F.silu(block.norm1(h_in)))
+        p = F.linear(F.silu(e), time[f"encoder.{name}.time_emb_proj.weight"],
+                     time[f"encoder.{name}.time_emb_proj.bias"])
+        scale, shift = p.chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        h = block.conv2(F.silu(h))
+        return (block.conv_shortcut(h_in) if block.conv_shortcut is not None else h_in) + h
+
+    h = enc.conv_in(x)
+    for i, block in enumerate(enc.down_blocks):
+        for j, r in enumerate(block.resnets):
+            h = resnet(r, h, f"down_blocks.{i}.resnets.{j}")
+        if block.downsamplers is not None:
+            h = block.downsamplers[0](h)
+    h = resnet(enc.mid_block.resnets[0], h, "mid_block.resnets.0")
+    if enc.mid_block.attentions[0] is not None:
+        h = enc.mid_block.attentions[0](h)
+    h = resnet(enc.mid_block.resnets[1], h, "mid_block.resnets.1")
+    h = vae.quant_conv(enc.conv_out(F.silu(enc.conv_norm_out(h))))
+    mean, logvar = h.chunk(2, dim=1)
+    return mean, logvar.clamp(-30, 20)

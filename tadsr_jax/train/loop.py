@@ -24,9 +24,9 @@ from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
 from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
 from tadsr_jax.train.step import TrainState, host_metrics, init_state, make_train_step, optimizer, sample_images
-from tadsr_jax.weights.lpips import load_lpips, random_lpips
-from tadsr_jax.weights.loaders import load_networks
 from tadsr_jax.train.tiny_sd import resolve_pretrained
+from tadsr_jax.weights.loaders import load_networks
+from tadsr_jax.weights.lpips import load_lpips, random_lpips
 
 
 class TrainingError(RuntimeError):

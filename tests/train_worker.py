@@ -1,0 +1,283 @@
+"""Subprocess worker for tests/test_training.py: every training run there is one of these processes.
+
+    python tests/train_worker.py cli [launch/train.py flags...]
+        launch/train.py itself, except that the persistent compilation cache is the test session's
+        (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla, and that with
+        several processes the train step is compiled before its first call and the processes meet at a
+        barrier before running it (see `_CompileThenBarrier`).
+    python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
+        [--batch_processes=P] [--nan_checks] [--config.X=Y ...]
+        `loop.build` + the jitted step on N fixed global batches (rows ordered as a P-process run assembles
+        them: process p's batch from the pipeline in rows p*B/P..(p+1)*B/P); writes every step's losses and
+        the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
+        With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
+        must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
+        NaN batch at step 3 after the step-2 checkpoint; writes what happened to OUT.nan.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import jax
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _use_session_cache() -> None:
+    """Every compiled program goes to (and comes from) the test session's cache directory."""
+    from tadsr_jax import runtime
+
+    directory = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    runtime.enable_compilation_cache = lambda directory=None: os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def flat_state(tree) -> dict:
+    """{'generator/...': array, ...} of a TrainState (or of the same tree restored as nested dicts)."""
+    import numpy as np
+
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+        flat[name] = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    return flat
+
+
+class _CompileThenBarrier:
+    """The jitted step, compiled ahead of its first call, then a barrier of all processes before it runs.
+
+    XLA:CPU's cross-process collectives (gloo) give up after 30 s when one process reaches the first
+    collective that much earlier than another; on a loaded test machine the two processes' compile times of
+    the train step can differ by more than that. The coordination service's barrier waits as long as needed.
+    """
+
+    def __init__(self, step_fn):
+        self.step_fn, self.compiled = step_fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            from jax._src import distributed
+
+            self.compiled = self.step_fn.lower(*args).compile()
+            distributed.global_state.client.wait_at_barrier("train_worker_step_compiled", 30 * 60 * 1000)
+        return self.compiled(*args)
+
+
+def _synchronize_first_step() -> None:
+    import dataclasses
+
+    from tadsr_jax.train import loop
+
+    real_build = loop.build
+
+    def build(config, workdir):
+        trainer = real_build(config, workdir)
+        return dataclasses.replace(trainer, step_fn=_CompileThenBarrier(trainer.step_fn))
+
+    loop.build = build
+
+
+def _cli(argv: list[str]) -> None:
+    _use_session_cache()
+    if any(a.startswith("--num_processes=") and a != "--num_processes=1" for a in argv):
+        _synchronize_first_step()
+    sys.argv = [str(REPO / "launch" / "train.py"), *argv]
+    runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
+
+
+def _batches(trainer, config, workdir: str, count: int, processes: int):
+    """`count` global batches as host arrays, rows in the order a `processes`-process run assembles them."""
+    import numpy as np
+
+    from tadsr_jax.data.pipeline import make_train_iterator
+    from tadsr_jax.train.loop import resolve_data
+
+    data = resolve_data(config.data, workdir)
+    iterators = [make_train_iterator(data, global_batch_size=config.train.batch_size, seed=config.seed,
+                                     process_index=p, process_count=processes, tokenize=trainer.tokenize)
+                 for p in range(processes)]
+    out = []
+    for _ in range(count):
+        parts = [next(it) for it in iterators]
+        out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+    return out
+
+
+def _host_copy(tree):
+    """Host (numpy) copies of every leaf: the step donates its state argument."""
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _steps(config, workdir: str, out: str, steps: int, processes: int, nan_checks: bool) -> None:
+    import numpy as np
+    from flax import nnx
+
+    from tadsr_jax import parallel
+    from tadsr_jax.train.loop import build
+    from tadsr_jax.train.step import host_metrics
+
+    trainer = build(config, workdir)
+    initial = _host_copy(trainer.state)
+    state, losses = trainer.state, []
+    batches = _batches(trainer, config, workdir, steps + 1, processes)
+    for host_batch in batches[:steps]:
+        batch = parallel.global_batch(host_batch, trainer.batch_sharding)
+        state, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
+        values = host_metrics(metrics)
+        assert values["finite"] == 1.0, values
+        losses.append([values["loss/generator"], values["loss/fake_score"]])
+    np.savez(out + ".npz", losses=np.array(losses), **{f"state/{k}": v for k, v in flat_state(state).items()})
+    frozen = nnx.to_flat_state(trainer.frozen)
+    sharded = [(".".join(map(str, path)), list(v[...].shape),
+                sorted({tuple(s.data.shape) for s in v[...].addressable_shards}))
+               for path, v in frozen if "fsdp" in str(v[...].sharding.spec)]
+    meta = {"device_count": jax.device_count(), "mesh": dict(trainer.batch_sharding.mesh.shape),
+            "frozen_leaves": len(frozen), "frozen_sharded": len(sharded), "sharded_example": sharded[:1],
+            "state_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)}),
+            "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["lq"].addressable_shards})}
+    with open(out + ".json", "w") as f:
+        json.dump(meta, f)
+    if nan_checks:
+        _nan_checks(trainer, state, initial, batches[steps], config, workdir, out + ".nan.json")
+
+
+class _NaNAt:
+    """Wraps a grain iterator (and its checkpointing) and puts a NaN into the batch of step `bad_step`."""
+
+    def __init__(self, inner, bad_step: int):
+        self.inner, self.bad_step, self.calls = inner, bad_step, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.inner))
+        self.calls += 1
+        if self.calls == self.bad_step:
+            batch["lq"] = batch["lq"].copy()
+            batch["lq"][0, 0, 0, 0] = float("nan")
+        return batch
+
+    def get_state(self) -> bytes:  # grain's checkpoint handler takes bytes from non-grain iterators
+        return json.dumps(self.inner.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.inner.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        self.inner.start_prefetch()
+
+
+def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: str) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from tadsr_jax import parallel
+    from tadsr_jax.train import loop
+    from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
+    from tadsr_jax.train.step import host_metrics
+
+    result = {}
+    # 1. The jitted step on a batch with one NaN pixel: not finite, state returned unchanged.
+    bad = dict(host_batch)
+    bad["lq"] = bad["lq"].copy()
+    bad["lq"][1, 3, 5, 2] = np.nan
+    before = flat_state(state)
+    new, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest,
+                                   parallel.global_batch(bad, trainer.batch_sharding), trainer.neg_context)
+    values = host_metrics(metrics)
+    after = flat_state(new)
+    result["bad_finite"] = values["finite"]
+    result["bad_loss_is_nan"] = bool(np.isnan(values["loss/generator"]))
+    result["same_leaves"] = sorted(before) == sorted(after)
+    result["changed_leaves"] = sorted(k for k in before if not np.array_equal(before[k], after.get(k)))
+    result["state_leaves"] = len(before)
+    result["step_before"], result["step_after"] = int(before["step"]), int(after["step"])
+    # ... and a good batch afterwards trains normally again.
+    _, metrics = trainer.step_fn(new, trainer.frozen, trainer.rest,
+                                 parallel.global_batch(host_batch, trainer.batch_sharding), trainer.neg_context)
+    result["next_finite"] = host_metrics(metrics)["finite"]
+
+    # 2. Through the loop: checkpoint at step 2, a NaN batch at step 3. `build` is the one already done
+    # (same networks, same compiled step) with the initial state placed again, to compile nothing twice.
+    shardings = jax.tree.map(lambda x: x.sharding, trainer.state)
+    fresh = lambda: dataclasses.replace(trainer, state=jax.device_put(initial, shardings))
+    real_iterator, real_build = loop.make_train_iterator, loop.build
+    loop.make_train_iterator = lambda *args, **kwargs: _NaNAt(real_iterator(*args, **kwargs), bad_step=3)
+    loop.build = lambda config, workdir: fresh()
+    train_dir = os.path.join(workdir, "nan_run")
+    try:
+        loop.train(config, train_dir)
+        result["error"] = None
+    except loop.TrainingError as e:
+        result["error"] = str(e)
+    finally:
+        loop.make_train_iterator, loop.build = real_iterator, real_build
+    result["checkpoint_entries"] = sorted(os.listdir(os.path.join(train_dir, "checkpoints")))
+    checkpointer = Checkpointer(train_dir, keep=3, async_save=False)
+    result["latest_step"] = checkpointer.latest_step()
+    data = real_iterator(loop.resolve_data(config.data, train_dir), global_batch_size=config.train.batch_size,
+                         seed=config.seed, process_index=0, process_count=1, tokenize=trainer.tokenize)
+    restored = flat_state(checkpointer.restore(abstract_like(fresh().state), data, 2))
+    checkpointer.close()
+    result["restored_step"] = int(restored["step"])
+    result["restored_finite"] = all(bool(np.all(np.isfinite(v))) for k, v in restored.items() if k != "key")
+    initial_flat = flat_state(initial)
+    result["restored_trained"] = any(not np.array_equal(v, initial_flat[k])
+                                     for k, v in restored.items() if k.startswith("generator/"))
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def _main_flags() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Work directory.", required=True)
+    out = flags.DEFINE_string("out", None, "Output path prefix.", required=True)
+    steps = flags.DEFINE_integer("steps", 3, "Steps (steps mode).")
+    processes = flags.DEFINE_integer("batch_processes", 1, "Row order of that many processes (steps mode).")
+    nan_checks = flags.DEFINE_bool("nan_checks", False, "Then the NaN checks (steps mode).")
+    sys.argv.pop(1)
+
+    def main(argv):
+        del argv
+        _use_session_cache()
+        os.makedirs(workdir.value, exist_ok=True)
+        _steps(config_flag.value, workdir.value, out.value, steps.value, processes.value, nan_checks.value)
+
+    app.run(main)
+
+
+def _child_setup() -> None:
+    """Die with the test process (whatever kills it), and yield the CPU to more urgent runs if asked to."""
+    parent = os.environ.get("TRAIN_WORKER_PARENT_PID")
+    if parent and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(parent):  # the parent is already gone
+            os._exit(1)
+    os.nice(int(os.environ.get("TRAIN_WORKER_NICE", "0")))
+
+
+if __name__ == "__main__":
+    _child_setup()
+    if sys.argv[1] == "cli":
+        _cli(sys.argv[2:])
+    elif sys.argv[1] == "steps":
+        _main_flags()
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")

@@ -41,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("train_worker.py")
 # Backend (LLVM) optimisation only: compiles several times faster; identical for every run compared here.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# The tiny config kept small and identical for every run (LPIPS parity is tested in test_lpips.py).
+# The tiny config kept small and identical for every run, TA-VSD on (LPIPS parity is tested in test_lpips.py).
 CROP = 16
-CONFIG = ["--config=configs/tiny.py", "--config.loss.lpips=0", "--config.train.batch_size=8",
-          f"--config.data.crop_size={CROP}", "--config.train.log_every=1", "--config.train.sample_every=0"]
+CONFIG = ["--config=configs/tiny.py", "--config.loss.lpips=0", "--config.loss.vsd=1",
+          "--config.train.batch_size=8", f"--config.data.crop_size={CROP}", "--config.train.log_every=1",
+          "--config.train.sample_every=0"]
 MESH_4x2 = ["--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1024"]
 STEPS = 3  # the sharding / multi-host comparisons
 RESUME_STEPS, CHECKPOINT_EVERY = 6, 2
@@ -213,8 +214,8 @@ def runs(shared) -> SimpleNamespace:
     """
     steps = ["steps", *shared.args, f"--config.train.steps={STEPS}", f"--steps={STEPS}", "--batch_processes=2",
              f"--config.train.checkpoint_every={CHECKPOINT_EVERY}"]
-    one = Run("one", [*steps, "--nan_checks", f"--workdir={shared.root / 'one'}", f"--out={shared.root / 'one' / 'out'}"],
-              1, shared)
+    one = Run("one", [*steps, "--nan_checks", f"--workdir={shared.root / 'one'}",
+                      f"--out={shared.root / 'one' / 'out'}"], 1, shared)
     eight = Run("eight", [*steps, *MESH_4x2, f"--workdir={shared.root / 'eight'}",
                           f"--out={shared.root / 'eight' / 'out'}"], 8, shared, nice=5)
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
@@ -257,7 +258,8 @@ def interrupted(shared, runs) -> SimpleNamespace:
     sigterm_at = time.monotonic()
     with contextlib.suppress(subprocess.TimeoutExpired):
         b2.proc.wait(timeout=300)
-    terminated = SimpleNamespace(rc=b2.proc.poll(), exit_s=time.monotonic() - sigterm_at, complete=complete_steps(b_dir))
+    terminated = SimpleNamespace(rc=b2.proc.poll(), exit_s=time.monotonic() - sigterm_at,
+                                 complete=complete_steps(b_dir))
     b2.kill()
     terminated.log = b2.log()
     # Rerun again: resumes from the SIGTERM checkpoint and finishes.

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import portpicker
 import pytest
+from train_worker import flat_state
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -128,19 +129,6 @@ def _kill_children():
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def _key_name(key) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def flatten(tree) -> dict[str, np.ndarray]:
-    """'generator/unet/.../value' -> array, for a train state restored from a checkpoint as nested dicts."""
-    return {"/".join(_key_name(k) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def read_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
     """The train state of checkpoint `step` as host arrays, whatever devices or processes saved it."""
     import orbax.checkpoint as ocp
@@ -149,7 +137,7 @@ def read_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return flatten(checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    return flat_state(checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
 
 
 def complete_steps(workdir: Path) -> list[int]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 SAMPLE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                 "camera", "coins")
-# The demo evaluates on these; offline tiny training (and the stand-in autoencoder) never sees them.
+# The demo evaluates on these; offline tiny training never sees them.
 HELD_OUT_SAMPLES = ("astronaut", "coffee", "camera")
 # Every other single image scikit-image ships (no download): photos, textures, text, microscopy.
 TRAIN_SAMPLES = ("chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "coins", "brick", "clock",

@@ -50,7 +50,7 @@ def _carry(conv_in_w: np.ndarray, conv_in_b: np.ndarray, conv_out_w: np.ndarray,
         conv_out_w[c, 4 * c, 1, 1], conv_out_w[c, 4 * c + 1, 1, 1] = CARRIER / math.sqrt(2), -CARRIER / math.sqrt(2)
 
 
-def _check_vae(vae: dict) -> None:
+def _checked_vae_config(vae: dict) -> VAEConfig:
     cfg = VAEConfig.from_dict(vae)
     width = cfg.block_out_channels
     if (len(width) != 1 or cfg.mid_block_add_attention or width[0] < 4 * RGB or cfg.norm_num_groups * 4 != width[0]
@@ -58,14 +58,13 @@ def _check_vae(vae: dict) -> None:
         raise WeightsError("config.model.vae: the tiny stand-in's VAE must have one block (no downsampling), "
                            "mid_block_add_attention=False, >= 12 channels in GroupNorm groups of 4 and >= 3 "
                            f"latent channels; got {vae}")
+    return cfg
 
 
-def _identity_vae(folder: str) -> None:
-    """Rewrite the VAE in `folder` (checked by `_check_vae`) as the near-identity autoencoder above."""
-    config = read_config(folder)
-    latent = config.get("latent_channels", 4)
-    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    t = load_file(path)
+def _identity_vae(folder: str, latent: int) -> None:
+    """Rewrite the VAE in `folder` (shaped as `_checked_vae_config` requires) as the near-identity autoencoder
+    above; `latent` is its number of latent channels."""
+    t = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     for name, value in t.items():
         if name.endswith(("conv2.weight", "conv2.bias")):
             value[...] = 0
@@ -79,17 +78,17 @@ def _identity_vae(folder: str) -> None:
     t["quant_conv.bias"][latent:] = POSTERIOR_LOGVAR
     t["post_quant_conv.weight"][...] = np.eye(latent, dtype=np.float32)[:, :, None, None]
     t["post_quant_conv.bias"][...] = 0
-    write_model_folder(folder, config, t)
+    write_model_folder(folder, read_config(folder), t)
 
 
 def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed: int = 0) -> str:
     """Write the stand-in into `folder` (atomically: built beside it, then renamed). Returns `folder`."""
-    _check_vae(model_config.vae.to_dict())
+    vae = _checked_vae_config(model_config.vae.to_dict())
     staging = folder + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     write_random_sd_folder(staging, unet=model_config.unet.to_dict(), vae=model_config.vae.to_dict(),
                            text_encoder=model_config.text_encoder.to_dict(), seed=seed)
-    _identity_vae(os.path.join(staging, "time_vae"))
+    _identity_vae(os.path.join(staging, "time_vae"), vae.latent_channels)
     unet_folder = os.path.join(staging, "unet")
     tensors = load_file(os.path.join(unet_folder, "diffusion_pytorch_model.safetensors"))
     tensors["conv_out.weight"] *= UNET_OUT_SCALE

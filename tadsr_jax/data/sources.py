@@ -12,9 +12,10 @@ import os
 
 from PIL import Image, UnidentifiedImageError
 
+from tadsr_jax.infer.images import IMAGE_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # What PIL raises for unreadable, truncated or absurd files (DecompressionBombError is not an OSError).
 READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 

@@ -45,4 +45,6 @@ def get_config():
     config.train.checkpoint_every = 100
     config.train.sample_every = 100
     config.sr.timestep = 100
+    config.sr.process_size = 128  # the tiny model's working images stay small
+    config.sr.bucket = 32
     return config

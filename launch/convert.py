@@ -1,19 +1,28 @@
 """python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \\
     --lpips_linear=<site-packages>/lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
+python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \\
+    (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 
-Converts PyTorch weight files into the safetensors files our loaders read. Each `--what` is one handler in
-HANDLERS (flags -> library call -> one line of output); errors are one line on stderr and exit status 1.
+Converts weight files: LPIPS (PyTorch -> our safetensors) and TADSR generators between the reference's
+tadsr.pkl (reading or writing it needs torch), our safetensors export and a training workdir's checkpoint.
+Each `--what` is one handler in HANDLERS (flags -> library call -> one line of output); errors are one line on
+stderr and exit status 1.
 """
 
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-_WHAT = flags.DEFINE_string("what", None, "What to convert: one of lpips.")
+_WHAT = flags.DEFINE_string("what", None, "What to convert: one of generator, lpips.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
 _LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips: the lpips package's weights/v0.1/vgg.pth.")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "generator: the experiment config (SD folder, LoRA rank).")
+_TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "generator: the reference's tadsr.pkl.")
+_GENERATOR = flags.DEFINE_string("generator", "", "generator: our safetensors export.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "generator: a training workdir (its latest checkpoint).")
 
 
 def _require(**values: str | None) -> None:
@@ -30,7 +39,19 @@ def _convert_lpips() -> str:
     return f"wrote {_OUT.value} (LPIPS VGG16 v0.1)"
 
 
-HANDLERS: dict[str, Callable[[], str]] = {"lpips": _convert_lpips}
+def _convert_generator() -> str:
+    from tadsr_jax.infer.model import WeightsSource, export_generator
+    from tadsr_jax.infer.session import pretrained_folder
+
+    config = _CONFIG.value
+    _require(config="" if config is None else "given", out=_OUT.value)
+    source = WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value)
+    if not source.given:
+        raise ValueError("--what=generator needs one of --tadsr_ckpt, --generator, --workdir")
+    return export_generator(config, pretrained_folder(config, source.workdir), source, _OUT.value)
+
+
+HANDLERS: dict[str, Callable[[], str]] = {"generator": _convert_generator, "lpips": _convert_lpips}
 
 
 def main(argv: list[str]) -> int:

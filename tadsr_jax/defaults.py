@@ -68,8 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.mesh = mesh_config()
 
+    # Inference (launch/sr.py; its flags override these). See tadsr_jax/infer/pipeline.py.
     config.sr = ml_collections.ConfigDict()
     config.sr.timestep = 500  # the fidelity (low) / realism (high) knob, 1..999
     config.sr.prompt = ""
-    config.sr.sample_posterior = True
+    config.sr.sample_posterior = True  # the reference samples the VAE posterior (seeded here)
+    config.sr.seed = 42
+    config.sr.dtype = "float32"  # or "bfloat16" (GPU/TPU serving)
+    config.sr.process_size = 512  # short sides below process_size / 4 are upscaled to it first
+    config.sr.bucket = 64  # working images are padded to multiples of this (pixels): fewer compiled shapes
+    config.sr.batch_size = 1
+    config.sr.latent_tile = 96  # UNet tiles and their overlap, latent pixels
+    config.sr.latent_overlap = 32
+    # Working images with more pixels run the VAE strip-wise on the host (infer/vae_tiling.py: GroupNorm
+    # statistics stay global, attention is windowed above 64x64 latents), bounding memory for huge outputs.
+    config.sr.vae_strip_above = 1024 * 1024
+    config.sr.color_fix = "adain"  # adain | wavelet | none
     return config

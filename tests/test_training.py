@@ -476,3 +476,22 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
     assert "non-finite loss at step 3" in got["error"] and "last good checkpoint: step 2" in got["error"]
     assert got["checkpoint_entries"] == ["2"] and got["latest_step"] == 2
     assert got["restored_step"] == 2 and got["restored_finite"] and got["restored_trained"]
+
+
+def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted):
+    """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's."""
+    from configs.tiny import get_config
+    from flax import nnx
+
+    from tadsr_jax.infer.model import WeightsSource, build_tadsr, load_generator_weights
+    from tadsr_jax.method.tadsr import GENERATOR
+
+    config = get_config()
+    folder = next(a.split("=", 1)[1] for a in shared.args if a.startswith("--config.model.pretrained="))
+    model, _, _ = build_tadsr(folder, config.model, fake_score_groups=config.model.fake_score_groups)
+    load_generator_weights(model, WeightsSource(workdir=str(interrupted.a_dir)), config)
+    loaded = {"generator/" + "/".join(map(str, path)): np.asarray(v[...])
+              for path, v in nnx.to_flat_state(nnx.state(model, GENERATOR))}
+    saved = read_state(interrupted.a_dir, RESUME_STEPS)
+    assert sorted(loaded) == sorted(k for k in saved if k.startswith("generator/"))
+    assert all(np.array_equal(loaded[k], saved[k]) for k in loaded)

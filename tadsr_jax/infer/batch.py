@@ -1,0 +1,110 @@
+"""Super-resolve files: read, batch by shape, write atomically; a bad input costs one line, not the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from tqdm import tqdm
+
+from tadsr_jax.infer.contact_sheet import contact_sheet
+from tadsr_jax.infer.images import ImageError, LoadedImage, output_path, read_rgb, write_png_atomic
+from tadsr_jax.infer.pipeline import Upscaler, bicubic_x4, padded_shape, prepare
+
+
+@dataclasses.dataclass
+class RunReport:
+    written: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)  # one line each: "<path>: <problem>"
+
+    def summary(self) -> dict:
+        return {"written": len(self.written), "failed": len(self.failed)}
+
+
+def _load(path: str, report: RunReport, log: TextIO) -> LoadedImage | None:
+    try:
+        image = read_rgb(path)
+    except ImageError as e:
+        report.failed.append(str(e))
+        tqdm.write(f"error: {e}", file=log)
+        return None
+    for note in image.notes:
+        tqdm.write(f"note: {path}: {note}", file=log)
+    return image
+
+
+def super_resolve_files(upscaler: Upscaler, paths: Sequence[str], output_dir: str,
+                        prompt_for: Callable[[str], str], *, log: TextIO = sys.stderr) -> RunReport:
+    """Each readable image -> `<output_dir>/<stem>.png` at x4; same-shape images share a batch.
+
+    Images are read as they come and held until their shape's batch is full (or the inputs end), so memory is
+    bounded by the number of distinct shapes times the batch size, not by the number of files.
+    """
+    report = RunReport()
+    pending: dict[tuple[int, int], list[LoadedImage]] = {}
+    settings = upscaler.settings
+    bar = tqdm(total=len(paths), unit="img", desc="super-resolving", file=log, disable=not paths)
+
+    def flush(shape: tuple[int, int]) -> None:
+        batch = pending.pop(shape, [])
+        if not batch:
+            return
+        start, compiled = time.perf_counter(), upscaler.compile_seconds
+        outputs = upscaler.super_resolve([im.pixels for im in batch], [prompt_for(im.path) for im in batch])
+        compiled = upscaler.compile_seconds - compiled
+        seconds = (time.perf_counter() - start - compiled) / len(batch)
+        compile_note = f" (+ {compiled:.1f} s compiling for this shape, once)" if compiled else ""
+        for image, out in zip(batch, outputs):
+            target = output_path(image.path, output_dir)
+            try:
+                write_png_atomic(target, out)
+            except OSError as e:
+                report.failed.append(f"{target}: cannot write: {e.strerror or e}")
+                tqdm.write(f"error: {report.failed[-1]}", file=log)
+                continue
+            report.written.append(target)
+            h, w = image.pixels.shape[:2]
+            tqdm.write(f"{image.path}: {w}x{h} -> {out.shape[1]}x{out.shape[0]} in {seconds:.2f} s{compile_note}",
+                       file=log)
+        bar.update(len(batch))
+
+    for path in paths:
+        image = _load(path, report, log)
+        if image is None:
+            bar.update(1)
+            continue
+        shape = padded_shape(prepare(image.pixels, settings.process_size).bucket_shape, settings.bucket)
+        pending.setdefault(shape, []).append(image)
+        if len(pending[shape]) == settings.batch_size:
+            flush(shape)
+    for shape in list(pending):
+        flush(shape)
+    bar.close()
+    return report
+
+
+def sweep_files(upscaler: Upscaler, paths: Sequence[str], output_dir: str, prompt_for: Callable[[str], str],
+                timesteps: Sequence[int], *, log: TextIO = sys.stderr) -> RunReport:
+    """Each image at every timestep in one batched call -> `<stem>_t<t>.png` each and `<stem>_sweep.png`
+    (the bicubic input, then one labelled panel per timestep)."""
+    report = RunReport()
+    for path in tqdm(paths, unit="img", desc="timestep sweep", file=log, disable=not paths):
+        image = _load(path, report, log)
+        if image is None:
+            continue
+        outputs = upscaler.sweep(image.pixels, prompt_for(path), timesteps)
+        panels = [("input (bicubic x4)", bicubic_x4(image.pixels))]
+        panels += [(f"t = {t}", out) for t, out in zip(timesteps, outputs)]
+        targets = [(output_path(path, output_dir, f"_t{t}"), out) for t, out in zip(timesteps, outputs)]
+        targets.append((output_path(path, output_dir, "_sweep"), contact_sheet(panels)))
+        try:
+            for target, pixels in targets:
+                write_png_atomic(target, pixels)
+                report.written.append(target)
+        except OSError as e:
+            report.failed.append(f"{target}: cannot write: {e.strerror or e}")
+            tqdm.write(f"error: {report.failed[-1]}", file=log)
+    return report

@@ -1,0 +1,154 @@
+"""The super-resolution network: SD weights plus a trained TADSR generator, LoRA merged, in the serving dtype.
+
+Generator weights come from one of three places: the reference release (`tadsr.pkl`, TADSR_SPEC.md 2.4), our
+safetensors export (`tadsr_jax.weights.official.save_generator`), or a training workdir's latest checkpoint.
+They are loaded onto a `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
+TADSR_SPEC.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
+adapter overhead; only then is everything cast to the serving dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tadsr_jax.diffusion import NoiseSchedule
+from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
+from tadsr_jax.models.clip_text import CLIPTextModel
+from tadsr_jax.models.unet import UNet2DConditionModel
+from tadsr_jax.models.vae import AutoencoderKL
+from tadsr_jax.nn import lora
+from tadsr_jax.weights.convert import WeightsError
+from tadsr_jax.weights.loaders import load_networks
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where the generator comes from: at most one of the three fields (none: untrained adapters, whose merge
+    leaves the SD weights as they are; benchmarks and tests)."""
+
+    tadsr_ckpt: str = ""  # the reference's tadsr.pkl (needs torch)
+    generator: str = ""  # our safetensors export
+    workdir: str = ""  # a training workdir: its latest checkpoint
+
+    def __post_init__(self):
+        given = [name for name, value in dataclasses.asdict(self).items() if value]
+        if len(given) > 1:
+            raise ValueError(f"give one source of generator weights, got {', '.join(given)}")
+
+    @property
+    def given(self) -> bool:
+        return any(dataclasses.asdict(self).values())
+
+    def describe(self) -> str:
+        return (self.tadsr_ckpt and f"reference checkpoint {self.tadsr_ckpt}") or (
+            self.generator and f"generator export {self.generator}") or (
+            self.workdir and f"latest checkpoint of {self.workdir}") or "untrained adapters"
+
+
+@dataclasses.dataclass
+class SRModel:
+    """Plain SD networks with the generator merged in; `unet.conv_in` is the student's."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL  # time-aware encoder with its LoRA merged
+    text_encoder: CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    schedule: NoiseSchedule
+
+
+def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=()) -> tuple:
+    """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`."""
+    nets = load_networks(pretrained, dtype=jnp.float32)
+    model = TADSR(nets.unet, nets.vae, nets.text_encoder, None, rank=model_config.lora_rank,
+                  alpha=model_config.lora_alpha, fake_score_groups=tuple(fake_score_groups),
+                  rngs=nnx.Rngs(0))
+    return model, nets.tokenizer, nets.schedule
+
+
+def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> None:
+    """Fill `model`'s generator (LoRA factors, student conv_in, VAE time layers) from `source`, in place."""
+    if source.tadsr_ckpt or source.generator:
+        from tadsr_jax.weights import official
+
+        path = source.tadsr_ckpt or source.generator
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path}: no such file")
+        if source.tadsr_ckpt:
+            official.load_reference_checkpoint(model, path)
+        else:
+            official.load_generator(model, path)
+    elif source.workdir:
+        nnx.update(model, restore_generator(model, source.workdir, config))
+
+
+def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> nnx.State:
+    """The generator state of `workdir`'s latest training checkpoint (one device, float32)."""
+    from tadsr_jax.train.checkpoint import Checkpointer
+    from tadsr_jax.train.step import init_state, optimizer
+
+    generator = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, GENERATOR))
+    tx = optimizer(config.train)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(
+        lambda g, f: init_state(g, f, tx, 0), generator, nnx.state(model, FAKE_SCORE)))
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
+    if checkpointer.latest_step() is None:
+        raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
+    try:
+        return checkpointer.restore(abstract).generator
+    finally:
+        checkpointer.close()
+
+
+def merge_generator(model: TADSR) -> None:
+    """Fold every generator adapter into its base kernel and make the student's conv_in the UNet's own."""
+    lora.merge_adapters(model.unet, GENERATOR_ADAPTERS)
+    lora.merge_adapters(model.student_conv_in, ["default_encoder"])
+    lora.merge_adapters(model.vae, [VAE_ADAPTER])
+    model.unet.conv_in = model.student_conv_in
+
+
+def cast(module: nnx.Module, dtype) -> None:
+    """Every parameter of `module` to `dtype`, in place (the models compute in their kernels' dtype)."""
+    state = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(lambda x: x.astype(dtype), state))
+
+
+def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *,
+                  dtype: str = "float32") -> SRModel:
+    """SD folder `pretrained` + the generator from `source`, merged, cast to `dtype` ('float32' | 'bfloat16')."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    # A workdir checkpoint holds the fake score too: build the model it was trained with.
+    groups = config.model.fake_score_groups if source.workdir else ()
+    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups)
+    load_generator_weights(model, source, config)
+    merge_generator(model)
+    for network in (model.unet, model.vae, model.text_encoder):
+        cast(network, DTYPES[dtype])
+    return SRModel(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer,
+                   schedule=schedule)
+
+
+def export_generator(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, out: str) -> str:
+    """Write the generator of `source` to `out`: the reference format for `.pkl`, our export for `.safetensors`."""
+    from tadsr_jax.weights import official
+
+    if not out.endswith((".pkl", ".safetensors")):
+        raise ValueError(f"{out}: the output must end in .pkl (reference format) or .safetensors (ours)")
+    groups = config.model.fake_score_groups if source.workdir else ()
+    model, _, _ = build_tadsr(pretrained, config.model, fake_score_groups=groups)
+    load_generator_weights(model, source, config)
+    if out.endswith(".pkl"):
+        official.save_reference_checkpoint(model, out)
+        return f"wrote {out} (reference tadsr.pkl format) from {source.describe()}"
+    official.save_generator(model, out, metadata={"source": source.describe()})
+    return f"wrote {out} and {out}.json (tadsr-jax generator) from {source.describe()}"

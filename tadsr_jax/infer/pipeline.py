@@ -1,0 +1,244 @@
+"""One-step x4 super-resolution of host images: preprocess, one jitted call per shape bucket, colour fix.
+
+Preprocessing follows the reference (TADSR_SPEC.md 5): an image whose short side is below process_size / 4 is
+first upscaled to it (bicubic), then everything is upscaled x4 (bicubic). Fixes and choices of ours:
+- the working image is padded (reflect) to a multiple of `bucket` pixels instead of rescaled to a multiple of 8,
+  so sizes share compiled programs, and the padding is cropped off again;
+- the output is exactly 4x the original size (the reference computes that resize and throws it away);
+- every image gets its own posterior-noise key from the seed, so its output does not depend on which other
+  images share its batch, and the same seed gives the same output;
+- outputs are rounded to 8 bits (the reference truncates), after the colour fix in float.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from tadsr_jax.infer.colorfix import COLOR_FIX_METHODS, color_fix
+from tadsr_jax.infer.model import SRModel
+from tadsr_jax.infer.tiling import tiled_call
+from tadsr_jax.infer.vae_tiling import StripwiseVAE
+from tadsr_jax.method.generator import generate
+from tadsr_jax.models.clip_text import tokenize
+
+SCALE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SRSettings:
+    timestep: int = 500  # the knob: low = fidelity, high = realism
+    process_size: int = 512  # images with a short side below process_size / 4 are upscaled to it first
+    bucket: int = 64  # working images are padded to multiples of this many pixels (a multiple of 8)
+    batch_size: int = 1
+    latent_tile: int = 96  # UNet tiles, latent pixels
+    latent_overlap: int = 32
+    vae_strip_above: int = 1024 * 1024  # working images with more pixels run the VAE strip-wise, one at a time
+    color_fix: str = "adain"
+    sample_posterior: bool = True
+    seed: int = 42
+
+    def __post_init__(self):
+        if not 1 <= self.timestep <= 999:
+            raise ValueError(f"timestep must be an integer in 1..999, got {self.timestep}")
+        if self.color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {self.color_fix!r}")
+        if self.bucket < 8 or self.bucket % 8:
+            raise ValueError(f"bucket must be a positive multiple of 8 pixels, got {self.bucket}")
+        if self.batch_size < 1 or self.process_size < 4:
+            raise ValueError(f"need batch_size >= 1 and process_size >= 4, got {self.batch_size}, "
+                             f"{self.process_size}")
+        if not 0 <= self.latent_overlap < self.latent_tile:
+            raise ValueError(f"need 0 <= latent_overlap < latent_tile, got {self.latent_overlap}, "
+                             f"{self.latent_tile}")
+
+    @classmethod
+    def from_config(cls, sr: ml_collections.ConfigDict, **overrides) -> "SRSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in sr.to_dict().items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A working image: the x4 bicubic input in [-1, 1] (h, w, 3) and the size the output must have."""
+
+    lq: np.ndarray
+    output_size: tuple[int, int]  # (height, width): 4x the original
+
+    @property
+    def bucket_shape(self) -> tuple[int, int]:
+        return self.lq.shape[:2]
+
+
+def prepare(pixels: np.ndarray, process_size: int) -> Prepared:
+    """uint8 (H, W, 3) -> the working image of the reference's preprocessing (see module docstring)."""
+    h0, w0 = pixels.shape[:2]
+    image = Image.fromarray(pixels)
+    short = process_size // SCALE
+    if min(h0, w0) < short:
+        s = short / min(h0, w0)
+        image = image.resize((int(s * w0), int(s * h0)), Image.BICUBIC)
+    image = image.resize((image.width * SCALE, image.height * SCALE), Image.BICUBIC)
+    lq = np.asarray(image, np.float32) / 127.5 - 1.0
+    return Prepared(lq=lq, output_size=(SCALE * h0, SCALE * w0))
+
+
+def bicubic_x4(pixels: np.ndarray) -> np.ndarray:
+    """The plain bicubic x4 upscale of uint8 (H, W, 3), the baseline SR is compared with."""
+    h, w = pixels.shape[:2]
+    return np.asarray(Image.fromarray(pixels).resize((SCALE * w, SCALE * h), Image.BICUBIC))
+
+
+def padded_shape(shape: tuple[int, int], bucket: int) -> tuple[int, int]:
+    return tuple(-(-s // bucket) * bucket for s in shape)
+
+
+def pad_to(lq: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad (h, w, 3) at the bottom/right to `shape` (edge-pad where reflection is too short)."""
+    pad = ((0, shape[0] - lq.shape[0]), (0, shape[1] - lq.shape[1]), (0, 0))
+    mode = "reflect" if all(p < s for (_, p), s in zip(pad[:2], lq.shape[:2])) else "edge"
+    return np.pad(lq, pad, mode=mode)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded."""
+    return np.asarray(np.round(np.clip(x, 0.0, 1.0) * 255.0), np.uint8)
+
+
+def finish(sr: np.ndarray, prepared: Prepared, method: str) -> np.ndarray:
+    """SR output in [-1, 1] at the padded working size -> colour-fixed uint8 at exactly the output size."""
+    h, w = prepared.lq.shape[:2]
+    sr01 = (np.asarray(sr[:h, :w], np.float32) + 1.0) / 2.0
+    fixed = np.asarray(color_fix(jnp.asarray(sr01), jnp.asarray((prepared.lq + 1.0) / 2.0), method))
+    out = to_uint8(fixed)
+    if out.shape[:2] != prepared.output_size:
+        out = np.asarray(Image.fromarray(out).resize(prepared.output_size[::-1], Image.BICUBIC))
+    return out
+
+
+class Upscaler:
+    """Jitted one-step SR with `model`: compiled once per (batch, height, width) and reused.
+
+    `__call__` takes working images of one padded shape plus per-image prompts and timesteps and returns SR
+    images in [-1, 1]; `super_resolve` runs a list of host images end to end.
+    """
+
+    def __init__(self, model: SRModel, settings: SRSettings):
+        self.model, self.settings = model, settings
+        self.tokenizer = model.tokenizer
+        self.max_length = model.text_encoder.config.max_position_embeddings
+        self.graphdef, self.params = nnx.split((model.unet, model.vae, model.text_encoder))
+        self.compiled: dict[tuple[int, ...], jax.stages.Compiled] = {}
+        self.compile_seconds = 0.0
+        schedule, s = model.schedule, settings
+
+        def forward(params, lq, input_ids, timesteps, keys):
+            unet, vae, text_encoder = nnx.merge(self.graphdef, params)
+            context = text_encoder(input_ids)
+
+            def tiled_unet(z, t, c, conv_in=None):
+                return tiled_call(lambda tile: unet(tile, t, c), z, s.latent_tile, s.latent_overlap)
+
+            def one(image, ctx, t, key):
+                return generate(vae, tiled_unet, schedule, image[None], t[None], ctx[None], key,
+                                sample_posterior=s.sample_posterior)[1][0]
+
+            return jax.vmap(one)(lq, context, timesteps, keys)
+
+        self._forward = jax.jit(forward)
+
+        # The strip-wise path for large images: the VAE runs on the host (vae_tiling), these two are jitted.
+        def encode_text(params, input_ids):
+            return nnx.merge(self.graphdef, params)[2](input_ids)
+
+        def denoise(params, z, t, context):
+            unet = nnx.merge(self.graphdef, params)[0]
+            return tiled_call(lambda tile: unet(tile, t, context), z, s.latent_tile, s.latent_overlap)
+
+        self._encode_text, self._denoise = jax.jit(encode_text), jax.jit(denoise)
+
+    def replace(self, **changes) -> "Upscaler":
+        """The same model with other settings; compiled programs are shared unless the change needs new ones."""
+        settings = dataclasses.replace(self.settings, **changes)
+        traced = ("latent_tile", "latent_overlap", "sample_posterior")  # read while tracing
+        if any(getattr(settings, name) != getattr(self.settings, name) for name in traced):
+            return Upscaler(self.model, settings)
+        other = copy.copy(self)
+        other.settings = settings
+        return other
+
+    def tokens(self, prompts: Sequence[str]) -> np.ndarray:
+        return tokenize(self.tokenizer, list(prompts), self.max_length)
+
+    def _compiled(self, lq: jax.Array, ids: jax.Array, t: jax.Array, keys: jax.Array) -> jax.stages.Compiled:
+        shape = lq.shape
+        if shape not in self.compiled:
+            logging.info("compiling SR for batch %d at %dx%d (once per shape)", shape[0], shape[1], shape[2])
+            start = time.perf_counter()
+            self.compiled[shape] = self._forward.lower(self.params, lq, ids, t, keys).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self.compiled[shape]
+
+    def __call__(self, lq: np.ndarray, prompts: Sequence[str], timesteps: Sequence[int]) -> jax.Array:
+        """(B, H, W, 3) working images in [-1, 1] (one padded shape) -> SR images (B, H, W, 3) in [-1, 1]."""
+        bad = [t for t in timesteps if not 1 <= int(t) <= 999]
+        if bad:
+            raise ValueError(f"timesteps must be integers in 1..999, got {bad[0]}")
+        lq = jnp.asarray(lq, jnp.float32)
+        ids = jnp.asarray(self.tokens(prompts))
+        t = jnp.asarray(timesteps, jnp.int32)
+        keys = jnp.stack([jax.random.key(self.settings.seed)] * lq.shape[0])
+        if lq.shape[1] * lq.shape[2] > self.settings.vae_strip_above:
+            return self._stripwise(lq, ids, t, keys)
+        return self._compiled(lq, ids, t, keys)(self.params, lq, ids, t, keys)
+
+    def _stripwise(self, lq: jax.Array, ids: jax.Array, t: jax.Array, keys: jax.Array) -> jax.Array:
+        """`__call__` for large images: the same generator, its VAE strip-wise (exact but for attention locality)."""
+        vae = StripwiseVAE(nnx.merge(self.graphdef, self.params)[1])
+        context = self._encode_text(self.params, ids)
+
+        def unet(z, timesteps, ctx, conv_in=None):
+            return self._denoise(self.params, z, timesteps, ctx)
+
+        return jnp.concatenate([
+            generate(vae, unet, self.model.schedule, lq[i:i + 1], t[i:i + 1], context[i:i + 1], keys[i],
+                     sample_posterior=self.settings.sample_posterior)[1] for i in range(lq.shape[0])])
+
+    def super_resolve(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
+        """uint8 (H, W, 3) images -> uint8 (4H, 4W, 3), batched by padded shape."""
+        s = self.settings
+        prepared = [prepare(im, s.process_size) for im in images]
+        outputs: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_shape.setdefault(padded_shape(p.bucket_shape, s.bucket), []).append(i)
+        for shape, indices in by_shape.items():
+            for start in range(0, len(indices), s.batch_size):
+                chunk = indices[start:start + s.batch_size]
+                # A short last batch repeats its last image: one compiled program per shape.
+                filled = chunk + [chunk[-1]] * (s.batch_size - len(chunk))
+                lq = np.stack([pad_to(prepared[i].lq, shape) for i in filled])
+                sr = np.asarray(self(lq, [prompts[i] for i in filled], [s.timestep] * len(filled)))
+                for j, i in enumerate(chunk):
+                    outputs[i] = finish(sr[j], prepared[i], s.color_fix)
+        return outputs
+
+    def sweep(self, image: np.ndarray, prompt: str, timesteps: Sequence[int]) -> list[np.ndarray]:
+        """One image at every timestep of `timesteps`, in one batched call -> uint8 outputs in that order."""
+        s = self.settings
+        p = prepare(image, s.process_size)
+        lq = np.stack([pad_to(p.lq, padded_shape(p.bucket_shape, s.bucket))] * len(timesteps))
+        sr = np.asarray(self(lq, [prompt] * len(timesteps), list(timesteps)))
+        return [finish(x, p, s.color_fix) for x in sr]

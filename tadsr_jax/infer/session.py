@@ -1,0 +1,52 @@
+"""What launch/sr.py runs: config + weights + inputs -> written outputs and a report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import ml_collections
+
+from tadsr_jax.data.sources import read_captions
+from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
+from tadsr_jax.infer.images import list_images
+from tadsr_jax.infer.model import WeightsSource, load_sr_model
+from tadsr_jax.infer.pipeline import SRSettings, Upscaler
+from tadsr_jax.weights.convert import WeightsError
+
+
+def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """config.model.pretrained, else the tiny stand-in that training wrote into `workdir`."""
+    if config.model.pretrained:
+        return config.model.pretrained
+    folder = os.path.join(workdir, "tiny_sd") if workdir else ""
+    if not os.path.isdir(folder):
+        raise WeightsError("no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base "
+                           "(or, for configs/tiny.py, pass the --workdir that training wrote)")
+    return folder
+
+
+def prompts(default: str, captions_path: str = ""):
+    """path -> prompt: the captions file's line for the file's name, else `default`."""
+    captions = read_captions(captions_path) if captions_path else {}
+    return lambda path: captions.get(os.path.basename(path), default)
+
+
+def run(config: ml_collections.ConfigDict, input_path: str, output_dir: str, source: WeightsSource, *,
+        captions: str = "", sweep: Sequence[int] | None = None, prompt: str | None = None,
+        dtype: str | None = None, log: TextIO = sys.stderr, **overrides) -> RunReport:
+    """Super-resolve `input_path` (a file or directory) into `output_dir`; `overrides` replace config.sr values."""
+    settings = SRSettings.from_config(config.sr, **overrides)
+    for t in sweep or ():
+        if not 1 <= t <= 999:
+            raise ValueError(f"sweep timesteps must be in 1..999, got {t}")
+    paths = list_images(input_path)
+    model = load_sr_model(config, pretrained_folder(config, source.workdir), source, dtype=dtype or config.sr.dtype)
+    print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
+    upscaler = Upscaler(model, settings)
+    prompt_for = prompts(config.sr.prompt if prompt is None else prompt, captions)
+    if sweep:
+        return sweep_files(upscaler, paths, output_dir, prompt_for, sweep, log=log)
+    return super_resolve_files(upscaler, paths, output_dir, prompt_for, log=log)

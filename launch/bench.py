@@ -1,4 +1,4 @@
-"""python launch/bench.py --what=train [--steps=5] [--warmup=2] [--cache_dir=DIR]
+"""python launch/bench.py --what=train|sr [--steps=5] [--warmup=2] [--cache_dir=DIR]
 
 Measures our speed against the PyTorch reference on the same weights, ours and the reference one after the
 other, each in its own subprocess. Prints a small table and, as the last line, one JSON object (`ours_s`,
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-_WHAT = flags.DEFINE_string("what", "train", "What to measure: one of train.")
+_WHAT = flags.DEFINE_string("what", "train", "What to measure: one of sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are written once "
@@ -24,7 +24,13 @@ def _train():
     return train.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
 
 
-HANDLERS: dict[str, Callable] = {"train": _train}
+def _sr():
+    from tadsr_jax.benchmarks import sr
+
+    return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
+
+
+HANDLERS: dict[str, Callable] = {"sr": _sr, "train": _train}
 
 
 def main(argv: list[str]) -> int:

@@ -188,6 +188,10 @@ def si(value: float | None, unit: str = "") -> str:
     return f"{value:.3g} {unit}".rstrip()
 
 
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f} s"
 

@@ -58,7 +58,7 @@ def time_aware_moments(vae, time: dict[str, torch.Tensor], x: torch.Tensor,
     enc = vae.encoder
     freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(time["encoder.time_embedding.linear_1.weight"].dtype)
     e = F.linear(F.silu(F.linear(emb, time["encoder.time_embedding.linear_1.weight"],
                                  time["encoder.time_embedding.linear_1.bias"])),
                  time["encoder.time_embedding.linear_2.weight"], time["encoder.time_embedding.linear_2.bias"])

@@ -546,7 +546,8 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
         ("FLOP per step (torch count)", "-", common.si(ref["step_flops"], "FLOP")),
         ("achieved (XLA FLOP / time)", common.si(achieved, "FLOP/s"), common.si(torch_achieved, "FLOP/s")),
         ("f32 matmul peak", common.si(peak, "FLOP/s"), common.si(ref["peak_flops"], "FLOP/s")),
-        ("fraction of own peak", _pct(result["peak_fraction"]), _pct(result["torch_peak_fraction"])),
+        ("fraction of own peak", common.percent(result["peak_fraction"]),
+         common.percent(result["torch_peak_fraction"])),
         ("generator loss (last step)", f"{ours['metrics']['loss/generator']:.4g}",
          f"{ref['metrics']['loss/generator']:.4g}"),
     ]
@@ -558,10 +559,6 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
         notes.append("warning: ours reported a non-finite loss (the step then leaves the state unchanged)")
     return common.Report(title=title, header=("", "ours (JAX)", "torch eager"), rows=rows, result=result,
                          notes=notes)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _worker(argv: list[str]) -> None:

@@ -1,0 +1,245 @@
+"""SR speed: our jitted one-step super-resolution against the same math in PyTorch eager, on the same weights.
+
+The model is the SD-2.1-base architecture (UNet 320..1280, VAE 128..512, the full CLIP text encoder; a
+tokenizer-sized vocabulary), random weights written once into a cache folder in the diffusers/transformers
+layout. Both sides load that folder and run, per image: text encoder, time-aware VAE encoder at t = 500,
+posterior sample, one UNet call, the student x0 rule, VAE decoder, clamp.
+
+- ours: `tadsr_jax.infer.model.load_sr_model` + the `Upscaler`'s jitted forward (compiled ahead of time and
+  timed separately), on a working image of the output size; FLOPs from XLA's cost analysis.
+- torch: diffusers `UNet2DConditionModel` / `AutoencoderKL` (the time-aware encoder restated on its stock
+  modules, see torch_reference), transformers `CLIPTextModel`, under `torch.inference_mode()`.
+
+Each (side, dtype) runs in its own subprocess, one after the other, both resolutions in increasing order;
+peak memory is the process's peak resident set size after each resolution.
+`python -m tadsr_jax.benchmarks.sr --side=ours|torch|prepare ...` is the worker entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from typing import Any
+
+from tadsr_jax.benchmarks import common
+
+WORKER = "tadsr_jax.benchmarks.sr"
+FORMAT = 1  # bump when the weights folder's contents change
+RESOLUTIONS = (256, 512)
+TIMESTEP = 500
+SEED = 0
+PROMPT = "a photo of a cat sitting on a sofa"
+META_FILE = "bench.json"  # written last: the folder is complete
+
+
+def architectures() -> dict[str, dict]:
+    from tadsr_jax.models.architectures import SD21_TEXT_ENCODER, SD21_UNET, SD21_VAE
+
+    text = {k: v for k, v in SD21_TEXT_ENCODER.items() if k != "vocab_size"}  # sized to the tokenizer
+    return {"unet": dict(SD21_UNET), "vae": dict(SD21_VAE), "text_encoder": text}
+
+
+def weights_folder(cache_dir: str | None = None) -> str:
+    from tadsr_jax.benchmarks.train import default_cache_dir
+
+    key = json.dumps({"format": FORMAT, "arch": architectures(), "seed": SEED}, sort_keys=True)
+    return os.path.join(cache_dir or default_cache_dir(), "sr-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def prepare(folder: str) -> None:
+    from tadsr_jax.weights.tiny import write_random_sd_folder
+
+    arch = architectures()
+    staging = folder + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
+                           seed=SEED)
+    common.write_result(os.path.join(staging, META_FILE), {"architectures": arch})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+
+
+def ensure_weights(cache_dir: str | None = None) -> str:
+    folder = weights_folder(cache_dir)
+    if not os.path.isfile(os.path.join(folder, META_FILE)):
+        common.progress(f"bench sr: writing random SD-2.1-size weights to {folder} (once, ~5 GB)")
+        common.run_worker(WORKER, ["--side=prepare", f"--folder={folder}"], label="weights", timeout=3600)
+    return folder
+
+
+def make_image(size: int):
+    """A (1, size, size, 3) float32 working image in [-1, 1]: a photograph's x4 bicubic upscale."""
+    import numpy as np
+    from PIL import Image
+
+    from tadsr_jax.data.samples import sample_image
+
+    low = sample_image("chelsea", size).resize((size // 4, size // 4), Image.BICUBIC)
+    return (np.asarray(low.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0)[None]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------- ours
+
+def run_ours(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+    import jax
+
+    from tadsr_jax.defaults import base_config
+    from tadsr_jax.infer.model import WeightsSource, load_sr_model
+    from tadsr_jax.infer.pipeline import SRSettings, Upscaler
+
+    jax.config.update("jax_enable_compilation_cache", False)  # compilation is measured
+    start = time.perf_counter()
+    model = load_sr_model(base_config(), folder, WeightsSource(), dtype=dtype)
+    upscaler = Upscaler(model, SRSettings(timestep=TIMESTEP, seed=SEED))
+    jax.block_until_ready(upscaler.params)
+    load_s = time.perf_counter() - start
+    per_size = {}
+    for size in RESOLUTIONS:
+        lq = make_image(size)
+        compile_before = upscaler.compile_seconds
+        upscaler(lq, [PROMPT], [TIMESTEP])  # compiles
+        compile_s = upscaler.compile_seconds - compile_before
+        flops = common.xla_flops(next(c for shape, c in upscaler.compiled.items() if shape[1] == size))
+        timing = common.time_calls(lambda: upscaler(lq, [PROMPT], [TIMESTEP]), steps=steps, warmup=warmup)
+        per_size[str(size)] = {"timing": timing.as_dict(), "compile_s": compile_s, "flops": flops,
+                               "peak_rss_bytes": peak_rss_bytes()}
+    return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_matmul_peak(dtype),
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+
+
+# --------------------------------------------------------------------------------------------------- torch
+
+def run_torch(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+    import inspect
+    import re
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from tadsr_jax.benchmarks.torch_reference import time_aware_moments
+    from tadsr_jax.weights import loaders
+
+    torch_dtype = getattr(torch, dtype)
+    start = time.perf_counter()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval().to(torch_dtype)
+    with open(os.path.join(folder, "time_vae", "config.json")) as f:
+        vae_config = json.load(f)
+    accepted = inspect.signature(AutoencoderKL.__init__).parameters
+    vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if k in accepted})
+    tensors = {}
+    for key, value in load_file(os.path.join(folder, "time_vae", "diffusion_pytorch_model.safetensors")).items():
+        for pattern, replacement in loaders.LEGACY_VAE_ATTENTION:
+            key = re.sub(pattern, replacement, key)
+        tensors[key] = value
+    time_keys = [k for k in tensors if k.startswith("encoder.") and "time" in k]
+    time_tensors = {k: tensors.pop(k).to(torch_dtype) for k in time_keys}
+    vae.load_state_dict(tensors, strict=True)
+    vae = vae.eval().to(torch_dtype)
+    text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval().to(torch_dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha = float(np.cumprod(1.0 - betas)[TIMESTEP])
+    load_s = time.perf_counter() - start
+    scale = vae.config.scaling_factor
+    t = torch.tensor([TIMESTEP])
+    ids = tokenizer([PROMPT], padding="max_length", max_length=text.config.max_position_embeddings,
+                    truncation=True, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(SEED)
+
+    def super_resolve(lq):
+        with torch.inference_mode():
+            context = text(ids)[0]
+            mean, logvar = time_aware_moments(vae, time_tensors, lq, t)
+            z = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen, dtype=mean.dtype)) * scale
+            residual = unet(z, t, context).sample
+            x0 = z / alpha ** 0.5 - residual
+            return vae.decode(x0 / scale).sample.clamp(-1, 1)
+
+    per_size = {}
+    for size in RESOLUTIONS:
+        lq = torch.tensor(make_image(size)).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        timing = common.time_calls(lambda: super_resolve(lq), steps=steps, warmup=warmup, sync=lambda x: x)
+        per_size[str(size)] = {"timing": timing.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
+    return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_torch_matmul_peak(dtype),
+            "threads": torch.get_num_threads()}
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
+        dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> common.Report:
+    """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess."""
+    folder = ensure_weights(cache_dir)
+    args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}"]
+    sides = {}
+    for dtype in dtypes:
+        for side, label in (("ours", "ours (JAX)"), ("torch", "torch eager")):
+            common.progress(f"bench sr: {label} {dtype}, {warmup} warmup + {steps} timed calls per resolution")
+            sides[side, dtype] = common.run_worker(WORKER, [f"--side={side}", f"--dtype={dtype}", *args],
+                                                   label=f"{label} {dtype}", timeout=7200)
+    result: dict[str, Any] = {"what": "sr", "steps": steps, "warmup": warmup, "cpu_count": os.cpu_count(),
+                              "timestep": TIMESTEP, "architecture": "SD-2.1-base"}
+    rows = []
+    for dtype in dtypes:
+        ours, ref = sides["ours", dtype], sides["torch", dtype]
+        for size in RESOLUTIONS:
+            o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]
+            ours_s, torch_s = o["timing"]["median_s"], r["timing"]["median_s"]
+            flops = o["flops"]
+            entry = {"ours_s": ours_s, "torch_s": torch_s, "speedup": torch_s / ours_s,
+                     "peak_fraction": flops / ours_s / ours["peak_flops"] if flops else None,
+                     "torch_peak_fraction": flops / torch_s / ref["peak_flops"] if flops else None,
+                     "compile_s": o["compile_s"], "flops": flops, "peak_flops": ours["peak_flops"],
+                     "torch_peak_flops": ref["peak_flops"], "ours_peak_rss_gib": o["peak_rss_bytes"] / 2 ** 30,
+                     "torch_peak_rss_gib": r["peak_rss_bytes"] / 2 ** 30}
+            key = str(size) if dtype == "float32" else f"{size}_{dtype}"
+            result[key] = entry
+            rows.append((f"{size}x{size} {dtype}", common.seconds(ours_s), common.seconds(torch_s),
+                         f"{entry['speedup']:.2f}x", common.seconds(o["compile_s"]), common.si(flops, "FLOP"),
+                         common.percent(entry["peak_fraction"]), common.percent(entry["torch_peak_fraction"]),
+                         f"{entry['ours_peak_rss_gib']:.1f} / {entry['torch_peak_rss_gib']:.1f} GiB"))
+    peaks = ", ".join(f"{d}: ours {common.si(sides['ours', d]['peak_flops'], 'FLOP/s')}, torch "
+                      f"{common.si(sides['torch', d]['peak_flops'], 'FLOP/s')}" for d in dtypes)
+    notes = [f"median of {steps} calls after {warmup} warmup per resolution; {os.cpu_count()} CPU cores; "
+             f"matmul peaks {peaks}; peak RSS is the process's high-water mark (weights included); "
+             f"weights {folder}"]
+    header = ("output, dtype", "ours", "torch eager", "speedup", "compile", "FLOP/image", "ours % peak",
+              "torch % peak", "peak RSS ours / torch")
+    return common.Report(title="x4 SR, one image, SD-2.1-base architecture, t = 500", header=header, rows=rows,
+                         result=result, notes=notes)
+
+
+def _worker(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m {WORKER}")
+    parser.add_argument("--side", choices=("ours", "torch", "prepare"), required=True)
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.side == "prepare":
+        prepare(args.folder)
+        result = {"folder": args.folder}
+    elif args.side == "ours":
+        result = run_ours(args.folder, args.dtype, args.steps, args.warmup)
+    else:
+        result = run_torch(args.folder, args.dtype, args.steps, args.warmup)
+    common.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

@@ -14,6 +14,8 @@ from absl import app, flags, logging
 _WHAT = flags.DEFINE_string("what", "train", "What to measure: one of sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
+_SR_DTYPES = flags.DEFINE_list("sr_dtypes", ["float32"], "sr: dtypes to compare (float32, bfloat16); torch's "
+                                "bf16 on a CPU without bf16 matrix units is very slow.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are written once "
                                  "(default ~/.cache/tadsr_jax/bench).")
 
@@ -27,7 +29,8 @@ def _train():
 def _sr():
     from tadsr_jax.benchmarks import sr
 
-    return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
+    return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value,
+                  dtypes=tuple(_SR_DTYPES.value))
 
 
 HANDLERS: dict[str, Callable] = {"sr": _sr, "train": _train}

@@ -8,9 +8,12 @@ peaks are the best of several large square matmuls. Ours and the reference run i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,6 +164,58 @@ def run_worker(module: str, args: Sequence[str], *, label: str, timeout: float |
             result = json.load(f)
         result["process_wall_s"] = time.perf_counter() - start
         return result
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "tadsr_jax", "bench")
+
+
+def weights_folder(kind: str, key: dict[str, Any], cache_dir: str | None = None) -> str:
+    """`<cache>/<kind>-<hash of key>`: a new folder whenever what the weights depend on changes."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir or default_cache_dir(), f"{kind}-{digest}")
+
+
+def ensure_weights(folder: str, worker: str, marker: str, message: str) -> str:
+    """Run `worker --side=prepare --folder=folder` once, unless `folder/marker` (written last) exists."""
+    if not os.path.isfile(os.path.join(folder, marker)):
+        progress(message)
+        run_worker(worker, ["--side=prepare", f"--folder={folder}"], label="weights", timeout=3600)
+    return folder
+
+
+def write_folder(folder: str, fill: Callable[[str], None]) -> None:
+    """`fill(staging)` then rename staging to `folder`: a half-written weights folder never has the final name."""
+    staging = folder + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    fill(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+
+
+def worker_main(argv: Sequence[str], module: str, prepare: Callable[[str], None],
+                sides: dict[str, Callable[..., dict[str, Any]]], **options: Any) -> None:
+    """A benchmark worker's entry point: `--side=prepare|<side> --folder=F --steps --warmup --out [--option]`.
+
+    `options` are extra string flags with their defaults, passed to the side's function as keywords.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("--side", choices=("prepare", *sides), required=True)
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    for name, default in options.items():
+        parser.add_argument(f"--{name}", default=default)
+    args = parser.parse_args(argv)
+    if args.side == "prepare":
+        prepare(args.folder)
+        result = {"folder": args.folder}
+    else:
+        result = sides[args.side](args.folder, steps=args.steps, warmup=args.warmup,
+                                  **{name: getattr(args, name) for name in options})
+    write_result(args.out, result)
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:

@@ -17,12 +17,9 @@ peak memory is the process's peak resident set size after each resolution.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from typing import Any
@@ -46,31 +43,25 @@ def architectures() -> dict[str, dict]:
 
 
 def weights_folder(cache_dir: str | None = None) -> str:
-    from tadsr_jax.benchmarks.train import default_cache_dir
-
-    key = json.dumps({"format": FORMAT, "arch": architectures(), "seed": SEED}, sort_keys=True)
-    return os.path.join(cache_dir or default_cache_dir(), "sr-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    return common.weights_folder("sr", {"format": FORMAT, "arch": architectures(), "seed": SEED}, cache_dir)
 
 
 def prepare(folder: str) -> None:
     from tadsr_jax.weights.tiny import write_random_sd_folder
 
-    arch = architectures()
-    staging = folder + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
-                           seed=SEED)
-    common.write_result(os.path.join(staging, META_FILE), {"architectures": arch})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    def fill(staging: str) -> None:
+        arch = architectures()
+        write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
+                               seed=SEED)
+        common.write_result(os.path.join(staging, META_FILE), {"architectures": arch})
+
+    common.write_folder(folder, fill)
 
 
 def ensure_weights(cache_dir: str | None = None) -> str:
     folder = weights_folder(cache_dir)
-    if not os.path.isfile(os.path.join(folder, META_FILE)):
-        common.progress(f"bench sr: writing random SD-2.1-size weights to {folder} (once, ~5 GB)")
-        common.run_worker(WORKER, ["--side=prepare", f"--folder={folder}"], label="weights", timeout=3600)
-    return folder
+    return common.ensure_weights(folder, WORKER, META_FILE,
+                                 f"bench sr: writing random SD-2.1-size weights to {folder} (once, ~5 GB)")
 
 
 def make_image(size: int):
@@ -180,7 +171,7 @@ def run_torch(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any
 # -------------------------------------------------------------------------------------------------- report
 
 def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
-        dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> common.Report:
+        dtypes: tuple[str, ...] = ("float32",)) -> common.Report:
     """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess."""
     folder = ensure_weights(cache_dir)
     args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}"]
@@ -190,6 +181,8 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
             common.progress(f"bench sr: {label} {dtype}, {warmup} warmup + {steps} timed calls per resolution")
             sides[side, dtype] = common.run_worker(WORKER, [f"--side={side}", f"--dtype={dtype}", *args],
                                                    label=f"{label} {dtype}", timeout=7200)
+            common.progress(f"bench sr: {label} {dtype}: " + ", ".join(
+                f"{size}: {v['timing']['median_s']:.2f} s" for size, v in sides[side, dtype]["sizes"].items()))
     result: dict[str, Any] = {"what": "sr", "steps": steps, "warmup": warmup, "cpu_count": os.cpu_count(),
                               "timestep": TIMESTEP, "architecture": "SD-2.1-base"}
     rows = []
@@ -222,24 +215,5 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
                          result=result, notes=notes)
 
 
-def _worker(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {WORKER}")
-    parser.add_argument("--side", choices=("ours", "torch", "prepare"), required=True)
-    parser.add_argument("--folder", required=True)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.side == "prepare":
-        prepare(args.folder)
-        result = {"folder": args.folder}
-    elif args.side == "ours":
-        result = run_ours(args.folder, args.dtype, args.steps, args.warmup)
-    else:
-        result = run_torch(args.folder, args.dtype, args.steps, args.warmup)
-    common.write_result(args.out, result)
-
-
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch}, dtype="float32")

@@ -18,15 +18,12 @@ third. `python -m tadsr_jax.benchmarks.train --side=ours|torch|prepare ...` is t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -76,16 +73,11 @@ def summary() -> dict[str, Any]:
             "fake_score_groups": list(FAKE_SCORE_GROUPS), "losses": ["l2", "lpips", "vsd", "fake"]}
 
 
-def default_cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "tadsr_jax", "bench")
-
-
 def weights_folder(cache_dir: str | None = None) -> str:
     """Where the random-weight folder of `architectures()` lives (a hash of its contents in the name)."""
-    key = json.dumps({"format": FORMAT, "arch": architectures(), "seed": WEIGHTS_SEED, "lpips": LPIPS_SEED,
-                      "rank": LORA_RANK, "fake": FAKE_SCORE_GROUPS}, sort_keys=True)
-    return os.path.join(cache_dir or default_cache_dir(), "train-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    key = {"format": FORMAT, "arch": architectures(), "seed": WEIGHTS_SEED, "lpips": LPIPS_SEED,
+           "rank": LORA_RANK, "fake": FAKE_SCORE_GROUPS}
+    return common.weights_folder("train", key, cache_dir)
 
 
 def bench_config(folder: str):
@@ -140,26 +132,25 @@ def prepare(folder: str) -> None:
     from tadsr_jax.weights.tiny import write_random_sd_folder
 
     arch = architectures()
-    staging = folder + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
-                           seed=WEIGHTS_SEED)
-    save_file(state_to_torch(random_lpips(LPIPS_SEED)), os.path.join(staging, LPIPS_FILE), metadata={"format": "pt"})
-    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(arch["unet"]), rngs=nnx.Rngs(0)))
-    vae = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(arch["vae"]), time_aware=True, rngs=nnx.Rngs(0)))
-    meta = {"unet_lora_groups": unet_lora_groups(unet), "vae_lora_targets": vae_encoder_lora_targets(vae),
-            "architectures": arch}
-    common.write_result(os.path.join(staging, META_FILE), meta)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+
+    def fill(staging: str) -> None:
+        write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
+                               seed=WEIGHTS_SEED)
+        save_file(state_to_torch(random_lpips(LPIPS_SEED)), os.path.join(staging, LPIPS_FILE),
+                  metadata={"format": "pt"})
+        unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(arch["unet"]), rngs=nnx.Rngs(0)))
+        vae = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(arch["vae"]), time_aware=True,
+                                                   rngs=nnx.Rngs(0)))
+        meta = {"unet_lora_groups": unet_lora_groups(unet), "vae_lora_targets": vae_encoder_lora_targets(vae),
+                "architectures": arch}
+        common.write_result(os.path.join(staging, META_FILE), meta)
+
+    common.write_folder(folder, fill)
 
 
 def ensure_weights(cache_dir: str | None = None) -> str:
     folder = weights_folder(cache_dir)
-    if not os.path.isfile(os.path.join(folder, META_FILE)):
-        common.progress(f"bench train: writing random weights to {folder} (once)")
-        common.run_worker(WORKER, ["--side=prepare", f"--folder={folder}"], label="weights")
-    return folder
+    return common.ensure_weights(folder, WORKER, META_FILE, f"bench train: writing random weights to {folder} (once)")
 
 
 # ---------------------------------------------------------------------------------------------------- ours
@@ -561,23 +552,5 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
                          notes=notes)
 
 
-def _worker(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {WORKER}")
-    parser.add_argument("--side", choices=("ours", "torch", "prepare"), required=True)
-    parser.add_argument("--folder", required=True)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.side == "prepare":
-        prepare(args.folder)
-        result = {"folder": args.folder}
-    elif args.side == "ours":
-        result = run_ours(args.folder, args.steps, args.warmup)
-    else:
-        result = run_torch(args.folder, args.steps, args.warmup)
-    common.write_result(args.out, result)
-
-
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch})

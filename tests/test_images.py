@@ -1,5 +1,6 @@
 """Image I/O of the SR tool: every bad input gets one line naming it, every convertible one becomes 8-bit RGB."""
 
+import errno
 import os
 import struct
 import warnings
@@ -113,10 +114,14 @@ def test_bad_input_gets_one_line_naming_file_and_problem(tmp_path, make_bad_inpu
     assert error.value.path == path
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_reports_permission_denied(tmp_path):
+def test_unreadable_file_reports_permission_denied(tmp_path, monkeypatch):
     path = _save(PHOTO, tmp_path / "secret.png")
     os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads any file: have the open fail as it does for other users
+        def denied(fp, *args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fp))
+
+        monkeypatch.setattr(Image, "open", denied)
     with pytest.raises(ImageError, match="^.*secret.png: Permission denied$"):
         read_rgb(path)
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from tadsr_jax.infer.contact_sheet import contact_sheet
 from tadsr_jax.infer.images import ImageError, LoadedImage, output_path, read_rgb, write_png_atomic
-from tadsr_jax.infer.pipeline import Upscaler, bicubic_x4, padded_shape, prepare
+from tadsr_jax.infer.pipeline import Upscaler, bicubic_x4, padded_shape, working_size
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def super_resolve_files(upscaler: Upscaler, paths: Sequence[str], output_dir: st
         if image is None:
             bar.update(1)
             continue
-        shape = padded_shape(prepare(image.pixels, settings.process_size).bucket_shape, settings.bucket)
+        shape = padded_shape(working_size(*image.pixels.shape[:2], settings.process_size), settings.bucket)
         pending.setdefault(shape, []).append(image)
         if len(pending[shape]) == settings.batch_size:
             flush(shape)

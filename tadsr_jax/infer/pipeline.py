@@ -82,15 +82,24 @@ class Prepared:
         return self.lq.shape[:2]
 
 
+def working_size(height: int, width: int, process_size: int) -> tuple[int, int]:
+    """(height, width) of the working image of an input of that size: its short side raised to
+    process_size / 4 if below, then x4."""
+    short = process_size // SCALE
+    if min(height, width) < short:
+        s = short / min(height, width)
+        height, width = int(s * height), int(s * width)
+    return SCALE * height, SCALE * width
+
+
 def prepare(pixels: np.ndarray, process_size: int) -> Prepared:
     """uint8 (H, W, 3) -> the working image of the reference's preprocessing (see module docstring)."""
     h0, w0 = pixels.shape[:2]
     image = Image.fromarray(pixels)
-    short = process_size // SCALE
-    if min(h0, w0) < short:
-        s = short / min(h0, w0)
-        image = image.resize((int(s * w0), int(s * h0)), Image.BICUBIC)
-    image = image.resize((image.width * SCALE, image.height * SCALE), Image.BICUBIC)
+    h, w = working_size(h0, w0, process_size)
+    if min(h0, w0) < process_size // SCALE:
+        image = image.resize((w // SCALE, h // SCALE), Image.BICUBIC)
+    image = image.resize((w, h), Image.BICUBIC)
     lq = np.asarray(image, np.float32) / 127.5 - 1.0
     return Prepared(lq=lq, output_size=(SCALE * h0, SCALE * w0))
 
@@ -112,6 +121,10 @@ def pad_to(lq: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.pad(lq, pad, mode=mode)
 
 
+# One compiled program per image shape and method, instead of dispatching the wavelet fix op by op.
+_color_fix = jax.jit(color_fix, static_argnames="method")
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> uint8, rounded."""
     return np.asarray(np.round(np.clip(x, 0.0, 1.0) * 255.0), np.uint8)
@@ -121,7 +134,7 @@ def finish(sr: np.ndarray, prepared: Prepared, method: str) -> np.ndarray:
     """SR output in [-1, 1] at the padded working size -> colour-fixed uint8 at exactly the output size."""
     h, w = prepared.lq.shape[:2]
     sr01 = (np.asarray(sr[:h, :w], np.float32) + 1.0) / 2.0
-    fixed = np.asarray(color_fix(jnp.asarray(sr01), jnp.asarray((prepared.lq + 1.0) / 2.0), method))
+    fixed = np.asarray(_color_fix(jnp.asarray(sr01), jnp.asarray((prepared.lq + 1.0) / 2.0), method))
     out = to_uint8(fixed)
     if out.shape[:2] != prepared.output_size:
         out = np.asarray(Image.fromarray(out).resize(prepared.output_size[::-1], Image.BICUBIC))

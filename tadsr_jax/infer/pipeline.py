@@ -157,12 +157,15 @@ class Upscaler:
         self.compile_seconds = 0.0
         schedule, s = model.schedule, settings
 
+        def denoise(unet, z, t, context):
+            return tiled_call(lambda tile: unet(tile, t, context), z, s.latent_tile, s.latent_overlap)
+
         def forward(params, lq, input_ids, timesteps, keys):
             unet, vae, text_encoder = nnx.merge(self.graphdef, params)
             context = text_encoder(input_ids)
 
             def tiled_unet(z, t, c, conv_in=None):
-                return tiled_call(lambda tile: unet(tile, t, c), z, s.latent_tile, s.latent_overlap)
+                return denoise(unet, z, t, c)
 
             def one(image, ctx, t, key):
                 return generate(vae, tiled_unet, schedule, image[None], t[None], ctx[None], key,
@@ -176,11 +179,10 @@ class Upscaler:
         def encode_text(params, input_ids):
             return nnx.merge(self.graphdef, params)[2](input_ids)
 
-        def denoise(params, z, t, context):
-            unet = nnx.merge(self.graphdef, params)[0]
-            return tiled_call(lambda tile: unet(tile, t, context), z, s.latent_tile, s.latent_overlap)
+        def denoise_with(params, z, t, context):
+            return denoise(nnx.merge(self.graphdef, params)[0], z, t, context)
 
-        self._encode_text, self._denoise = jax.jit(encode_text), jax.jit(denoise)
+        self._encode_text, self._denoise = jax.jit(encode_text), jax.jit(denoise_with)
 
     def replace(self, **changes) -> "Upscaler":
         """The same model with other settings; compiled programs are shared unless the change needs new ones."""

@@ -5,6 +5,14 @@ zero) and the converted LPIPS weights:
   python launch/train.py --config=configs/tadsr_sd21.py --workdir=gs://bucket/run \\
       --config.model.pretrained=/path/to/stable-diffusion-2-1-base --config.lpips.path=/path/to/lpips_vgg.safetensors \\
       --config.data.source=paired_list --config.data.path=/path/to/train_list.txt
+Other data (Real-ESRGAN LRs made on the fly from HR crops):
+      --config.data.source=hr_folder --config.data.path=/path/to/LSDIR/HR [--config.data.captions=captions.tsv]
+      --config.data.source=tfds --config.data.path=div2k/bicubic_x4 --config.data.image_key=hr
+      [--config.data.tfds_data_dir=gs://bucket/tfds]
+A weighted mixture is set in a config file:
+      config.data.source = "mixture"
+      config.data.mixture.lsdir = source_config(source="hr_folder", path="/data/LSDIR/HR", weight=0.8)
+      config.data.mixture.ffhq = source_config(source="hr_folder", path="/data/FFHQ", weight=0.2)
 """
 
 from tadsr_jax.defaults import base_config

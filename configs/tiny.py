@@ -34,6 +34,7 @@ def get_config():
 
     config.data.source = "hr_folder"
     config.data.path = ""  # scikit-image samples written into the workdir
+    config.data.degradation = "bicubic"  # the demo measures x4 bicubic inputs
     config.data.crop_size = 32
     config.data.read_threads = 2
 

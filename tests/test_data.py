@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
@@ -44,8 +45,10 @@ def hr_folder(tmp_path_factory) -> tuple[str, str]:
 
 
 def _config(source: str, path: str, **overrides):
+    """Bicubic synthetic LRs unless overridden: tests below recompute them exactly."""
     config = data_config()
-    config.update(source=source, path=path, crop_size=CROP, **overrides)
+    config.update(source=source, path=path, crop_size=CROP, degradation="bicubic")
+    config.update(overrides)
     return config
 
 
@@ -294,7 +297,9 @@ def test_tokenize_replaces_prompts_by_input_ids(paired_list):
 @pytest.mark.parametrize("overrides, kwargs, message", [
     ({}, {"global_batch_size": 6, "process_count": 4}, "global batch size 6 is not a positive multiple"),
     ({}, {"process_index": 2, "process_count": 2}, r"process_index 2 is not in \[0, 2\)"),
-    ({"source": "tfds"}, {}, "data.source must be one of"),
+    ({"source": "nope"}, {}, "data.source must be one of"),
+    ({"source": "mixture"}, {}, "data.source is 'mixture' but data.mixture is empty"),
+    ({"degradation": "jpeg"}, {}, r"data.degradation must be one of \('realesrgan', 'bicubic'\)"),
     ({"crop_size": 30}, {}, r"data.crop_size \(30\) must be a positive multiple of data.scale \(4\)"),
     ({"synthetic_prob": 1.5}, {}, r"data.synthetic_prob must be in \[0, 1\]"),
     ({"path": ""}, {}, "data.path is empty"),
@@ -341,3 +346,136 @@ def test_a_set_that_mostly_fails_to_decode_raises_instead_of_spinning(tmp_path):
                                    process_index=0, process_count=1)
     with pytest.raises(ValueError, match=r"skipped 100.00 % of the last seen 1000 elements"):
         next(iterator)
+
+
+# ---- tfds sources, mixtures, Real-ESRGAN LRs, device prefetch ----
+
+
+def _find_in_any(patch: np.ndarray, images: list[np.ndarray]) -> int:
+    """Index of the one image (covered to the crop size) that holds `patch` as a window."""
+    hits = []
+    for i, image in enumerate(images):
+        windows = sliding_window_view(np.asarray(_covering(Image.fromarray(image))), (CROP, CROP, 3))[:, :, 0]
+        if any((windows == p).all(axis=(2, 3, 4)).any() for p in (patch, patch[:, ::-1])):
+            hits.append(i)
+    assert len(hits) == 1, f"expected one source image, found {hits}"
+    return hits[0]
+
+
+def test_tfds_source_by_name_with_prompts_and_synthetic_lr():
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = tfds.data_source("oxford_flowers102", split="train")
+        images = [source[i]["image"] for i in range(len(source))]
+        names = [source[i]["file_name"] for i in range(len(source))]
+        config = _config("tfds", "oxford_flowers102", split="train", prompt_key="file_name")
+        examples = _examples(_take(make_train_iterator(config, global_batch_size=3, seed=0, process_index=0,
+                                                       process_count=1), 4))
+    found = set()
+    for ex in examples:
+        hq = _to_uint8(ex["hq"])
+        index = _find_in_any(hq, images)
+        assert str(ex["prompt"]) == names[index]
+        np.testing.assert_array_equal(_to_uint8(ex["lq"]), _bicubic_lq(hq))
+        found.add(index)
+    assert found == set(range(6))  # two epochs of six
+
+
+def test_tfds_paired_features_use_the_lanczos_resized_lr():
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = tfds.data_source("div2k/bicubic_x4", split="validation")
+        pairs = [(source[i]["hr"], source[i]["lr"]) for i in range(len(source))]
+        config = _config("tfds", "div2k/bicubic_x4", split="validation", image_key="hr", lr_key="lr",
+                         synthetic_prob=0.0)
+        examples = _examples(_take(make_train_iterator(config, global_batch_size=2, seed=3, process_index=0,
+                                                       process_count=1), 2))
+    for ex in examples:
+        hq = _to_uint8(ex["hq"])
+        hr, lr = pairs[_find_in_any(hq, [p[0] for p in pairs])]
+        covered_hr = np.asarray(_covering(Image.fromarray(hr)))
+        top, left, flipped = _find_window(hq, covered_hr)
+        covered_lr = _covering(Image.fromarray(lr).resize(Image.fromarray(hr).size, Image.LANCZOS))
+        expected = np.asarray(covered_lr)[top:top + CROP, left:left + CROP]
+        np.testing.assert_array_equal(_to_uint8(ex["lq"]), expected[:, ::-1] if flipped else expected)
+        assert str(ex["prompt"]) == ""
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"image_key": "picture"}, r"tfds dataset oxford_flowers102:train has no feature 'picture' \(image_key\); "
+                               r"it has \['file_name', 'image', 'label'\]"),
+    ({"path": "no_such_dataset_xyz"}, "tfds dataset no_such_dataset_xyz:train cannot be read"),
+])
+def test_tfds_errors_are_one_line(overrides, message):
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        config = _config("tfds", "oxford_flowers102")
+        config.update(overrides)
+        with pytest.raises(ValueError, match=message) as info:
+            make_train_iterator(config, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    assert "\n" not in str(info.value)
+
+
+def test_mixture_draws_by_weight_and_is_deterministic(paired_list, hr_folder):
+    from tadsr_jax.data.pipeline import source_config
+
+    config = _config("mixture", "")
+    config.mixture.pairs = source_config(source="paired_list", path=paired_list, weight=3.0)
+    config.mixture.folder = source_config(source="hr_folder", path=hr_folder[0], captions=hr_folder[1], weight=1.0)
+    kwargs = {"global_batch_size": 8, "seed": 0, "process_index": 0, "process_count": 1}
+    batches = _take(make_train_iterator(config, **kwargs), 8)
+    prompts = [str(p) for b in batches for p in b["prompt"]]
+    from_folder = sum("." in p for p in prompts)  # folder captions are file names; list prompts have no dot
+    assert from_folder == 16, prompts  # grain mixes exactly by weight: 1 in 4 of 64
+    assert {p for p in prompts if "." not in p} == {n.replace("_", " ") for n in SAMPLE_NAMES}
+    again = _take(make_train_iterator(config, **kwargs), 8)
+    for a, b in zip(_arrays(batches), _arrays(again)):
+        np.testing.assert_array_equal(a, b)
+    config.mixture.folder.weight = 0.0
+    with pytest.raises(ValueError, match="data.mixture.folder.weight must be positive, got 0.0"):
+        make_train_iterator(config, **kwargs)
+
+
+def test_realesrgan_lr_is_degraded_and_deterministic(hr_folder):
+    config = _config("hr_folder", hr_folder[0], degradation="realesrgan", crop_size=64)
+    kwargs = {"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1}
+    first = _take(make_train_iterator(config, **kwargs), 3)
+    again = _take(make_train_iterator(config, **kwargs), 3)
+    for a, b in zip(_arrays(first), _arrays(again)):
+        np.testing.assert_array_equal(a, b)
+    psnrs = []
+    for ex in _examples(first):
+        hq = (ex["hq"] + 1) * 127.5
+        lq = (ex["lq"] + 1) * 127.5
+        assert lq.shape == hq.shape == (64, 64, 3)
+        bicubic = np.asarray(Image.fromarray(np.rint(hq).astype(np.uint8)).resize((16, 16), Image.BICUBIC)
+                             .resize((64, 64), Image.BICUBIC), np.float32)
+        assert not np.array_equal(np.rint(lq), bicubic)
+        psnrs.append(10 * np.log10(255.0 ** 2 / np.mean((lq - hq) ** 2)))
+    assert 10 < np.median(psnrs) < 35, psnrs
+
+
+def test_device_prefetch_checkpoints_the_consumed_position(paired_list):
+    from tadsr_jax.data.prefetch import DevicePrefetch
+
+    config = _config("paired_list", paired_list)
+    kwargs = {"global_batch_size": 2, "seed": 0, "process_index": 0, "process_count": 1}
+    copies = []
+
+    def to_device(batch):
+        copies.append(1)
+        return {k: v for k, v in batch.items() if k != "prompt"}
+
+    reference = _take(make_train_iterator(config, **kwargs), 6)
+    prefetch = DevicePrefetch(make_train_iterator(config, **kwargs), to_device, size=3)
+    got = [next(prefetch)]
+    prefetch.fill()
+    assert len(copies) == 4  # one handed out, three waiting
+    got.append(next(prefetch))
+    state = prefetch.get_state()  # two consumed, whatever is buffered
+    got += [next(prefetch) for _ in range(4)]
+    for a, b in zip(_arrays(reference), _arrays(got)):
+        np.testing.assert_array_equal(a, b)
+    resumed = DevicePrefetch(make_train_iterator(config, **kwargs), to_device, size=2)
+    resumed.set_state(state)
+    for a, b in zip(_arrays(reference[2:]), _arrays([next(resumed) for _ in range(4)])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="device prefetch size must be at least 1, got 0"):
+        DevicePrefetch(iter([]), to_device, size=0)

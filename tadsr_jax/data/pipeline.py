@@ -1,11 +1,11 @@
-"""The training input pipeline: a grain graph from a source to per-process batches, checkpointable.
+"""The training input pipeline: a grain graph from sources to per-process batches, checkpointable.
 
-  source -> seed -> shuffle -> repeat(forever) -> random_map(MakeTrainPair) -> [process_index::process_count]
-         -> to_iter_dataset (threads; drops the Nones of files that fail to decode) -> batch -> [mp_prefetch]
-         -> [tokenize]
-Shuffling and the per-example randomness (grain seeds random_map by (seed, position)) happen on the global,
-repeated stream before it is strided across processes, so each example's crop/flip/synthetic choice depends only on
-(seed, epoch, position), processes read disjoint examples, and global batch k holds the same examples whatever the
+  source (or weighted mixture of sources, each seeded, shuffled and repeated) -> random_map(MakeTrainPair)
+         -> [process_index::process_count] -> to_iter_dataset (threads; drops the Nones of files that fail to
+         decode) -> batch -> [mp_prefetch] -> [tokenize]
+Shuffling, mixing and the per-example randomness (grain seeds random_map by (seed, position)) happen on the global,
+repeated stream before it is strided across processes, so each example's crop/flip/degradation depends only on
+(seed, position), processes read disjoint examples, and global batch k holds the same examples whatever the
 process count (as long as no file fails to decode and num_workers <= 1: n workers interleave batches made from
 slices i::n of the process's stream). Each epoch is reshuffled (repeat reseeds upstream transforms per epoch).
 The iterator's state is grain's (the next index, per worker when num_workers > 0); restoring it needs the same
@@ -19,30 +19,67 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from tadsr_jax.data.sources import HRFolderSource, PairedListSource
-from tadsr_jax.data.transforms import MakeTrainPair
+from tadsr_jax.data.degradation import RealESRGANDegradation, degradation_config
+from tadsr_jax.data.sources import HRFolderSource, PairedListSource, TfdsSource
+from tadsr_jax.data.transforms import BicubicDegradation, Degradation, MakeTrainPair
 
 SOURCES = {
     "paired_list": lambda config: PairedListSource(config.path),
     "hr_folder": lambda config: HRFolderSource(config.path, config.captions),
+    "tfds": lambda config: TfdsSource(config.path, config.split, data_dir=config.tfds_data_dir,
+                                      image_key=config.image_key, lr_key=config.lr_key,
+                                      prompt_key=config.prompt_key),
 }
+DEGRADATIONS = ("realesrgan", "bicubic")
+
+
+def source_config(**overrides) -> ml_collections.ConfigDict:
+    """The fields that name one source (the top level of `config.data`, or one entry of `config.data.mixture`)."""
+    config = ml_collections.ConfigDict()
+    # "paired_list" (HR_path LR_path prompt... lines), "hr_folder" (LR synthesised), "tfds" (LR synthesised unless
+    # lr_key names a paired LR feature); at the top level also "mixture" (the weighted sources of `mixture`).
+    config.source = "paired_list"
+    config.path = ""  # the list file, the HR folder or the tfds name ("div2k/bicubic_x4"); empty: scikit-image samples
+    config.captions = ""  # hr_folder: optional file of `relative/name<TAB>caption` lines; else empty prompts
+    config.split = "train"  # tfds split (slicing allowed: "train[:90%]")
+    config.tfds_data_dir = ""  # tfds data_dir (prepared with file_format=array_record); empty: tfds' default
+    config.image_key = "image"  # tfds feature of the HR image
+    config.lr_key = ""  # tfds feature of a paired LR image; empty: the LR is synthesised
+    config.prompt_key = ""  # tfds text feature used as the prompt; empty: empty prompts
+    config.weight = 1.0  # relative sampling weight inside a mixture
+    config.update(overrides)
+    return config
 
 
 def data_config() -> ml_collections.ConfigDict:
     """Defaults of `config.data`."""
-    config = ml_collections.ConfigDict()
-    config.source = "paired_list"  # "paired_list" (HR_path LR_path prompt... lines) or "hr_folder" (LR synthesised)
-    config.path = ""  # the list file or the HR folder; empty: scikit-image samples (offline tiny runs)
-    config.sample_size = 128  # side of those samples
-    config.captions = ""  # hr_folder only: optional file of `relative/name<TAB>caption` lines; else empty prompts
+    config = source_config()
+    config.mixture = ml_collections.ConfigDict()  # source == "mixture": {name: source_config(...)}
+    config.sample_size = 128  # side of the scikit-image samples used when path is empty
     config.crop_size = 512  # square random crop, same window on HR and LR; smaller images are first upscaled
-    config.scale = 4  # SR factor of the synthetic bicubic LR
+    config.scale = 4  # SR factor of synthetic LRs
     config.flip = True  # random horizontal flip
-    config.synthetic_prob = 0.01  # paired_list: chance of a bicubic LR from the HR instead of the listed LR
+    config.degradation = "realesrgan"  # LR of records without one: "realesrgan" (online, second order) or "bicubic"
+    config.realesrgan = degradation_config()
+    config.synthetic_prob = 0.01  # paired records: chance of a bicubic LR from the HR instead of the listed LR
     config.num_workers = 0  # grain worker processes; 0 decodes in this process
     config.read_threads = 8  # decoding threads (in each worker process when num_workers > 0)
     config.prefetch = 2  # batches buffered ahead (per worker when num_workers > 0)
+    config.device_prefetch = 2  # batches copied to the devices ahead of the train step
     return config
+
+
+def components(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The (name, source config) pairs that `config.data` draws from: itself, or its mixture's entries."""
+    if config.source != "mixture":
+        return [("data", config)]
+    return [(f"data.mixture.{name}", entry) for name, entry in config.mixture.items()]
+
+
+def make_degradation(config: ml_collections.ConfigDict) -> Degradation:
+    if config.degradation == "bicubic":
+        return BicubicDegradation(config.scale)
+    return RealESRGANDegradation(config.realesrgan)
 
 
 class _Tokenize:
@@ -62,10 +99,20 @@ class _Tokenize:
 
 
 def _check(config: ml_collections.ConfigDict, global_batch_size: int, process_index: int, process_count: int):
-    if config.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {sorted(SOURCES)}, got {config.source!r}")
-    if not config.path:
-        raise ValueError("data.path is empty: set it to the list file or image folder")
+    if config.source == "mixture" and not config.mixture:
+        raise ValueError("data.source is 'mixture' but data.mixture is empty")
+    for name, entry in components(config):
+        if entry.source not in SOURCES:
+            raise ValueError(f"{name}.source must be one of {sorted(SOURCES)}"
+                             f"{' or mixture' if name == 'data' else ''}, got {entry.source!r}")
+        if not entry.path:
+            raise ValueError(f"{name}.path is empty: set it to the list file, image folder or tfds name")
+        if not entry.weight > 0:
+            raise ValueError(f"{name}.weight must be positive, got {entry.weight}")
+    if config.degradation not in DEGRADATIONS:
+        raise ValueError(f"data.degradation must be one of {DEGRADATIONS}, got {config.degradation!r}")
+    if config.degradation == "realesrgan" and config.realesrgan.scale != config.scale:
+        raise ValueError(f"data.realesrgan.scale ({config.realesrgan.scale}) must equal data.scale ({config.scale})")
     if config.crop_size <= 0 or config.crop_size % config.scale:
         raise ValueError(f"data.crop_size ({config.crop_size}) must be a positive multiple of data.scale "
                          f"({config.scale})")
@@ -87,9 +134,13 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     """
     _check(data_config, global_batch_size, process_index, process_count)
     local_batch = global_batch_size // process_count
-    transform = MakeTrainPair(data_config.crop_size, data_config.scale, data_config.flip, data_config.synthetic_prob)
-    dataset = (grain.MapDataset.source(SOURCES[data_config.source](data_config))
-               .seed(seed).shuffle().repeat(None).random_map(transform)[process_index::process_count])
+    transform = MakeTrainPair(data_config.crop_size, data_config.scale, data_config.flip, data_config.synthetic_prob,
+                              make_degradation(data_config))
+    sources = [(grain.MapDataset.source(SOURCES[entry.source](entry)).seed(seed + i).shuffle().repeat(None),
+                entry.weight) for i, (_, entry) in enumerate(components(data_config))]
+    dataset = (sources[0][0] if len(sources) == 1
+               else grain.MapDataset.mix([d for d, _ in sources], [w for _, w in sources]).seed(seed))
+    dataset = dataset.random_map(transform)[process_index::process_count]
     read = grain.ReadOptions(num_threads=data_config.read_threads,
                              prefetch_buffer_size=max(1, data_config.read_threads, data_config.prefetch * local_batch))
     # Records whose files fail to decode come out as None and are dropped here; if more than half of a window of

@@ -1,15 +1,17 @@
-"""Random-access sources of training records: (HR path, LR path or None, prompt), checked when built.
+"""Random-access sources of training records: (HR, LR or None, prompt), checked when built.
 
-A source only lists examples; pixels are read later, per example, by `transforms.MakeTrainPair`. Every file is
-opened once here (header only, no decoding) so that missing, empty or non-image files are dropped up front with
-one log line each, and a source with nothing readable fails at once instead of at the first batch. Files whose
-header is fine but whose pixels are corrupt (e.g. truncated) are dropped when they are first read.
+File sources (a paired list, a folder) only list examples; pixels are read later, per example, by
+`transforms.MakeTrainPair`. Every file is opened once here (header only, no decoding) so that missing, empty or
+non-image files are dropped up front with one log line each, and a source with nothing readable fails at once
+instead of at the first batch. Files whose header is fine but whose pixels are corrupt (e.g. truncated) are dropped
+when they are first read. A tfds source hands out decoded pixels (tfds decodes them as it reads a record).
 """
 
 import dataclasses
 import logging
 import os
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tadsr_jax.infer.images import IMAGE_EXTENSIONS
@@ -22,10 +24,11 @@ READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One training example before decoding. `lr` is None when the LR is synthesised from the HR."""
+    """One training example: image file paths, or decoded HWC uint8 pixels (tfds). `lr` is None when the LR is
+    synthesised from the HR."""
 
-    hr: str
-    lr: str | None
+    hr: str | np.ndarray
+    lr: str | np.ndarray | None
     prompt: str
 
 
@@ -149,3 +152,44 @@ class HRFolderSource(_RecordSource):
         super().__init__(folder, _keep_readable(records))
         if not self.records:
             raise ValueError(f"no readable image in folder {folder}")
+
+
+class TfdsSource:
+    """Images of a tfds dataset split, read by index through `tfds.data_source` (ArrayRecord files, no TensorFlow
+    graph). `image_key` is the HR feature; `lr_key` an optional paired LR feature; `prompt_key` an optional text
+    feature (else empty prompts)."""
+
+    def __init__(self, name: str, split: str, *, data_dir: str = "", image_key: str = "image", lr_key: str = "",
+                 prompt_key: str = ""):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise ImportError("tfds sources need tensorflow-datasets: pip install 'tadsr-jax[train]'") from None
+        self.path = f"{name}:{split}"
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as err:  # tfds raises many types for unknown, unprepared or non-ArrayRecord datasets
+            raise ValueError(f"tfds dataset {self.path} cannot be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); it must be prepared in data_dir with "
+                             f"file_format=array_record (tfds build {name} --file_format=array_record)") from None
+        features = self._source.dataset_info.features
+        for role, key in (("image_key", image_key), ("lr_key", lr_key), ("prompt_key", prompt_key)):
+            if key and key not in features:
+                raise ValueError(f"tfds dataset {self.path} has no feature {key!r} ({role}); it has {sorted(features)}")
+        if len(self._source) == 0:
+            raise ValueError(f"tfds dataset {self.path} is empty")
+        self.image_key, self.lr_key, self.prompt_key = image_key, lr_key, prompt_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        example = self._source[index]
+        prompt = example[self.prompt_key] if self.prompt_key else ""
+        if isinstance(prompt, bytes | np.ndarray):
+            prompt = np.asarray(prompt).item()
+            prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+        return Record(hr=example[self.image_key], lr=example[self.lr_key] if self.lr_key else None, prompt=prompt)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, size={len(self)})"

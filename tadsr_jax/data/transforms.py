@@ -1,7 +1,9 @@
-"""Per-example work: decode, random crop, flip, (re)size the LR, scale to [-1, 1]. All resampling is PIL's."""
+"""Per-example work: decode, random crop, flip, make or (re)size the LR, scale to [-1, 1]. Resampling is PIL's
+except inside the Real-ESRGAN degradation (OpenCV)."""
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -36,6 +38,16 @@ def _read_or_report(path: str) -> Image.Image | None:
         return None
 
 
+def _load(image: str | np.ndarray) -> Image.Image | None:
+    """A file path (decoded, None if unreadable) or decoded pixels (HW, HW1, HW3 or HW4 uint8) -> RGB image."""
+    if isinstance(image, str):
+        return _read_or_report(image)
+    pixels = np.asarray(image)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    return Image.fromarray(pixels).convert("RGB")
+
+
 def bicubic_degrade(image: Image.Image, scale: int) -> Image.Image:
     """PIL bicubic down by `scale`, then bicubic back up to the original size (the reference's synthetic LR)."""
     w, h = image.size
@@ -52,7 +64,21 @@ def cover_size(size: tuple[int, int], crop_size: int) -> tuple[int, int]:
     return max(crop_size, round(w * factor)), max(crop_size, round(h * factor))
 
 
-def to_float(image: Image.Image) -> np.ndarray:
+# (HR crop as HWC uint8, rng) -> LR as HWC uint8 at the HR size.
+Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class BicubicDegradation:
+    """`bicubic_degrade` as a `Degradation` (it draws nothing from the rng)."""
+
+    def __init__(self, scale: int):
+        self.scale = scale
+
+    def __call__(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.asarray(bicubic_degrade(Image.fromarray(hr), self.scale))
+
+
+def to_float(image: Image.Image | np.ndarray) -> np.ndarray:
     """HWC uint8 RGB -> float32 in [-1, 1]."""
     return np.asarray(image, np.float32) / 127.5 - 1.0
 
@@ -61,24 +87,27 @@ class MakeTrainPair(grain.transforms.RandomMap):
     """Record -> {"hq", "lq", "prompt"} (or None if a file fails to decode; grain drops Nones).
 
     Paired records: the LR is resized to the HR size with LANCZOS, or, with probability `synthetic_prob`, replaced
-    by `bicubic_degrade` of the HR crop. Records without an LR are always synthesised. Then both are cropped with
-    the same random window and flipped together; the synthetic LR is made from the final (cropped, flipped) HR.
+    by `bicubic_degrade` of the HR crop (the reference's 1 %). Records without an LR get `degrade` of the HR crop.
+    Both images are cropped with the same random window and flipped together; a synthetic LR is made from the final
+    (cropped, flipped) HR, as the reference's online Real-ESRGAN dataset does.
     """
 
-    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float):
+    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float, degrade: Degradation):
         self.crop_size = crop_size
         self.scale = scale
         self.flip = flip
         self.synthetic_prob = synthetic_prob
+        self.degrade = degrade
 
     def random_map(self, record: Record, rng: np.random.Generator) -> dict | None:
-        hr = _read_or_report(record.hr)
+        hr = _load(record.hr)
         if hr is None:
             return None
-        synthetic = record.lr is None or rng.random() < self.synthetic_prob
+        unpaired = record.lr is None
+        synthetic = unpaired or rng.random() < self.synthetic_prob
         images = [hr]
         if not synthetic:
-            lr = _read_or_report(record.lr)
+            lr = _load(record.lr)
             if lr is None:
                 return None
             images.append(lr.resize(hr.size, Image.LANCZOS))
@@ -91,5 +120,8 @@ class MakeTrainPair(grain.transforms.RandomMap):
         if self.flip and rng.random() < 0.5:
             images = [image.transpose(Image.FLIP_LEFT_RIGHT) for image in images]
         hr = images[0]
-        lr = bicubic_degrade(hr, self.scale) if synthetic else images[1]
+        if unpaired:
+            lr = self.degrade(np.asarray(hr), rng)
+        else:
+            lr = bicubic_degrade(hr, self.scale) if synthetic else images[1]
         return {"hq": to_float(hr), "lq": to_float(lr), "prompt": record.prompt}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from PIL import Image
 
 from tadsr_jax import parallel
 from tadsr_jax.data.pipeline import make_train_iterator
+from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
 from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
@@ -169,9 +171,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     trainer = build(config, workdir)
     cfg = config.train
-    data = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size, seed=config.seed,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               tokenize=trainer.tokenize)
+    host_batches = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size,
+                                       seed=config.seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count(), tokenize=trainer.tokenize)
+    data = DevicePrefetch(host_batches, functools.partial(parallel.global_batch, sharding=trainer.batch_sharding),
+                          size=config.data.device_prefetch)
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     state = trainer.state
     start = checkpointer.latest_step() or 0
@@ -185,8 +189,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     progress = _progress(start, cfg.steps)
     try:
         for step in range(start + 1, cfg.steps + 1):
-            batch = parallel.global_batch(next(data), trainer.batch_sharding)
+            batch = next(data)
             state, step_metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
+            if step < cfg.steps:
+                data.fill()  # the next batches' host work and copies overlap this step
             window_steps += 1
             if not bool(step_metrics["finite"]):
                 values = host_metrics(step_metrics)

@@ -1,9 +1,11 @@
 """python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \\
     --lpips_linear=<site-packages>/lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
+python launch/convert.py --what=dists --vgg16=vgg16-397923af.pth --dists_weights=<DISTS_pytorch>/weights.pt \
+    --out=dists.safetensors
 python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \\
     (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 
-Converts weight files: LPIPS (PyTorch -> our safetensors) and TADSR generators between the reference's
+Converts weight files: LPIPS and DISTS (PyTorch -> our safetensors) and TADSR generators between the reference's
 tadsr.pkl (reading or writing it needs torch), our safetensors export and a training workdir's checkpoint.
 Each `--what` is one handler in HANDLERS (flags -> library call -> one line of output); errors are one line on
 stderr and exit status 1.
@@ -15,9 +17,10 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_WHAT = flags.DEFINE_string("what", None, "What to convert: one of generator, lpips.")
-_VGG16 = flags.DEFINE_string("vgg16", None, "lpips: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
+_WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips.")
+_VGG16 = flags.DEFINE_string("vgg16", None, "lpips, dists: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
 _LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips: the lpips package's weights/v0.1/vgg.pth.")
+_DISTS_WEIGHTS = flags.DEFINE_string("dists_weights", None, "dists: DISTS_pytorch's weights.pt (alpha, beta).")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "generator: the experiment config (SD folder, LoRA rank).")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "generator: the reference's tadsr.pkl.")
@@ -39,6 +42,14 @@ def _convert_lpips() -> str:
     return f"wrote {_OUT.value} (LPIPS VGG16 v0.1)"
 
 
+def _convert_dists() -> str:
+    from tadsr_jax.weights.dists import convert_dists_weights
+
+    _require(vgg16=_VGG16.value, dists_weights=_DISTS_WEIGHTS.value, out=_OUT.value)
+    convert_dists_weights(_VGG16.value, _DISTS_WEIGHTS.value, _OUT.value)
+    return f"wrote {_OUT.value} (DISTS)"
+
+
 def _convert_generator() -> str:
     from tadsr_jax.infer.model import WeightsSource, export_generator
     from tadsr_jax.infer.session import pretrained_folder
@@ -51,7 +62,8 @@ def _convert_generator() -> str:
     return export_generator(config, pretrained_folder(config, source.workdir), source, _OUT.value)
 
 
-HANDLERS: dict[str, Callable[[], str]] = {"generator": _convert_generator, "lpips": _convert_lpips}
+HANDLERS: dict[str, Callable[[], str]] = {"dists": _convert_dists, "generator": _convert_generator,
+                                          "lpips": _convert_lpips}
 
 
 def main(argv: list[str]) -> int:

@@ -257,6 +257,42 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     assert np.abs(a - b).mean() > 0.5
 
 
+def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(tmp_path, sd_folder, generator_file,
+                                                                      compilation_cache):
+    from tadsr_jax import metrics
+
+    lq, hr = tmp_path / "lq", tmp_path / "hr"
+    lq.mkdir()
+    hr.mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(sample(name, (128, 128))).save(hr / f"{name}.png")
+        Image.fromarray(sample(name, (32, 32))).save(lq / f"{name}.png")
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, os.path.join(REPO, "launch", "evaluate.py"),
+           "--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}", f"--generator={generator_file}", f"--lq={lq}", f"--hr={hr}",
+           f"--output={out}", "--sweep=100,700"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"t=100", "t=700"}
+    for t in (100, 700):
+        psnrs = []
+        for name in ("astronaut", "coffee"):
+            a = np.asarray(Image.open(out / "sr" / f"{name}_t{t}.png"), np.float32)[None] / 255
+            b = np.asarray(Image.open(hr / f"{name}.png"), np.float32)[None] / 255
+            psnrs.append(float(metrics.psnr_y(a, b)[0]))
+        np.testing.assert_allclose(summary[f"t={t}"]["psnr"], np.mean(psnrs), rtol=1e-6)
+    assert summary["t=100"]["psnr"] != summary["t=700"]["psnr"]
+    assert (out / "metrics.md").read_text().splitlines()[0] == "| Dataset | Metric | t=100 | t=700 |"
+    with Image.open(out / "sweep.png") as plot:
+        assert plot.format == "PNG"
+    again = subprocess.run([*cmd[:1], cmd[1], f"--sr={out / 'sr'}", f"--hr={hr}", f"--output={tmp_path / 'again'}",
+                            "--sweep=100,700"], capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+
+
 def test_convert_to_the_reference_format_then_sr_gives_the_same_image(tmp_path, sd_folder, generator_file,
                                                                       compilation_cache):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)

@@ -1,0 +1,143 @@
+"""python launch/evaluate.py --sr=DIR[,DIR...] [--hr=DIR] [--names=A,B] [--dataset=RealSR] [--crop=512]
+    [--metrics=psnr,ssim,lpips,dists,clipiqa,musiq,maniqa,topiq,niqe] [--lpips=FILE] [--dists=FILE] [--output=DIR]
+python launch/evaluate.py --sweep=100,200,...,900 --lq=DIR --hr=DIR --output=DIR --config=CONFIG
+    [--workdir=DIR | --tadsr_ckpt=FILE | --generator=FILE] [--seed=42] [--prompt=TEXT]   (SR at each t, then scores)
+python launch/evaluate.py --sweep=100,...,900 --sr=SWEEP_OUTPUT_DIR --hr=DIR      (outputs of launch/sr.py --sweep)
+
+Scores SR outputs against HR references matched by file name (or, with --sr alone, no-reference metrics), writes
+<output>/metrics.json and a markdown table laid out like the paper's Table 1 (<output>/metrics.md; one column per
+--sr folder). With --sweep, one column per timestep plus <output>/sweep.png (each metric against t, the paper's
+Fig. 6). Unmatched and unreadable files get one line each; the exit status is 1 if any file failed. The last
+line printed is the metrics JSON (the means over the images).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tadsr_jax import runtime
+
+_SR = flags.DEFINE_list("sr", None, "SR output folder(s); one table column each.")
+_HR = flags.DEFINE_string("hr", None, "Reference (HR) folder; files are matched to SR outputs by name.")
+_NAMES = flags.DEFINE_list("names", None, "Column labels of the --sr folders (default: their folder names).")
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset label of the table (default: the HR folder's name).")
+_CROP = flags.DEFINE_integer("crop", 0, "Centre-crop SR and HR to this square side before scoring (0: whole).",
+                             lower_bound=0)
+_METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: psnr, ssim, plus lpips/dists when their weights "
+                             "are given; with --sr alone: clipiqa, musiq, maniqa, topiq through pyiqa).")
+_LPIPS = flags.DEFINE_string("lpips", "", "LPIPS-VGG weights (launch/convert.py --what=lpips).")
+_DISTS = flags.DEFINE_string("dists", "", "DISTS weights (launch/convert.py --what=dists).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Same-shape images scored per call.", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", None, "Report folder (default: the first --sr folder).")
+_SWEEP = flags.DEFINE_list("sweep", None, "Timesteps of the fidelity-realism sweep (e.g. 100,300,500,700,900).")
+_LQ = flags.DEFINE_string("lq", None, "--sweep: low-quality inputs to super-resolve at each timestep first.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "--lq: the experiment config of the SR model.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "", "--lq: generator from a training workdir's latest checkpoint.")
+_TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "--lq: the reference's released tadsr.pkl (needs torch).")
+_GENERATOR = flags.DEFINE_string("generator", "", "--lq: generator weights exported by launch/convert.py.")
+_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed.")
+_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image.")
+
+
+def _timesteps() -> list[int]:
+    try:
+        return [int(t) for t in _SWEEP.value]
+    except ValueError:
+        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(_SWEEP.value)}")
+
+
+def _run(log) -> tuple[dict, bool]:
+    from tadsr_jax import evaluation
+
+    sweep = _timesteps() if _SWEEP.value else None
+    if _LQ.value:
+        if not sweep:
+            raise ValueError("--lq is for --sweep; to score existing outputs pass --sr")
+        if not (_OUTPUT.value and _CONFIG.value):
+            raise ValueError("--sweep with --lq needs --output and --config")
+        from tadsr_jax.infer import session
+        from tadsr_jax.infer.model import WeightsSource
+
+        sr_dirs = [os.path.join(_OUTPUT.value, "sr")]
+        source = WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value)
+        report = session.run(_CONFIG.value, _LQ.value, sr_dirs[0], source, sweep=sweep, seed=_SEED.value,
+                             prompt=_PROMPT.value, log=log)
+        if report.failed:
+            print(f"note: {len(report.failed)} input(s) failed to super-resolve", file=log)
+    elif _SR.value:
+        sr_dirs = _SR.value
+    else:
+        raise ValueError("give --sr=DIR (or --sweep with --lq=DIR)")
+    for folder in [*sr_dirs, *([_HR.value] if _HR.value else [])]:
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder}: not a folder")
+    names = _METRICS.value or evaluation.default_metrics(reference=bool(_HR.value), lpips=bool(_LPIPS.value),
+                                                         dists=bool(_DISTS.value), log=log)
+    scorer = evaluation.Scorer(names, lpips=evaluation.load_metric_net("lpips", _LPIPS.value),
+                               dists=evaluation.load_metric_net("dists", _DISTS.value))
+    output = _OUTPUT.value or sr_dirs[0]
+    os.makedirs(output, exist_ok=True)
+    dataset = _DATASET.value or os.path.basename(os.path.normpath(_HR.value or sr_dirs[0]))
+    if sweep:
+        if len(sr_dirs) != 1:
+            raise ValueError("--sweep scores one folder of <name>_t<T> outputs")
+        runs = {f"t={t}": (sr_dirs[0], f"_t{t}") for t in sweep}
+    else:
+        labels = _NAMES.value or [os.path.basename(os.path.normpath(d)) for d in sr_dirs]
+        if len(labels) != len(sr_dirs):
+            raise ValueError(f"--names has {len(labels)} labels for {len(sr_dirs)} --sr folders")
+        runs = {label: (folder, "") for label, folder in zip(labels, sr_dirs)}
+    results, failed = {}, False
+    for label, (folder, suffix) in runs.items():
+        matching = evaluation.match_files(folder, _HR.value, suffix=suffix)
+        for path in matching.unmatched_sr:
+            print(f"unmatched: {path}: no file of that name in {_HR.value}", file=log)
+        for path in matching.unmatched_hr:
+            print(f"unmatched: {path}: no SR output of that name in {folder}", file=log)
+        for path in matching.duplicates:
+            print(f"duplicate: {path}: another file of its folder has the same name; ignored", file=log)
+        if not matching.pairs:
+            raise ValueError(f"{folder}: no image{' matches a file of ' + _HR.value if _HR.value else ''}")
+        result = evaluation.evaluate(matching, scorer, crop=_CROP.value, batch_size=_BATCH_SIZE.value, log=log,
+                                     desc=label)
+        results[label] = result.to_json()
+        failed |= bool(result.failed)
+    means = {label: r["mean"] for label, r in results.items()}
+    evaluation.write_report(os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results},
+                            evaluation.markdown_table(dataset, means))
+    if sweep:
+        evaluation.sweep_plot({t: means[f"t={t}"] for t in sweep}, os.path.join(output, "sweep.png"), dataset)
+    print(evaluation.markdown_table(dataset, means), file=log)
+    if len(results) == 1:
+        (only,) = results.values()
+        summary = {**only["mean"], "images": only["images"], "failed": len(only["failed"])}
+    else:
+        summary = means
+    return summary, failed
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    runtime.enable_compilation_cache()
+    from tadsr_jax.infer.images import ImageError
+    from tadsr_jax.metrics import NoReferenceMetricsUnavailable
+    from tadsr_jax.weights.convert import WeightsError
+
+    try:
+        summary, failed = _run(sys.stderr)
+    except (ImageError, WeightsError, NoReferenceMetricsUnavailable, ValueError, ImportError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    app.run(main)

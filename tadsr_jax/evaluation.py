@@ -1,0 +1,278 @@
+"""Evaluate folders of SR outputs as the paper does: match files to HR references by name, optional centre crops,
+full-reference (PSNR/SSIM on Y, LPIPS, DISTS) and no-reference (pyiqa) metrics, a JSON report, a markdown table
+laid out like the paper's Table 1, and the fidelity-realism sweep plot (metrics against the timestep).
+
+Files are matched by stem: `<sr_dir>/<stem><suffix>.<ext>` with `<hr_dir>/<stem>.<ext>` (any image extension; a
+sweep's outputs carry the suffix `_t<T>`). A file that cannot be read, or whose size differs from its reference,
+costs one line and the rest is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from tadsr_jax import metrics
+from tadsr_jax.infer.images import ImageError, list_images, read_rgb
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricInfo:
+    label: str  # as in the paper's tables
+    higher_is_better: bool
+    digits: int
+    full_reference: bool
+
+
+METRICS: dict[str, MetricInfo] = {
+    "psnr": MetricInfo("PSNR", True, 3, True),
+    "ssim": MetricInfo("SSIM", True, 4, True),
+    "lpips": MetricInfo("LPIPS-VGG", False, 4, True),  # the paper's column is pyiqa's LPIPS-AlexNet
+    "dists": MetricInfo("DISTS", False, 4, True),
+    "clipiqa": MetricInfo("CLIPIQA", True, 4, False),
+    "musiq": MetricInfo("MUSIQ", True, 3, False),
+    "maniqa": MetricInfo("MANIQA", True, 4, False),
+    "topiq": MetricInfo("TOPIQ", True, 4, False),
+    "niqe": MetricInfo("NIQE", False, 4, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    name: str  # the stem shared by the SR file and its reference
+    sr: str
+    hr: str | None
+
+
+@dataclasses.dataclass
+class Matching:
+    pairs: list[Pair]
+    unmatched_sr: list[str]  # SR files without a reference (only when an HR folder is given)
+    unmatched_hr: list[str]  # references without an SR file
+    duplicates: list[str]  # files whose stem another file of the same folder already has
+
+
+def _by_stem(folder: str, suffix: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """{stem: path} of the folder's images whose stem ends with `suffix` (removed), the others, and duplicates."""
+    stems, others, duplicates = {}, [], []
+    for path in list_images(folder):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if suffix and not stem.endswith(suffix):
+            others.append(path)
+            continue
+        stem = stem[: len(stem) - len(suffix)] if suffix else stem
+        if stem in stems:
+            duplicates.append(path)
+        else:
+            stems[stem] = path
+    return stems, others, duplicates
+
+
+def match_files(sr_dir: str, hr_dir: str | None = None, *, suffix: str = "") -> Matching:
+    """Pairs SR outputs with references by stem (see the module docstring); without `hr_dir`, every SR file."""
+    sr, _, duplicates = _by_stem(sr_dir, suffix)
+    if hr_dir is None:
+        return Matching([Pair(stem, path, None) for stem, path in sorted(sr.items())], [], [], duplicates)
+    hr, _, hr_duplicates = _by_stem(hr_dir, "")
+    pairs = [Pair(stem, sr[stem], hr[stem]) for stem in sorted(sr.keys() & hr.keys())]
+    return Matching(pairs, sorted(sr[s] for s in sr.keys() - hr.keys()), sorted(hr[s] for s in hr.keys() - sr.keys()),
+                    duplicates + hr_duplicates)
+
+
+def center_crop(pixels: np.ndarray, size: int, path: str) -> np.ndarray:
+    """The central `size` x `size` window; ImageError when the image is smaller."""
+    h, w = pixels.shape[:2]
+    if h < size or w < size:
+        raise ImageError(path, f"{w}x{h} is smaller than the {size}x{size} centre crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return pixels[top: top + size, left: left + size]
+
+
+NO_REFERENCE_DEFAULT = ("clipiqa", "musiq", "maniqa", "topiq")
+
+
+def default_metrics(*, reference: bool, lpips: bool, dists: bool, log: TextIO = sys.stderr) -> list[str]:
+    """PSNR and SSIM, plus LPIPS/DISTS when their weights are given (a note says how otherwise); without
+    references, the paper's no-reference metrics."""
+    if not reference:
+        return list(NO_REFERENCE_DEFAULT)
+    names = ["psnr", "ssim"]
+    for name, given in (("lpips", lpips), ("dists", dists)):
+        if given:
+            names.append(name)
+        else:
+            print(f"note: {name} skipped: pass --{name}=FILE (made by launch/convert.py --what={name})", file=log)
+    return names
+
+
+def load_metric_net(kind: str, path: str):
+    """The LPIPS or DISTS network from a converted weights file, or None when `path` is empty."""
+    if not path:
+        return None
+    if kind == "lpips":
+        from tadsr_jax.weights.lpips import load_lpips
+
+        return load_lpips(path)
+    from tadsr_jax.weights.dists import load_dists
+
+    return load_dists(path)
+
+
+class Scorer:
+    """The run's metrics on batches of same-shape images (float32 NHWC in [0, 1]): `scorer(sr, hr)` ->
+    {metric: (B,) float64}. Full-reference metrics in JAX (LPIPS and DISTS need their networks); no-reference
+    ones through pyiqa, which must be installed with its weights."""
+
+    def __init__(self, names: Sequence[str], *, lpips=None, dists=None):
+        unknown = [n for n in names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+        for name, model in (("lpips", lpips), ("dists", dists)):
+            if name in names and model is None:
+                raise ValueError(f"{name} needs its weights: --{name}=FILE (made by launch/convert.py --what={name})")
+        self.names = tuple(names)
+        full = [n for n in self.names if METRICS[n].full_reference]
+        no_reference = [n for n in self.names if not METRICS[n].full_reference]
+        self._full = metrics.FullReferenceMetrics(full, lpips=lpips, dists=dists) if full else None
+        self._no_reference = metrics.NoReferenceMetrics(no_reference) if no_reference else None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self._full is not None
+
+    def __call__(self, sr: np.ndarray, hr: np.ndarray | None) -> dict[str, np.ndarray]:
+        scores = self._full(sr, hr) if self._full is not None else {}
+        if self._no_reference is not None:
+            scores.update(self._no_reference(sr))
+        return {name: scores[name] for name in self.names}
+
+
+@dataclasses.dataclass
+class Evaluation:
+    per_image: dict[str, dict[str, float]]
+    failed: list[str]  # one line each: "<path>: <problem>"
+    matching: Matching
+
+    def means(self) -> dict[str, float]:
+        names = {n for scores in self.per_image.values() for n in scores}
+        return {n: float(np.mean([s[n] for s in self.per_image.values()])) for n in METRICS if n in names}
+
+    def to_json(self) -> dict:
+        return {"mean": self.means(), "images": len(self.per_image), "per_image": self.per_image,
+                "failed": self.failed, "unmatched_sr": self.matching.unmatched_sr,
+                "unmatched_hr": self.matching.unmatched_hr, "duplicates": self.matching.duplicates}
+
+
+def _read(pair: Pair, crop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    images = []
+    for path in (pair.sr, pair.hr):
+        if path is None:
+            images.append(None)
+            continue
+        pixels = read_rgb(path).pixels
+        images.append(center_crop(pixels, crop, path) if crop else pixels)
+    sr, hr = images
+    if hr is not None and sr.shape != hr.shape:
+        raise ImageError(pair.sr, f"{sr.shape[1]}x{sr.shape[0]} differs from its reference {pair.hr} "
+                                  f"({hr.shape[1]}x{hr.shape[0]}); use --crop to compare centre crops")
+    return sr, hr
+
+
+def evaluate(matching: Matching, scorer: Scorer, *, crop: int = 0, batch_size: int = 8, log: TextIO = sys.stderr,
+             desc: str = "evaluating") -> Evaluation:
+    """Scores every pair; same-shape images are batched (one compiled metric program per shape and batch size)."""
+    if scorer.needs_reference and any(p.hr is None for p in matching.pairs):
+        raise ValueError("full-reference metrics need --hr")
+    evaluation = Evaluation({}, [], matching)
+    pending: dict[tuple[int, ...], list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
+    bar = tqdm(total=len(matching.pairs), unit="img", desc=desc, file=log, disable=not matching.pairs)
+
+    def flush(shape):
+        batch = pending.pop(shape, [])
+        if not batch:
+            return
+        sr = np.stack([b[1] for b in batch]).astype(np.float32) / 255.0
+        hr = None if batch[0][2] is None else np.stack([b[2] for b in batch]).astype(np.float32) / 255.0
+        scores = scorer(sr, hr)
+        for i, (name, _, _) in enumerate(batch):
+            evaluation.per_image[name] = {metric: float(values[i]) for metric, values in scores.items()}
+        bar.update(len(batch))
+
+    for pair in matching.pairs:
+        try:
+            sr, hr = _read(pair, crop)
+        except ImageError as e:
+            evaluation.failed.append(str(e))
+            tqdm.write(f"error: {e}", file=log)
+            bar.update(1)
+            continue
+        pending.setdefault(sr.shape, []).append((pair.name, sr, hr))
+        if len(pending[sr.shape]) == batch_size:
+            flush(sr.shape)
+    for shape in list(pending):
+        flush(shape)
+    bar.close()
+    return evaluation
+
+
+def _format(name: str, value: float | None) -> str:
+    return "-" if value is None else f"{value:.{METRICS[name].digits}f}"
+
+
+def markdown_table(dataset: str, columns: Mapping[str, Mapping[str, float]]) -> str:
+    """The paper's Table 1 layout: | Dataset | Metric | method ... |, one row per metric (arrow: better), the best
+    value of each row in bold when there are several methods."""
+    names = [n for n in METRICS if any(n in means for means in columns.values())]
+    lines = ["| Dataset | Metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row, name in enumerate(names):
+        info = METRICS[name]
+        values = [means.get(name) for means in columns.values()]
+        present = [v for v in values if v is not None]
+        best = (max if info.higher_is_better else min)(present) if len(present) > 1 else None
+        cells = [f"**{_format(name, v)}**" if v is not None and v == best else _format(name, v) for v in values]
+        arrow = "↑" if info.higher_is_better else "↓"
+        lines.append(f"| {dataset if row == 0 else ''} | {info.label}{arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path_stem: str, report: dict, table: str) -> None:
+    """`<path_stem>.json` and `<path_stem>.md`, each written to a temporary name and renamed."""
+    for ext, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", table)):
+        tmp = f"{path_stem}{ext}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path_stem + ext)
+
+
+def sweep_plot(means_by_timestep: Mapping[int, Mapping[str, float]], path: str, title: str = "") -> None:
+    """The paper's Fig. 6 view: each metric against the student timestep t (one panel per metric), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the sweep plot needs matplotlib: pip install 'tadsr-jax[eval]'") from None
+    timesteps = sorted(means_by_timestep)
+    names = [n for n in METRICS if all(n in means_by_timestep[t] for t in timesteps)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        info = METRICS[name]
+        ax.plot(timesteps, [means_by_timestep[t][name] for t in timesteps], marker="o")
+        ax.set_xlabel("timestep t")
+        ax.set_title(f"{info.label} {'↑' if info.higher_is_better else '↓'}")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

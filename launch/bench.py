@@ -1,9 +1,9 @@
-"""python launch/bench.py --what=train|sr [--steps=5] [--warmup=2] [--cache_dir=DIR]
+"""python launch/bench.py --what=train|sr|data [--steps=5] [--warmup=2] [--cache_dir=DIR]
 
 Measures our speed against the PyTorch reference on the same weights, ours and the reference one after the
-other, each in its own subprocess. Prints a small table and, as the last line, one JSON object (`ours_s`,
-`torch_s`, `speedup`, `peak_fraction`, ...). Each `--what` is one handler in HANDLERS (flags -> library
-call -> report). Compilation is measured, so the persistent compilation cache is deliberately not enabled.
+other, each in its own subprocess; `data` measures the input pipeline's degraded examples/s per core. Prints a
+small table and, as the last line, one JSON object (`ours_s`, `torch_s`, `speedup`, `peak_fraction`, ...). Each
+`--what` is one handler in HANDLERS (flags -> library call -> report). Compilation is measured, so the persistent compilation cache is deliberately not enabled.
 """
 
 import sys
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-_WHAT = flags.DEFINE_string("what", "train", "What to measure: one of sr, train.")
+_WHAT = flags.DEFINE_string("what", "train", "What to measure: one of data, sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
 _SR_DTYPES = flags.DEFINE_list("sr_dtypes", ["float32"], "sr: dtypes to compare (float32, bfloat16); torch's "
@@ -33,7 +33,13 @@ def _sr():
                   dtypes=tuple(_SR_DTYPES.value))
 
 
-HANDLERS: dict[str, Callable] = {"sr": _sr, "train": _train}
+def _data():
+    from tadsr_jax.benchmarks import data
+
+    return data.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
+
+
+HANDLERS: dict[str, Callable] = {"data": _data, "sr": _sr, "train": _train}
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,8 @@ class DevicePrefetch:
         self._size = size
         self._buffer: collections.deque = collections.deque()
         self._consumed_state = iterator.get_state()
+        # grain's own iterators have JSON-able dict states; other iterators (as grain's handler expects) bytes.
+        self._bytes_state = isinstance(self._consumed_state, bytes)
 
     def fill(self) -> None:
         while len(self._buffer) < self._size:
@@ -37,11 +39,11 @@ class DevicePrefetch:
         return batch
 
     def get_state(self) -> bytes:
-        return json.dumps(self._consumed_state).encode()
+        return self._consumed_state if self._bytes_state else json.dumps(self._consumed_state).encode()
 
     def set_state(self, state: bytes) -> None:
         self._buffer.clear()
-        self._consumed_state = json.loads(state)
+        self._consumed_state = state if self._bytes_state else json.loads(state)
         self._iterator.set_state(self._consumed_state)
 
     def start_prefetch(self) -> None:

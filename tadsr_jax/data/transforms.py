@@ -79,8 +79,11 @@ class BicubicDegradation:
 
 
 def to_float(image: Image.Image | np.ndarray) -> np.ndarray:
-    """HWC uint8 RGB -> float32 in [-1, 1]."""
-    return np.asarray(image, np.float32) / 127.5 - 1.0
+    """HWC uint8 RGB -> float32 in [-1, 1] (one float32 buffer, scaled in place)."""
+    x = np.array(image, np.float32)
+    x *= np.float32(1 / 127.5)
+    x -= np.float32(1.0)
+    return x
 
 
 class MakeTrainPair(grain.transforms.RandomMap):

@@ -15,7 +15,8 @@ Full reference, in JAX (jitted; sr = super-resolved, hr = ground truth):
 
 No reference, through pyiqa itself (PyTorch, downloads its weights): `NoReferenceMetrics(names, device="cpu")`,
 called per batch as `nr(images)`, returns {name: (B,) float64 numpy array}, names among `NO_REFERENCE`
-(clipiqa, musiq, maniqa, niqe, topiq) or any pyiqa metric name; without an importable pyiqa they raise `NoReferenceMetricsUnavailable`.
+(clipiqa, musiq, maniqa, niqe, topiq) or any pyiqa metric name; without an importable pyiqa they raise
+`NoReferenceMetricsUnavailable`.
 
 Deviation: pyiqa's 'lpips' (the one OSEDiff reports) is LPIPS-AlexNet; `lpips_distance` computes whichever
 LPIPS it is given, and this package's LPIPS is the VGG variant (pyiqa's 'lpips-vgg'), so its values are not

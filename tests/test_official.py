@@ -78,8 +78,10 @@ def time_tensors(encoder: torch.nn.Module, gen: torch.Generator) -> dict[str, to
     rand = lambda *shape: torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
     resnets = [f"down_blocks.{i}.resnets.{j}" for i, b in enumerate(encoder.down_blocks) for j in range(len(b.resnets))]
     resnets += [f"mid_block.resnets.{j}" for j in range(len(encoder.mid_block.resnets))]
-    tensors = {"encoder.time_embedding.linear_1.weight": rand(256, 128), "encoder.time_embedding.linear_1.bias": rand(256),
-               "encoder.time_embedding.linear_2.weight": rand(256, 256), "encoder.time_embedding.linear_2.bias": rand(256)}
+    tensors = {"encoder.time_embedding.linear_1.weight": rand(256, 128),
+               "encoder.time_embedding.linear_1.bias": rand(256),
+               "encoder.time_embedding.linear_2.weight": rand(256, 256),
+               "encoder.time_embedding.linear_2.bias": rand(256)}
     for name in resnets:
         channels = encoder.get_submodule(name).norm2.num_channels  # conv1 is PEFT-wrapped
         tensors[f"encoder.{name}.time_emb_proj.weight"] = rand(2 * channels, 256)

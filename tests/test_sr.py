@@ -269,8 +269,8 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(tmp_path,
         Image.fromarray(sample(name, (32, 32))).save(lq / f"{name}.png")
     out = tmp_path / "sweep"
     cmd = [sys.executable, os.path.join(REPO, "launch", "evaluate.py"),
-           "--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}", f"--generator={generator_file}", f"--lq={lq}", f"--hr={hr}",
-           f"--output={out}", "--sweep=100,700"]
+           "--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}",
+           f"--generator={generator_file}", f"--lq={lq}", f"--hr={hr}", f"--output={out}", "--sweep=100,700"]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -480,9 +480,9 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
 
 def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted):
     """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's."""
-    from configs.tiny import get_config
     from flax import nnx
 
+    from configs.tiny import get_config
     from tadsr_jax.infer.model import WeightsSource, build_tadsr, load_generator_weights
     from tadsr_jax.method.tadsr import GENERATOR
 

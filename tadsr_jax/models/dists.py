@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 
 from tadsr_jax import prng
-from tadsr_jax.models.lpips import TAP_INDICES, VGG16_LAYOUT, ReLU
-from tadsr_jax.nn.layers import Conv2d
+from tadsr_jax.models.lpips import TAP_INDICES, vgg16_features
 
 # Channels of the compared representations: the input image, then relu1_2 .. relu5_3.
 CHANNELS = (3, 64, 128, 256, 512, 512)
@@ -56,15 +55,7 @@ class DISTS(nnx.Module):
     """
 
     def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        layers: list[nnx.Module] = []
-        channels = 3
-        for item in VGG16_LAYOUT:
-            if item == "M":
-                layers.append(L2Pool2d())
-            else:
-                layers += [Conv2d(channels, item, 3, padding=1, dtype=dtype, rngs=rngs), ReLU()]
-                channels = item
-        self.features = nnx.List(layers)  # indices 0..29 of torchvision's vgg16().features, pools swapped
+        self.features = vgg16_features(L2Pool2d, dtype=dtype, rngs=rngs)
         # DISTS_pt's initialisation, N(0.1, 0.01^2); the trained values come from its weights.pt.
         self.alpha = nnx.Param(0.1 + 0.01 * prng.normal(rngs.params(), (sum(CHANNELS),), dtype))
         self.beta = nnx.Param(0.1 + 0.01 * prng.normal(rngs.params(), (sum(CHANNELS),), dtype))

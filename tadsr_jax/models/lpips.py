@@ -17,6 +17,8 @@ placeholders fill the other positions, exactly as in torchvision's Sequential) a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,6 +60,20 @@ class Identity(nnx.Module):
         return x
 
 
+def vgg16_features(pool: Callable[[], nnx.Module], *, dtype, rngs: nnx.Rngs) -> nnx.List:
+    """Indices 0..29 of torchvision's vgg16().features: 3x3 convolutions each followed by a ReLU, `pool()` at the
+    pooling positions (max-pool for LPIPS, L2 pooling for DISTS)."""
+    layers: list[nnx.Module] = []
+    channels = 3
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(pool())
+        else:
+            layers += [Conv2d(channels, item, 3, padding=1, dtype=dtype, rngs=rngs), ReLU()]
+            channels = item
+    return nnx.List(layers)
+
+
 class NetLinLayer(nnx.Module):
     """One LPIPS head: `model` = [Dropout, 1x1 conv c -> 1 without bias], as in the lpips package."""
 
@@ -83,15 +99,7 @@ class LPIPS(nnx.Module):
     """
 
     def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        layers: list[nnx.Module] = []
-        channels = 3
-        for item in VGG16_LAYOUT:
-            if item == "M":
-                layers.append(MaxPool2d())
-            else:
-                layers += [Conv2d(channels, item, 3, padding=1, dtype=dtype, rngs=rngs), ReLU()]
-                channels = item
-        self.features = nnx.List(layers)  # indices 0..29 of torchvision's vgg16().features
+        self.features = vgg16_features(MaxPool2d, dtype=dtype, rngs=rngs)
         self.lin0 = NetLinLayer(CHANNELS[0], dtype=dtype, rngs=rngs)
         self.lin1 = NetLinLayer(CHANNELS[1], dtype=dtype, rngs=rngs)
         self.lin2 = NetLinLayer(CHANNELS[2], dtype=dtype, rngs=rngs)

@@ -66,7 +66,8 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
                  rename: Sequence[RenameRule] = (), ignore: Sequence[str] = (),
                  fill_missing: Callable[[str, jax.ShapeDtypeStruct], jax.Array | None] | None = None, dtype=None,
                  variable_filter=BASE_PARAMS) -> nnx.Module:
-    """Fill `model`'s base parameters (or `variable_filter`'s leaves) from (torch key, array) pairs and return the new module.
+    """Fill `model`'s base parameters (or `variable_filter`'s leaves) from (torch key, array) pairs; returns the
+    new module.
 
     `model` may be abstract (from `nnx.eval_shape`): tensors are converted one at a time, so only one full
     copy of the weights is ever held. A leaf missing from the file is an error unless

@@ -20,7 +20,7 @@ from flax import nnx
 
 from tadsr_jax.models.dists import CHANNELS, DISTS
 from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
-from tadsr_jax.weights.files import read_tensors
+from tadsr_jax.weights.files import read_tensors, write_safetensors
 from tadsr_jax.weights.lpips import _read_pth
 
 WEIGHT_NAMES = ("alpha", "beta")
@@ -66,8 +66,6 @@ def convert_dists_weights(vgg16_path: str, dists_path: str, out_path: str) -> No
     against the model before it is written (atomically). Raises WeightsError on a missing/unreadable file or a
     missing/unexpected/mis-shaped tensor.
     """
-    from safetensors.numpy import save_file
-
     vgg = {k: v for k, v in _read_pth(vgg16_path).items() if not k.startswith("classifier.")}
     if not any(k.startswith("features.") for k in vgg):
         raise WeightsError(f"{vgg16_path}: no 'features.*' tensors; expected torchvision's VGG16 state dict")
@@ -78,10 +76,7 @@ def convert_dists_weights(vgg16_path: str, dists_path: str, out_path: str) -> No
                            f"(alpha, beta)")
     _assemble(vgg.items(), weights, source=f"{vgg16_path} + {dists_path}", dtype=jnp.float32)  # validate only
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in {**vgg, **weights}.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_path)
+    write_safetensors(out_path, tensors)
 
 
 def load_dists(path: str, *, dtype=jnp.float32) -> DISTS:

@@ -1,10 +1,12 @@
-"""Reading diffusers/transformers model folders: config.json and weight files (safetensors or .bin, sharded or not)."""
+"""Diffusers/transformers model folders: config.json and weight files (safetensors or .bin, sharded or not), read
+and written; weight files are written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -78,16 +80,34 @@ def read_tensors(files: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
         yield from (_read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path))
 
 
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """`write(temporary path)` beside `path`, then rename: readers see the old file or the whole new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], fmt: str = "pt") -> None:
+    """An atomic safetensors file (parent folders created); `fmt` is its "format" metadata."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": fmt}))
+
+
 def write_model_folder(folder: str, config: dict, tensors: dict[str, np.ndarray],
                        stem: str = DIFFUSERS_WEIGHTS) -> None:
     """Write config.json and `<stem>.safetensors` as diffusers/transformers do; each file appears atomically."""
-    from safetensors.numpy import save_file
-
     os.makedirs(folder, exist_ok=True)
-    config_path = os.path.join(folder, "config.json")
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(config_path + ".tmp", config_path)
-    weights_path = os.path.join(folder, f"{stem}.safetensors")
-    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
-    os.replace(weights_path + ".tmp", weights_path)
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(folder, "config.json"), write_config)
+    write_safetensors(os.path.join(folder, f"{stem}.safetensors"), tensors)

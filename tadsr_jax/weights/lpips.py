@@ -19,7 +19,7 @@ from flax import nnx
 
 from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
-from tadsr_jax.weights.files import read_tensors
+from tadsr_jax.weights.files import read_tensors, write_safetensors
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
@@ -50,8 +50,6 @@ def convert_lpips_weights(vgg16_path: str, lpips_path: str, out_path: str) -> No
     `scaling_layer.*` buffers. The result is checked against the model before it is written (atomically).
     Raises WeightsError on a missing/unreadable file or a missing/unexpected/mis-shaped tensor.
     """
-    from safetensors.numpy import save_file
-
     vgg = {k: v for k, v in _read_pth(vgg16_path).items() if not k.startswith("classifier.")}
     heads = {k: v for k, v in _read_pth(lpips_path).items() if not k.startswith("scaling_layer.")}
     if not any(k.startswith("features.") for k in vgg):
@@ -61,11 +59,7 @@ def convert_lpips_weights(vgg16_path: str, lpips_path: str, out_path: str) -> No
     tensors = {**vgg, **heads}
     load_tensors(_abstract(), tensors.items(), source=f"{vgg16_path} + {lpips_path}")  # validate only
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_path)
+    write_safetensors(out_path, tensors)
 
 
 def load_lpips(path: str, *, dtype=jnp.float32) -> LPIPS:

@@ -18,12 +18,11 @@ and nothing is left at its random initialisation. Errors are one-line `WeightsEr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from flax import nnx
 from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.nn.lora import module_name
 from tadsr_jax.weights.convert import Path, WeightsError, jax_to_torch_layout, path_to_torch_key, torch_to_jax_layout
+from tadsr_jax.weights.files import atomic_write, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"
 SECTIONS = (UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION)
@@ -154,18 +154,6 @@ def _check_module_lists(source: str, found: Mapping[str, Any], expected: Mapping
             raise WeightsError(f"{source}: {name!r} lists {extra[0]!r}, which the model does not adapt")
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """`write(temporary path)` beside `path`, then rename: readers see the old file or the whole new one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
@@ -204,7 +192,7 @@ def save_reference_checkpoint(model: TADSR, path: str) -> None:
     """Write the reference's `tadsr.pkl` format (TADSR_SPEC.md 2.4), atomically."""
     torch = _torch(f"{path}: writing the official TADSR .pkl needs PyTorch (pip install torch)")
     checkpoint = reference_checkpoint(model)
-    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def _read_reference(path: str) -> dict[str, Any]:
@@ -255,7 +243,8 @@ def load_reference_checkpoint(model: TADSR, path: str, *, alpha: float = PEFT_DE
     for section in SECTIONS:
         expected = {e.key: e.torch_shape for e in entries if e.section == section}
         _check_tensors(path, f" in {section!r}", checkpoint[section], expected)
-    _update_generator(model, {e.path: e.from_torch(checkpoint[e.section][e.key].detach().float().numpy()) for e in entries})
+    _update_generator(model, {e.path: e.from_torch(checkpoint[e.section][e.key].detach().float().numpy())
+                              for e in entries})
 
 
 # ---------------------------------------------------------------------------------------- our export
@@ -276,18 +265,16 @@ def save_generator(model: TADSR, path: str, metadata: dict | None = None) -> Non
 
     Each file is written atomically; `metadata` (JSON-serialisable) is stored in the manifest under "metadata".
     """
-    from safetensors.numpy import save_file
-
     manifest = {**generator_manifest(model), "metadata": dict(metadata or {})}
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
     tensors = {_flat_name(p): np.ascontiguousarray(v) for p, v in _generator_values(model).items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": GENERATOR_FORMAT}))
+    write_safetensors(path, tensors, fmt=GENERATOR_FORMAT)
 
     def write_manifest(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(manifest_text + "\n")
 
-    _atomic_write(path + ".json", write_manifest)
+    atomic_write(path + ".json", write_manifest)
 
 
 def _read_manifest(path: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Measures our speed against the PyTorch reference on the same weights, ours and the reference one after the
 other, each in its own subprocess; `data` measures the input pipeline's degraded examples/s per core. Prints a
 small table and, as the last line, one JSON object (`ours_s`, `torch_s`, `speedup`, `peak_fraction`, ...). Each
-`--what` is one handler in HANDLERS (flags -> library call -> report). Compilation is measured, so the persistent compilation cache is deliberately not enabled.
+`--what` is one handler in HANDLERS (flags -> library call -> report). Compilation is measured, so the
+persistent compilation cache is deliberately not enabled.
 """
 
 import sys
@@ -16,6 +17,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
 _SR_DTYPES = flags.DEFINE_list("sr_dtypes", ["float32"], "sr: dtypes to compare (float32, bfloat16); torch's "
                                 "bf16 on a CPU without bf16 matrix units is very slow.")
+_SR_SIZES = flags.DEFINE_list("sr_sizes", ["256", "512"], "sr: output sides to measure.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are written once "
                                  "(default ~/.cache/tadsr_jax/bench).")
 
@@ -30,7 +32,7 @@ def _sr():
     from tadsr_jax.benchmarks import sr
 
     return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value,
-                  dtypes=tuple(_SR_DTYPES.value))
+                  dtypes=tuple(_SR_DTYPES.value), sizes=tuple(int(s) for s in _SR_SIZES.value))
 
 
 def _data():

@@ -10,7 +10,7 @@ posterior sample, one UNet call, the student x0 rule, VAE decoder, clamp.
 - torch: diffusers `UNet2DConditionModel` / `AutoencoderKL` (the time-aware encoder restated on its stock
   modules, see torch_reference), transformers `CLIPTextModel`, under `torch.inference_mode()`.
 
-Each (side, dtype) runs in its own subprocess, one after the other, both resolutions in increasing order;
+Each (side, dtype) runs in its own subprocess, one after the other, the resolutions in the given order;
 peak memory is the process's peak resident set size after each resolution.
 `python -m tadsr_jax.benchmarks.sr --side=ours|torch|prepare ...` is the worker entry point.
 """
@@ -28,7 +28,7 @@ from tadsr_jax.benchmarks import common
 
 WORKER = "tadsr_jax.benchmarks.sr"
 FORMAT = 1  # bump when the weights folder's contents change
-RESOLUTIONS = (256, 512)
+RESOLUTIONS = (256, 512)  # default output sides
 TIMESTEP = 500
 SEED = 0
 PROMPT = "a photo of a cat sitting on a sofa"
@@ -81,7 +81,11 @@ def peak_rss_bytes() -> int:
 
 # ---------------------------------------------------------------------------------------------------- ours
 
-def run_ours(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+def _sizes(sizes: str) -> list[int]:
+    return [int(s) for s in sizes.split(",")]
+
+
+def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
     import jax
 
     from tadsr_jax.defaults import base_config
@@ -95,7 +99,7 @@ def run_ours(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]
     jax.block_until_ready(upscaler.params)
     load_s = time.perf_counter() - start
     per_size = {}
-    for size in RESOLUTIONS:
+    for size in _sizes(sizes):
         lq = make_image(size)
         compile_before = upscaler.compile_seconds
         upscaler(lq, [PROMPT], [TIMESTEP])  # compiles
@@ -110,7 +114,7 @@ def run_ours(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]
 
 # --------------------------------------------------------------------------------------------------- torch
 
-def run_torch(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
     import inspect
     import re
 
@@ -160,7 +164,7 @@ def run_torch(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any
             return vae.decode(x0 / scale).sample.clamp(-1, 1)
 
     per_size = {}
-    for size in RESOLUTIONS:
+    for size in _sizes(sizes):
         lq = torch.tensor(make_image(size)).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
         timing = common.time_calls(lambda: super_resolve(lq), steps=steps, warmup=warmup, sync=lambda x: x)
         per_size[str(size)] = {"timing": timing.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
@@ -171,10 +175,10 @@ def run_torch(folder: str, dtype: str, steps: int, warmup: int) -> dict[str, Any
 # -------------------------------------------------------------------------------------------------- report
 
 def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
-        dtypes: tuple[str, ...] = ("float32",)) -> common.Report:
+        dtypes: tuple[str, ...] = ("float32",), sizes: tuple[int, ...] = RESOLUTIONS) -> common.Report:
     """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess."""
     folder = ensure_weights(cache_dir)
-    args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}"]
+    args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}", f"--sizes={','.join(map(str, sizes))}"]
     sides = {}
     for dtype in dtypes:
         for side, label in (("ours", "ours (JAX)"), ("torch", "torch eager")):
@@ -188,7 +192,7 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
     rows = []
     for dtype in dtypes:
         ours, ref = sides["ours", dtype], sides["torch", dtype]
-        for size in RESOLUTIONS:
+        for size in sizes:
             o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]
             ours_s, torch_s = o["timing"]["median_s"], r["timing"]["median_s"]
             flops = o["flops"]
@@ -216,4 +220,5 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
 
 
 if __name__ == "__main__":
-    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch}, dtype="float32")
+    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch}, dtype="float32",
+                       sizes=",".join(map(str, RESOLUTIONS)))

@@ -17,7 +17,6 @@ peak memory is the process's peak resident set size after each resolution.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -115,33 +114,19 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
 # --------------------------------------------------------------------------------------------------- torch
 
 def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
-    import inspect
-    import re
 
     import numpy as np
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from tadsr_jax.benchmarks.torch_reference import time_aware_moments
-    from tadsr_jax.weights import loaders
+    from tadsr_jax.benchmarks.torch_reference import load_time_vae, time_aware_moments
 
     torch_dtype = getattr(torch, dtype)
     start = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval().to(torch_dtype)
-    with open(os.path.join(folder, "time_vae", "config.json")) as f:
-        vae_config = json.load(f)
-    accepted = inspect.signature(AutoencoderKL.__init__).parameters
-    vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if k in accepted})
-    tensors = {}
-    for key, value in load_file(os.path.join(folder, "time_vae", "diffusion_pytorch_model.safetensors")).items():
-        for pattern, replacement in loaders.LEGACY_VAE_ATTENTION:
-            key = re.sub(pattern, replacement, key)
-        tensors[key] = value
-    time_keys = [k for k in tensors if k.startswith("encoder.") and "time" in k]
-    time_tensors = {k: tensors.pop(k).to(torch_dtype) for k in time_keys}
-    vae.load_state_dict(tensors, strict=True)
+    vae, time_tensors = load_time_vae(os.path.join(folder, "time_vae"))
+    time_tensors = {k: v.to(torch_dtype) for k, v in time_tensors.items()}
     vae = vae.eval().to(torch_dtype)
     text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval().to(torch_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))

@@ -3,7 +3,8 @@
 - `lpips_vgg()`: the `lpips` package's LPIPS(net='vgg') built without torchvision, which does not import beside
   the pinned torch: a stand-in `torchvision.models.vgg16()` with torchvision's `features` layout and random
   convolutions; the package's own linear heads.
-- `time_aware_moments()`: TADSR_SPEC.md 1.1, the time-aware VAE encoder, on diffusers' stock encoder modules.
+- `load_time_vae()`: a `time_vae/` folder as diffusers' stock AutoencoderKL plus the time tensors;
+  `time_aware_moments()`: TADSR_SPEC.md 1.1, the time-aware VAE encoder, on those stock encoder modules.
 """
 
 from __future__ import annotations
@@ -49,6 +50,33 @@ def lpips_vgg() -> torch.nn.Module:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def load_time_vae(folder: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A `time_vae/` folder (TADSR's time-aware VAE) as a stock diffusers AutoencoderKL plus its time tensors
+    ('encoder.time_embedding.*', 'encoder.<resnet>.time_emb_proj.*', float32), for `time_aware_moments`."""
+    import inspect
+    import json
+    import os
+    import re
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from tadsr_jax.weights import loaders
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    accepted = inspect.signature(AutoencoderKL.__init__).parameters
+    vae = AutoencoderKL(**{k: v for k, v in config.items() if k in accepted})
+    tensors = {}
+    for key, value in load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")).items():
+        for pattern, replacement in loaders.LEGACY_VAE_ATTENTION:
+            key = re.sub(pattern, replacement, key)
+        tensors[key] = value
+    time = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("encoder.") and "time" in k]}
+    vae.load_state_dict(tensors, strict=True)
+    return vae, time
 
 
 def time_aware_moments(vae, time: dict[str, torch.Tensor], x: torch.Tensor,

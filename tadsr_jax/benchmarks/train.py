@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -311,30 +309,18 @@ class _TorchTADSR:
     def __init__(self, folder: str, seed: int = 0):
         import numpy as np
         import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from safetensors.torch import load_file
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from tadsr_jax.weights import loaders
+        from tadsr_jax.benchmarks.torch_reference import load_time_vae
 
         torch.manual_seed(seed)
         with open(os.path.join(folder, META_FILE)) as f:
             meta = json.load(f)
         self.unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).requires_grad_(False)
-        with open(os.path.join(folder, "time_vae", "config.json")) as f:
-            vae_config = json.load(f)
-        accepted = inspect.signature(AutoencoderKL.__init__).parameters
-        self.vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if k in accepted})
-        tensors = load_file(os.path.join(folder, "time_vae", "diffusion_pytorch_model.safetensors"))
-        renamed = {}
-        for key, value in tensors.items():
-            for pattern, replacement in loaders.LEGACY_VAE_ATTENTION:
-                key = re.sub(pattern, replacement, key)
-            renamed[key] = value
-        time_keys = [k for k in renamed if k.startswith("encoder.") and "time" in k]
+        self.vae, time = load_time_vae(os.path.join(folder, "time_vae"))
         # The time layers are trained in full: real parameters next to the stock encoder's modules.
-        self.time = {k: torch.nn.Parameter(renamed.pop(k)) for k in time_keys}
-        self.vae.load_state_dict(renamed, strict=True)
+        self.time = {k: torch.nn.Parameter(v) for k, v in time.items()}
         self.vae.requires_grad_(False)
         self.text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).requires_grad_(False).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from tadsr_jax import prng
-from tadsr_jax.models.lpips import TAP_INDICES, vgg16_features
+from tadsr_jax.models.lpips import vgg16_features, vgg16_taps
 
 # Channels of the compared representations: the input image, then relu1_2 .. relu5_3.
 CHANNELS = (3, 64, 128, 256, 512, 512)
@@ -73,12 +73,7 @@ class DISTS(nnx.Module):
         mean, std = (jnp.asarray(c, jnp.float32).astype(dtype) for c in (MEAN, STD))
         x = x.astype(dtype)
         h = ((x - mean) / std).astype(self.features[0].kernel.dtype)
-        taps = [x]
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in TAP_INDICES:
-                taps.append(h)
-        return taps
+        return [x, *vgg16_taps(self.features, h)]
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """DISTS distance per batch element: x, y (B, H, W, 3) in [0, 1] -> (B,) in `compute_dtype`."""

@@ -74,6 +74,16 @@ def vgg16_features(pool: Callable[[], nnx.Module], *, dtype, rngs: nnx.Rngs) -> 
     return nnx.List(layers)
 
 
+def vgg16_taps(features: nnx.List, h: jax.Array) -> list[jax.Array]:
+    """The activations at TAP_INDICES (relu1_2 .. relu5_3) of `vgg16_features` layers applied to h."""
+    taps = []
+    for i, layer in enumerate(features):
+        h = layer(h)
+        if i in TAP_INDICES:
+            taps.append(h)
+    return taps
+
+
 class NetLinLayer(nnx.Module):
     """One LPIPS head: `model` = [Dropout, 1x1 conv c -> 1 without bias], as in the lpips package."""
 
@@ -121,12 +131,7 @@ class LPIPS(nnx.Module):
         # The package's constants are float32 buffers; keep their float32 values at any precision.
         shift, scale = (jnp.asarray(c, jnp.float32).astype(dtype) for c in (SHIFT, SCALE))
         h = ((x.astype(dtype) - shift) / scale).astype(self.features[0].kernel.dtype)
-        taps = []
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in TAP_INDICES:
-                taps.append(h)
-        return taps
+        return vgg16_taps(self.features, h)
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """LPIPS distance per batch element: x, y (B, H, W, 3) in [-1, 1] -> (B,) in `compute_dtype`."""

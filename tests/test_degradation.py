@@ -496,7 +496,6 @@ def test_last_jpeg_comes_after_or_before_the_last_resize_half_the_time(astronaut
     ("betag_range", (1.5, 4.0)),
     ("blur_sigma2", (-1.0, 1.5)),
     ("final_sinc_prob", -0.1),
-    ("scale", 0),
 ])
 def test_bad_configs_are_one_line_errors_naming_the_key(key, value):
     c = deg.degradation_config()
@@ -504,6 +503,11 @@ def test_bad_configs_are_one_line_errors_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"^degradation config: {key} = ") as info:
         deg.RealESRGANDegradation(c)
     assert "\n" not in str(info.value)
+
+
+def test_bad_scale_is_a_one_line_error():
+    with pytest.raises(ValueError, match="^degradation scale must be a positive integer, got 0$"):
+        deg.RealESRGANDegradation(CONFIG, scale=0)
 
 
 def test_bad_images_are_refused(astronaut):

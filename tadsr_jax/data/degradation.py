@@ -44,9 +44,9 @@ GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
 
 
 def degradation_config() -> ml_collections.ConfigDict:
-    """The reference's `params_realesrgan.yml` (kernel_info flattened into the top level)."""
+    """The reference's `params_realesrgan.yml` (kernel_info flattened into the top level); its `scale` is
+    RealESRGANDegradation's argument (`data.scale` in the pipeline), not a second copy here."""
     c = ml_collections.ConfigDict()
-    c.scale = 4  # the LR is (H / scale, W / scale) before it is resized back to (H, W)
     # First degradation.
     c.resize_prob = (0.2, 0.7, 0.1)  # P(up, down, keep) of the random resize
     c.resize_range = (0.15, 1.5)  # up: s ~ U(1, max); down: s ~ U(min, 1)
@@ -110,8 +110,6 @@ def _check_range(c: ml_collections.ConfigDict, key: str, low: float, high: float
 
 def validate(c: ml_collections.ConfigDict):
     """Raises a one-line ValueError naming the first bad key of a `degradation_config()`."""
-    if not (isinstance(c.scale, int) and c.scale >= 1):
-        _fail("scale", c.scale, "must be a positive integer")
     for suffix in ("", "2"):
         for key in ("gaussian_noise_prob", "gray_noise_prob", "sinc_prob"):
             _check_prob(c, key + suffix)
@@ -488,11 +486,15 @@ def random_jpeg(rng: np.random.Generator, img: np.ndarray, quality_range: Sequen
 
 
 class RealESRGANDegradation:
-    """HR crop (H, W, 3) uint8 RGB -> its Real-ESRGAN LQ, see the module docstring. Thread-safe (no state)."""
+    """HR crop (H, W, 3) uint8 RGB -> its Real-ESRGAN LQ, see the module docstring; the LQ is (H / scale,
+    W / scale) before it is resized back to (H, W). Thread-safe (no state)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, scale: int = 4):
+        if not (isinstance(scale, int) and scale >= 1):
+            raise ValueError(f"degradation scale must be a positive integer, got {scale!r}")
         validate(config)
         self.config = config
+        self.scale = scale
 
     def _kernels(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = self.config
@@ -508,8 +510,8 @@ class RealESRGANDegradation:
         if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {hr.dtype} {hr.shape}")
         h, w = hr.shape[:2]
-        if h % c.scale or w % c.scale:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the scale {c.scale}")
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the scale {self.scale}")
         kernel1, kernel2, sinc = self._kernels(rng)
 
         out = filter2d(hr.astype(np.float32) / np.float32(255), kernel1)
@@ -521,10 +523,10 @@ class RealESRGANDegradation:
         if rng.random() < c.second_blur_prob:
             out = filter2d(out, kernel2)
         s = _draw_scale(rng, c.resize_prob2, c.resize_range2)
-        out = resize(out, (max(1, int(h / c.scale * s)), max(1, int(w / c.scale * s))), _draw_mode(rng))
+        out = resize(out, (max(1, int(h / self.scale * s)), max(1, int(w / self.scale * s))), _draw_mode(rng))
         out = random_add_noise(rng, out, c.gaussian_noise_prob2, c.noise_range2, c.poisson_scale_range2,
                                c.gray_noise_prob2)
-        lr_size = (h // c.scale, w // c.scale)
+        lr_size = (h // self.scale, w // self.scale)
         if rng.random() < 0.5:
             out = filter2d(resize(out, lr_size, _draw_mode(rng)), sinc)
             out = random_jpeg(rng, out, c.jpeg_range2)

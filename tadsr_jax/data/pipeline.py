@@ -57,7 +57,7 @@ def data_config() -> ml_collections.ConfigDict:
     config.mixture = ml_collections.ConfigDict()  # source == "mixture": {name: source_config(...)}
     config.sample_size = 128  # side of the scikit-image samples used when path is empty
     config.crop_size = 512  # square random crop, same window on HR and LR; smaller images are first upscaled
-    config.scale = 4  # SR factor of synthetic LRs
+    config.scale = 4  # SR factor of synthetic LRs (bicubic and Real-ESRGAN)
     config.flip = True  # random horizontal flip
     config.degradation = "realesrgan"  # LR of records without one: "realesrgan" (online, second order) or "bicubic"
     config.realesrgan = degradation_config()
@@ -76,10 +76,15 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collecti
     return [(f"data.mixture.{name}", entry) for name, entry in config.mixture.items()]
 
 
-def make_degradation(config: ml_collections.ConfigDict) -> Degradation:
+def _degradation(config: ml_collections.ConfigDict) -> Degradation:
     if config.degradation == "bicubic":
         return BicubicDegradation(config.scale)
-    return RealESRGANDegradation(config.realesrgan)
+    return RealESRGANDegradation(config.realesrgan, config.scale)
+
+
+def make_transform(config: ml_collections.ConfigDict) -> MakeTrainPair:
+    """The per-example work of `config.data`: crop, flip and the LR."""
+    return MakeTrainPair(config.crop_size, config.scale, config.flip, config.synthetic_prob, _degradation(config))
 
 
 class _Tokenize:
@@ -111,8 +116,6 @@ def _check(config: ml_collections.ConfigDict, global_batch_size: int, process_in
             raise ValueError(f"{name}.weight must be positive, got {entry.weight}")
     if config.degradation not in DEGRADATIONS:
         raise ValueError(f"data.degradation must be one of {DEGRADATIONS}, got {config.degradation!r}")
-    if config.degradation == "realesrgan" and config.realesrgan.scale != config.scale:
-        raise ValueError(f"data.realesrgan.scale ({config.realesrgan.scale}) must equal data.scale ({config.scale})")
     if config.crop_size <= 0 or config.crop_size % config.scale:
         raise ValueError(f"data.crop_size ({config.crop_size}) must be a positive multiple of data.scale "
                          f"({config.scale})")
@@ -134,8 +137,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     """
     _check(data_config, global_batch_size, process_index, process_count)
     local_batch = global_batch_size // process_count
-    transform = MakeTrainPair(data_config.crop_size, data_config.scale, data_config.flip, data_config.synthetic_prob,
-                              make_degradation(data_config))
+    transform = make_transform(data_config)
     sources = [(grain.MapDataset.source(SOURCES[entry.source](entry)).seed(seed + i).shuffle().repeat(None),
                 entry.weight) for i, (_, entry) in enumerate(components(data_config))]
     dataset = (sources[0][0] if len(sources) == 1

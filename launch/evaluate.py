@@ -107,11 +107,12 @@ def _run(log) -> tuple[dict, bool]:
         results[label] = result.to_json()
         failed |= bool(result.failed)
     means = {label: r["mean"] for label, r in results.items()}
+    table = evaluation.markdown_table(dataset, means)
     evaluation.write_report(os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results},
-                            evaluation.markdown_table(dataset, means))
+                            table)
     if sweep:
         evaluation.sweep_plot({t: means[f"t={t}"] for t in sweep}, os.path.join(output, "sweep.png"), dataset)
-    print(evaluation.markdown_table(dataset, means), file=log)
+    print(table, file=log)
     if len(results) == 1:
         (only,) = results.values()
         summary = {**only["mean"], "images": only["images"], "failed": len(only["failed"])}

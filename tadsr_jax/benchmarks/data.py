@@ -42,12 +42,11 @@ def _config(folder: str, workers: int, threads: int):
 
 def _single_core(folder: str, examples: int, warmup: int) -> float:
     """Examples/s of MakeTrainPair alone in this process (one core, one OpenCV thread)."""
-    from tadsr_jax.data.pipeline import SOURCES, make_degradation
-    from tadsr_jax.data.transforms import MakeTrainPair
+    from tadsr_jax.data.pipeline import SOURCES, make_transform
 
     config = _config(folder, 0, 1)
     source = SOURCES["hr_folder"](config)
-    transform = MakeTrainPair(CROP, config.scale, config.flip, config.synthetic_prob, make_degradation(config))
+    transform = make_transform(config)
     rng = np.random.default_rng(0)
     for i in range(warmup):
         transform.random_map(source[i % len(source)], rng)

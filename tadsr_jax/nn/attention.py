@@ -1,5 +1,8 @@
-"""Multi-head attention with diffusers' `Attention` parameter layout, computed by `jax.nn.dot_product_attention`
-(so GPUs can use cuDNN flash attention)."""
+"""Multi-head attention with diffusers' `Attention` parameter layout.
+
+GPUs and TPUs run `jax.nn.dot_product_attention` (cuDNN flash attention where available); XLA:CPU runs
+`blockwise_attention`, which is 2-3x faster there at SD's 4096-token self-attention (see its docstring).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tadsr_jax.nn.layers import GroupNorm, Linear
+
+QUERY_BLOCK = 256  # queries per block of `blockwise_attention`
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, is_causal: bool = False,
@@ -19,8 +24,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, is_causal
     if float32_logits:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         v = v.astype(jnp.float32)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
+    if jax.default_backend() == "cpu" and not is_causal:
+        out = blockwise_attention(split(q), split(k), split(v))
+    else:
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
     return out.reshape(b, t, -1).astype(dtype)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
+    """Softmax attention of (B, T, N, D) queries on (B, S, N, D) keys/values, `block` queries at a time.
+
+    The same math as `jax.nn.dot_product_attention` (logits and softmax in float32), laid out for XLA:CPU:
+    there, dot_product_attention's (B, N, T, S) probabilities go through a transposing copy that costs more
+    than its two matmuls at T = S = 4096. Here each block's probabilities stay in cache, in the layout the
+    second matmul reads, and the softmax denominator divides the (T, D) output rather than the (T, S)
+    probabilities.
+    """
+    b, t, n, d = q.shape
+    scale = d ** -0.5
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, T, D)
+
+    def one_block(q_block: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bnqd,bnkd->bnqk", q_block, k, preferred_element_type=jnp.float32)
+        weights = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
+        out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out / weights.sum(-1, keepdims=True)
+
+    blocks = -(-t // block)
+    if blocks == 1:
+        out = one_block(q)
+    else:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, blocks * block - t), (0, 0)))
+        q = q.reshape(b, n, blocks, block, d).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(one_block, q).transpose(1, 2, 0, 3, 4).reshape(b, n, blocks * block, d)[:, :, :t]
+    return out.transpose(0, 2, 1, 3).astype(v.dtype)
 
 
 class Attention(nnx.Module):

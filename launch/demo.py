@@ -17,6 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model, checkpoi
 
 def main(argv):
     del argv
+    runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax import demo
 

@@ -55,6 +55,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax.infer import session
     from tadsr_jax.infer.images import ImageError

@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
+    runtime.set_xla_cpu_flags()
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     runtime.enable_compilation_cache()
     from tadsr_jax.train.loop import TrainingError, train

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -114,22 +115,37 @@ def measure_torch_matmul_peak(dtype: str = "float32", *, sizes: Sequence[int] = 
     return _best_flops(run, sizes, repeats, lambda x: x)
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled JAX program from XLA's cost analysis (None where XLA gives none).
+def matmul_flops(traced: Any) -> float:
+    """FLOPs of the matmuls and convolutions of a traced JAX function (a `jax.stages.Traced` or a jaxpr):
+    2 per multiply-add, a scan's body times its length, the larger branch of a cond.
 
-    `cost_analysis()` is a dict in current JAX and a list of per-module dicts in older versions; the
-    per-module counts are summed.
+    The model-FLOP convention of MFU figures and of torch's FlopCounterMode: elementwise work is not counted.
+    Counted on the jaxpr because XLA's cost analysis counts a loop body once whatever its trip count, and
+    XLA:CPU's attention is a loop over query blocks.
     """
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if analysis is None:
-        return None
-    if isinstance(analysis, dict):
-        analysis = [analysis]
-    total = sum(float(entry.get("flops", 0.0)) for entry in analysis if entry)
-    return total if total > 0 else None
+    jaxpr = traced
+    while hasattr(jaxpr, "jaxpr"):  # Traced -> ClosedJaxpr -> Jaxpr
+        jaxpr = jaxpr.jaxpr
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            per_output = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        else:
+            inner = [matmul_flops(value) for param in eqn.params.values()
+                     for value in (param if isinstance(param, (tuple, list)) else (param,))
+                     if hasattr(value, "eqns")]
+            if name == "cond":
+                total += max(inner, default=0.0)
+            else:
+                total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return total
 
 
 def worker_env() -> dict[str, str]:
@@ -209,6 +225,9 @@ def worker_main(argv: Sequence[str], module: str, prepare: Callable[[str], None]
     for name, default in options.items():
         parser.add_argument(f"--{name}", default=default)
     args = parser.parse_args(argv)
+    from tadsr_jax import runtime
+
+    runtime.set_xla_cpu_flags()  # as the launchers do, before any JAX computation
     if args.side == "prepare":
         prepare(args.folder)
         result = {"folder": args.folder}

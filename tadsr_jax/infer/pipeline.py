@@ -197,24 +197,32 @@ class Upscaler:
     def tokens(self, prompts: Sequence[str]) -> np.ndarray:
         return tokenize(self.tokenizer, list(prompts), self.max_length)
 
+    def _inputs(self, lq: np.ndarray, prompts: Sequence[str], timesteps: Sequence[int]) -> tuple[jax.Array, ...]:
+        """The jitted forward's arguments after the parameters: images, token ids, timesteps, noise keys."""
+        bad = [t for t in timesteps if not 1 <= int(t) <= 999]
+        if bad:
+            raise ValueError(f"timesteps must be integers in 1..999, got {bad[0]}")
+        lq = jnp.asarray(lq, jnp.float32)
+        keys = jnp.stack([jax.random.key(self.settings.seed)] * lq.shape[0])
+        return lq, jnp.asarray(self.tokens(prompts)), jnp.asarray(timesteps, jnp.int32), keys
+
+    def trace(self, lq: np.ndarray, prompts: Sequence[str], timesteps: Sequence[int]) -> jax.stages.Traced:
+        """The jitted forward traced for these inputs (lowered and compiled by `__call__`; benchmarks count
+        its FLOPs)."""
+        return self._forward.trace(self.params, *self._inputs(lq, prompts, timesteps))
+
     def _compiled(self, lq: jax.Array, ids: jax.Array, t: jax.Array, keys: jax.Array) -> jax.stages.Compiled:
         shape = lq.shape
         if shape not in self.compiled:
             logging.info("compiling SR for batch %d at %dx%d (once per shape)", shape[0], shape[1], shape[2])
             start = time.perf_counter()
-            self.compiled[shape] = self._forward.lower(self.params, lq, ids, t, keys).compile()
+            self.compiled[shape] = self._forward.trace(self.params, lq, ids, t, keys).lower().compile()
             self.compile_seconds += time.perf_counter() - start
         return self.compiled[shape]
 
     def __call__(self, lq: np.ndarray, prompts: Sequence[str], timesteps: Sequence[int]) -> jax.Array:
         """(B, H, W, 3) working images in [-1, 1] (one padded shape) -> SR images (B, H, W, 3) in [-1, 1]."""
-        bad = [t for t in timesteps if not 1 <= int(t) <= 999]
-        if bad:
-            raise ValueError(f"timesteps must be integers in 1..999, got {bad[0]}")
-        lq = jnp.asarray(lq, jnp.float32)
-        ids = jnp.asarray(self.tokens(prompts))
-        t = jnp.asarray(timesteps, jnp.int32)
-        keys = jnp.stack([jax.random.key(self.settings.seed)] * lq.shape[0])
+        lq, ids, t, keys = self._inputs(lq, prompts, timesteps)
         if lq.shape[1] * lq.shape[2] > self.settings.vae_strip_above:
             return self._stripwise(lq, ids, t, keys)
         return self._compiled(lq, ids, t, keys)(self.params, lq, ids, t, keys)

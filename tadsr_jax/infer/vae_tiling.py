@@ -16,13 +16,18 @@ The one documented difference: the mid-block self-attention attends globally onl
 windows of `attention_window` x `attention_window` latent pixels (global attention over a 4096x4096 image's
 512x512 latents is out of reach). Its GroupNorm still uses global statistics.
 
-Memory: the host holds about two full-resolution maps plus a few strips (SD at 4096x4096 in float32: two
-128-channel maps, 17.2 GB). A ResNet writes its conv1 output into a new map and its conv2 output (plus the
-shortcut) back over that map, one strip behind the reads so that no halo row is overwritten early; the attention
-also writes in place. An upsampled map is stored only if it and the next ResNet's output fit in two maps of the
-decoder's output size; otherwise (SD: the 256-channel map at full resolution) its rows are recomputed from the
-half-resolution map by each of its three readers (statistics, conv1, shortcut), which costs about a quarter more
-decoder compute and keeps the peak at two 128-channel full-resolution maps.
+Memory: the maps held on the host at any time stay within `memory_budget` bytes where the network allows it
+(default: 90% of the memory available when the call starts). Each intermediate map is either stored or
+recomputed by its readers, whichever the budget allows:
+- a ResNet stores its conv1 output in a new map and writes conv2 (plus the shortcut) over it; when the input
+  and that map do not fit together, conv1 is computed twice instead (once for its GroupNorm statistics, once
+  fused with conv2) and the ResNet's output is written over its input, one strip behind the reads so that no
+  halo row is overwritten early;
+- an upsampled map is stored if it and the next ResNet's conv1 output fit; otherwise its rows are recomputed
+  from the half-resolution map by each of its three readers (statistics, conv1, shortcut).
+At the budget's floor the peak is one map of the output size plus the half-resolution map feeding it (SD at
+4096x4096 in float32: 8.6 + 4.3 GB), for about a quarter more decoder compute than with everything stored; the
+attention writes in place. Stored or recomputed, the results are the same.
 
 `strip_rows` is the strip height in rows of each op's input (rounded up to even where a lazily upsampled map
 is read; a downsample writes `strip_rows // 2` rows per strip); the attention works in bands of one window.
@@ -38,6 +43,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 
 from tadsr_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEMidBlock
 from tadsr_jax.nn import Attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, conv2d, lora
@@ -47,10 +53,11 @@ from tadsr_jax.nn import Attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, co
 class _Map:
     """A (H, W, C) feature map on the host with the global (mean, var) per GroupNorm group.
 
-    With `upsample` set, the map is nearest x2 of `data` followed by that conv, recomputed whenever read.
+    With `upsample` set, the map is nearest x2 of `data` followed by that conv, recomputed whenever read; `data`
+    is None where only the statistics were computed.
     """
 
-    data: np.ndarray
+    data: np.ndarray | None
     stats: tuple[np.ndarray, np.ndarray] | None = None
     upsample: dict | None = None
 
@@ -62,12 +69,18 @@ class _Map:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """One call's strip height, attention window, GroupNorm group count and compute (parameter) dtype."""
+    """One call's strip height, attention window, GroupNorm group count, compute (parameter) dtype and the bytes
+    of host maps it may hold at once."""
 
     strip_rows: int
     attention_window: int
     groups: int
     dtype: np.dtype
+    memory_budget: int
+
+    def fits(self, *maps: tuple[int, int, int]) -> bool:
+        """Whether maps of these (height, width, channels) fit in the budget together."""
+        return sum(h * w * c for h, w, c in maps) * self.dtype.itemsize <= self.memory_budget
 
     def rows(self, height: int, *, even: bool = False) -> int:
         rows = min(self.strip_rows, height)
@@ -151,21 +164,27 @@ def _strip_stats(y: jax.Array, first_row: jax.Array, height: jax.Array, groups: 
     return shift, centred.sum((0, 1, 3)), jnp.square(centred).sum((0, 1, 3))
 
 
-@functools.partial(jax.jit, static_argnames="groups")
-def _conv_strip(raw, residual_raw, first_row, height, p, *, groups: int):
-    """Output rows [a, a+R) of [post_conv](conv(SiLU(norm(pre_conv(src)) [*(1+scale)+shift])) [+ shortcut(res)])."""
-    dtype = p["conv"]["kernel"].dtype
-    x = _map_rows(raw.astype(dtype), p["src_upsample"], 1)
-    if p["pre_conv"] is not None:
-        x = _conv(x, p["pre_conv"])
+def _norm_silu_conv(x: jax.Array, first_row: jax.Array, height: jax.Array, p: dict) -> jax.Array:
+    """conv(SiLU(norm(x) [*(1+scale)+shift])) of rows from `first_row` that carry the conv's halo.
+
+    Rows outside the image are zeroed before the conv: its zero padding (norm and pre-convs are not zero there).
+    """
     if p["norm"] is not None:
         x = _group_norm(x, p["norm"])
         if p["scale_shift"] is not None:
             scale, shift = p["scale_shift"]
             x = x * (1 + scale) + shift
         x = jax.nn.silu(x)
-    x = jnp.where(_row_mask(first_row - 1, x.shape[0], height), x, 0)  # the conv's zero padding
-    y = _conv(x, p["conv"])
+    return _conv(jnp.where(_row_mask(first_row, x.shape[0], height), x, 0), p["conv"])
+
+
+@functools.partial(jax.jit, static_argnames="groups")
+def _conv_strip(raw, residual_raw, first_row, height, p, *, groups: int):
+    """Output rows [a, a+R) of [post_conv](conv(SiLU(norm(pre_conv(src)) [*(1+scale)+shift])) [+ shortcut(res)])."""
+    x = _map_rows(raw.astype(p["conv"]["kernel"].dtype), p["src_upsample"], 1)
+    if p["pre_conv"] is not None:
+        x = _conv(x, p["pre_conv"])
+    y = _norm_silu_conv(x, first_row - 1, height, p)
     if residual_raw is not None:
         shortcut = _map_rows(residual_raw, p["residual_upsample"], 0)
         if p["shortcut"] is not None:
@@ -174,6 +193,17 @@ def _conv_strip(raw, residual_raw, first_row, height, p, *, groups: int):
     if p["post_conv"] is not None:
         y = _conv(y, p["post_conv"])
     return y, (_strip_stats(y, first_row, height, groups) if groups else None)
+
+
+@functools.partial(jax.jit, static_argnames="groups")
+def _resnet_strip(raw, first_row, height, p, *, groups: int):
+    """Output rows [a, a+R) of a whole ResNet from its input rows [a-2, a+R+2): conv1 recomputed, not stored."""
+    x = raw.astype(p["conv1"]["conv"]["kernel"].dtype)
+    h = _norm_silu_conv(x, first_row - 2, height, p["conv1"])
+    y = _norm_silu_conv(h, first_row - 1, height, p["conv2"])
+    shortcut = x[2:-2] if p["shortcut"] is None else _conv(x[2:-2], p["shortcut"])
+    y = shortcut + y
+    return y, _strip_stats(y, first_row, height, groups)
 
 
 @functools.partial(jax.jit, static_argnames="groups")
@@ -259,45 +289,81 @@ def _fetch(src: _Map, first_row: int, rows: int, halo: int) -> jax.Array:
     return _rows(src.data, first_row // 2 - 1, (first_row + rows) // 2 + 1)
 
 
+def _sweep(height: int, rows: int, strip, out: np.ndarray | None, group_row: int):
+    """Runs `strip(a)` -> (rows [a, a + rows) of a map or None, their GroupNorm sums or None) over the map's
+    strips, writes the rows into `out` and returns the map's global (mean, var) (None without sums).
+
+    Writes lag one strip behind, so `out` may be the map the strips read (halo rows included, up to `rows` of
+    them). `group_row` is the number of values of one GroupNorm group in one row.
+    """
+    stats, pending = _StatsAccumulator(), None
+    for a in range(0, height, rows):
+        y, strip_stats = strip(a)
+        if strip_stats is not None:
+            stats.add(min(rows, height - a) * group_row, strip_stats)
+        if out is not None:
+            if pending is not None:
+                out[pending[0]:pending[0] + len(pending[1])] = pending[1]
+            pending = (a, np.asarray(y)[:height - a])
+    if pending is not None:
+        out[pending[0]:] = pending[1]
+    return stats.result() if stats.counts else None
+
+
+def _conv_params(conv: Conv2d, norm: GroupNorm | None = None, stats: tuple[np.ndarray, np.ndarray] | None = None,
+                 scale_shift: tuple[jax.Array, jax.Array] | None = None) -> dict:
+    """`_norm_silu_conv`'s parameters; `stats` are the global statistics of the map `norm` normalises."""
+    return {"norm": None if norm is None else _norm(norm, stats), "scale_shift": scale_shift, "conv": _dense(conv)}
+
+
 def _conv_pass(src: _Map, conv: Conv2d, plan: _Plan, *, norm: GroupNorm | None = None,
                scale_shift: tuple[jax.Array, jax.Array] | None = None, pre_conv: Conv2d | None = None,
                residual: _Map | None = None, shortcut: Conv2d | None = None, post_conv: Conv2d | None = None,
-               out: np.ndarray | None = None, final: bool = False) -> _Map:
-    """A 3x3 conv and its fused neighbours over strips. `out=src.data` writes in place, one strip behind."""
+               out: np.ndarray | None = None, final: bool = False, store: bool = True) -> _Map:
+    """A 3x3 conv and its fused neighbours over strips, into a new map or `out` (which may be `src.data`);
+    with `store=False` only the output's statistics are computed (`data` is None)."""
     height, width = src.shape
     rows = plan.rows(height, even=src.upsample is not None or (residual is not None and residual.upsample is not None))
-    p = {"src_upsample": src.upsample, "pre_conv": _dense(pre_conv), "scale_shift": scale_shift,
-         "norm": None if norm is None else _norm(norm, src.stats), "conv": _dense(conv),
-         "residual_upsample": None if residual is None else residual.upsample, "shortcut": _dense(shortcut),
-         "post_conv": _dense(post_conv)}
-    if out is None:
-        channels = (post_conv or conv).out_channels
+    p = {**_conv_params(conv, norm, src.stats, scale_shift), "src_upsample": src.upsample,
+         "pre_conv": _dense(pre_conv), "residual_upsample": None if residual is None else residual.upsample,
+         "shortcut": _dense(shortcut), "post_conv": _dense(post_conv)}
+    channels = (post_conv or conv).out_channels
+    if out is None and store:
         out = np.empty((height, width, channels), np.float32 if final else plan.dtype)
     groups = 0 if final else plan.groups
-    stats, pending = _StatsAccumulator(), None
-    for a in range(0, height, rows):
+
+    def strip(a):
         residual_raw = None if residual is None else _fetch(residual, a, rows, 0)
-        y, strip_stats = _conv_strip(_fetch(src, a, rows, 1), residual_raw, a, height, p, groups=groups)
-        y = np.asarray(y)[:height - a]
-        if pending is not None:
-            out[pending[0]:pending[0] + len(pending[1])] = pending[1]
-        pending = (a, y)
-        if strip_stats is not None:
-            stats.add(len(y) * width * (y.shape[-1] // groups), strip_stats)
-    out[pending[0]:] = pending[1]
-    return _Map(out, None if final else stats.result())
+        return _conv_strip(_fetch(src, a, rows, 1), residual_raw, a, height, p, groups=groups)
+
+    return _Map(out, _sweep(height, rows, strip, out, width * channels // plan.groups))
 
 
 def _resnet(resnet: ResnetBlock2D, x: _Map, temb: jax.Array | None, plan: _Plan) -> _Map:
+    """A ResNet with its conv1 output stored, or, where input and that output do not fit the budget together
+    and the output can replace the input, recomputed and written over the input."""
     scale_shift = None
     if resnet.time_emb_proj is not None:
         if resnet.time_mode != "scale_shift":
             raise NotImplementedError(f"tiled VAE: time_mode {resnet.time_mode!r} is not a VAE ResNet mode")
         t = resnet.time_emb_proj(jax.nn.silu(temb[None]))[0].astype(plan.dtype)
         scale_shift = tuple(jnp.split(t, 2))
-    h = _conv_pass(x, resnet.conv1, plan, norm=resnet.norm1)
-    return _conv_pass(h, resnet.conv2, plan, norm=resnet.norm2, scale_shift=scale_shift, residual=x,
-                      shortcut=resnet.conv_shortcut, out=h.data)
+    height, width = x.shape
+    in_place = x.upsample is None and x.data.shape[-1] == resnet.conv2.out_channels
+    if not in_place or plan.fits(x.data.shape, (height, width, resnet.conv1.out_channels)):
+        h = _conv_pass(x, resnet.conv1, plan, norm=resnet.norm1)
+        return _conv_pass(h, resnet.conv2, plan, norm=resnet.norm2, scale_shift=scale_shift, residual=x,
+                          shortcut=resnet.conv_shortcut, out=h.data)
+    h_stats = _conv_pass(x, resnet.conv1, plan, norm=resnet.norm1, store=False).stats
+    p = {"conv1": _conv_params(resnet.conv1, resnet.norm1, x.stats),
+         "conv2": _conv_params(resnet.conv2, resnet.norm2, h_stats, scale_shift),
+         "shortcut": _dense(resnet.conv_shortcut)}
+    rows = max(plan.rows(height), min(2, height))  # the writes lag one strip and the reads reach 2 rows back
+
+    def strip(a):
+        return _resnet_strip(_rows(x.data, a - 2, a + rows + 2), a, height, p, groups=plan.groups)
+
+    return _Map(x.data, _sweep(height, rows, strip, x.data, width * x.data.shape[-1] // plan.groups))
 
 
 def _downsample(conv: Conv2d, x: _Map, plan: _Plan) -> _Map:
@@ -305,13 +371,12 @@ def _downsample(conv: Conv2d, x: _Map, plan: _Plan) -> _Map:
     out_height, out_width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
     rows = min(max(plan.strip_rows // 2, 1), out_height)
     out = np.empty((out_height, out_width, conv.out_channels), plan.dtype)
-    stats = _StatsAccumulator()
-    for a in range(0, out_height, rows):
-        y, strip_stats = _downsample_strip(_rows(x.data, 2 * a, 2 * (a + rows) + 1), a, out_height, _dense(conv),
-                                           groups=plan.groups)
-        out[a:a + rows] = y[:out_height - a]
-        stats.add(min(rows, out_height - a) * out_width * (conv.out_channels // plan.groups), strip_stats)
-    return _Map(out, stats.result())
+
+    def strip(a):
+        return _downsample_strip(_rows(x.data, 2 * a, 2 * (a + rows) + 1), a, out_height, _dense(conv),
+                                 groups=plan.groups)
+
+    return _Map(out, _sweep(out_height, rows, strip, out, out_width * conv.out_channels // plan.groups))
 
 
 def _upsample(conv: Conv2d, x: _Map, plan: _Plan, *, store: bool) -> _Map:
@@ -319,16 +384,15 @@ def _upsample(conv: Conv2d, x: _Map, plan: _Plan, *, store: bool) -> _Map:
     height, width = 2 * x.data.shape[0], 2 * x.data.shape[1]
     rows = 2 * min(plan.strip_rows, x.data.shape[0])
     out = np.empty((height, width, conv.out_channels), plan.dtype) if store else None
-    stats = _StatsAccumulator()
-    for a in range(0, height, rows):
+
+    def strip(a):
         low = _rows(x.data, a // 2 - 1, (a + rows) // 2 + 1)
         if store:
-            y, strip_stats = _upsample_strip(low, a, height, _dense(conv), groups=plan.groups)
-            out[a:a + rows] = y[:height - a]
-        else:
-            strip_stats = _upsample_stats_strip(low, a, height, _dense(conv), groups=plan.groups)
-        stats.add(min(rows, height - a) * width * (conv.out_channels // plan.groups), strip_stats)
-    return _Map(out, stats.result()) if store else _Map(x.data, stats.result(), upsample=_dense(conv))
+            return _upsample_strip(low, a, height, _dense(conv), groups=plan.groups)
+        return None, _upsample_stats_strip(low, a, height, _dense(conv), groups=plan.groups)
+
+    stats = _sweep(height, rows, strip, out, width * conv.out_channels // plan.groups)
+    return _Map(out, stats) if store else _Map(x.data, stats, upsample=_dense(conv))
 
 
 def _attention(attn: Attention, x: _Map, plan: _Plan) -> _Map:
@@ -339,13 +403,12 @@ def _attention(attn: Attention, x: _Map, plan: _Plan) -> _Map:
     p = {"norm": _norm(attn.group_norm, x.stats), "to_q": _dense(attn.to_q), "to_k": _dense(attn.to_k),
          "to_v": _dense(attn.to_v), "to_out": _dense(attn.to_out[0])}
     masked = bool(height % rows or width % cols)
-    stats = _StatsAccumulator()
-    for a in range(0, height, rows):
-        y, strip_stats = _attention_band(_rows(x.data, a, a + rows), a, height, p, heads=attn.heads, window=cols,
-                                         masked=masked, upcast=attn.upcast, groups=plan.groups)
-        x.data[a:a + rows] = y[:height - a]
-        stats.add(min(rows, height - a) * width * (x.data.shape[-1] // plan.groups), strip_stats)
-    return _Map(x.data, stats.result())
+
+    def strip(a):  # a band reads only its own rows, so writing one band behind is safe too
+        return _attention_band(_rows(x.data, a, a + rows), a, height, p, heads=attn.heads, window=cols,
+                               masked=masked, upcast=attn.upcast, groups=plan.groups)
+
+    return _Map(x.data, _sweep(height, rows, strip, x.data, width * x.data.shape[-1] // plan.groups))
 
 
 def _mid_block(mid: VAEMidBlock, x: _Map, temb: jax.Array | None, plan: _Plan) -> _Map:
@@ -355,13 +418,15 @@ def _mid_block(mid: VAEMidBlock, x: _Map, temb: jax.Array | None, plan: _Plan) -
     return _resnet(mid.resnets[1], x, temb, plan)
 
 
-def _plan(vae: AutoencoderKL, strip_rows: int, attention_window: int) -> _Plan:
+def _plan(vae: AutoencoderKL, strip_rows: int, attention_window: int, memory_budget: int | None) -> _Plan:
     if strip_rows < 1 or attention_window < 1:
         raise ValueError(f"strip_rows ({strip_rows}) and attention_window ({attention_window}) must be positive")
     if any(list(host.active_lora()) for host in lora.lora_hosts(vae).values()):
         raise ValueError("tiled VAE: merge the active LoRA adapters into the VAE first (lora.merge_adapters)")
+    if memory_budget is None:
+        memory_budget = int(0.9 * psutil.virtual_memory().available)
     return _Plan(strip_rows, attention_window, vae.config.norm_num_groups,
-                 np.dtype(vae.decoder.conv_in.kernel[...].dtype))
+                 np.dtype(vae.decoder.conv_in.kernel[...].dtype), memory_budget)
 
 
 def _encode_image(vae: AutoencoderKL, image: np.ndarray, temb: jax.Array | None, plan: _Plan) -> np.ndarray:
@@ -382,27 +447,30 @@ def _decode_latent(vae: AutoencoderKL, latent: np.ndarray, plan: _Plan) -> np.nd
     x = _conv_pass(_Map(latent), decoder.conv_in, plan, pre_conv=vae.post_quant_conv)
     x = _mid_block(decoder.mid_block, x, None, plan)
     blocks = decoder.up_blocks
-    # Upsampled maps are stored when they and the next ResNet's output fit in two maps of the output size.
-    output_area = latent.shape[0] * latent.shape[1] * 4 ** sum(b.upsamplers is not None for b in blocks)
-    budget = 2 * output_area * decoder.conv_out.in_channels
     for i, block in enumerate(blocks):
         for resnet in block.resnets:
             x = _resnet(resnet, x, None, plan)
         if block.upsamplers is not None:
             conv = block.upsamplers[0].conv
-            area = 4 * x.data.shape[0] * x.data.shape[1]
-            store = area * (conv.out_channels + blocks[i + 1].resnets[0].conv1.out_channels) <= budget
+            height, width = 2 * x.data.shape[0], 2 * x.data.shape[1]
+            store = plan.fits((height, width, conv.out_channels),
+                              (height, width, blocks[i + 1].resnets[0].conv1.out_channels))
             x = _upsample(conv, x, plan, store=store)
     return _conv_pass(x, decoder.conv_out, plan, norm=decoder.conv_norm_out, final=True).data
 
 
 def tiled_encode(vae: AutoencoderKL, images: np.ndarray | jax.Array, timesteps: jax.Array | int | None = None, *,
-                 strip_rows: int = 256, attention_window: int = 64) -> DiagonalGaussian:
-    """`vae.encode(images, timesteps)` for (B, H, W, 3) images in [-1, 1] of any size, one image at a time."""
+                 strip_rows: int = 256, attention_window: int = 64,
+                 memory_budget: int | None = None) -> DiagonalGaussian:
+    """`vae.encode(images, timesteps)` for (B, H, W, 3) images in [-1, 1] of any size, one image at a time.
+
+    `memory_budget`: bytes of feature maps to hold on the host at once (see the module docstring); None: 90% of
+    the memory available now.
+    """
     encoder = vae.encoder
     if encoder.time_aware and timesteps is None:
         raise ValueError("the time-aware encoder needs timesteps")
-    plan = _plan(vae, strip_rows, attention_window)
+    plan = _plan(vae, strip_rows, attention_window, memory_budget)
     images = np.asarray(images)
     temb = encoder.time_embed(timesteps, len(images)) if encoder.time_aware else None
     moments = [_encode_image(vae, image, None if temb is None else temb[b], plan) for b, image in enumerate(images)]
@@ -410,9 +478,10 @@ def tiled_encode(vae: AutoencoderKL, images: np.ndarray | jax.Array, timesteps: 
 
 
 def tiled_decode(vae: AutoencoderKL, latents: np.ndarray | jax.Array, *, strip_rows: int = 64,
-                 attention_window: int = 64) -> np.ndarray:
-    """`vae.decode(latents)` for (B, h, w, latent_channels) latents of any size, one latent at a time (float32)."""
-    plan = _plan(vae, strip_rows, attention_window)
+                 attention_window: int = 64, memory_budget: int | None = None) -> np.ndarray:
+    """`vae.decode(latents)` for (B, h, w, latent_channels) latents of any size, one latent at a time (float32);
+    `memory_budget` as in `tiled_encode`."""
+    plan = _plan(vae, strip_rows, attention_window, memory_budget)
     return np.stack([_decode_latent(vae, latent, plan) for latent in np.asarray(latents)])
 
 

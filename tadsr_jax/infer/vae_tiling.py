@@ -26,8 +26,10 @@ recomputed by its readers, whichever the budget allows:
 - an upsampled map is stored if it and the next ResNet's conv1 output fit; otherwise its rows are recomputed
   from the half-resolution map by each of its three readers (statistics, conv1, shortcut).
 At the budget's floor the peak is one map of the output size plus the half-resolution map feeding it (SD at
-4096x4096 in float32: 8.6 + 4.3 GB), for about a quarter more decoder compute than with everything stored; the
-attention writes in place. Stored or recomputed, the results are the same.
+4096x4096 in float32: 8.6 + 4.3 GB); the attention writes in place. Recomputing costs compute: SD's decoder at
+4096x4096 does about 1.3x the convolution FLOPs of the all-stored pass with a 14 GiB budget (what a 24 GiB
+machine has beside the fp32 model: only the 256-channel full-resolution map and the last two ResNets' conv1
+outputs are recomputed), 1.8x with none. Stored or recomputed, the results are the same.
 
 `strip_rows` is the strip height in rows of each op's input (rounded up to even where a lazily upsampled map
 is read; a downsample writes `strip_rows // 2` rows per strip); the attention works in bands of one window.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +292,8 @@ def _fetch(src: _Map, first_row: int, rows: int, halo: int) -> jax.Array:
     return _rows(src.data, first_row // 2 - 1, (first_row + rows) // 2 + 1)
 
 
-def _sweep(height: int, rows: int, strip, out: np.ndarray | None, group_row: int):
+def _sweep(height: int, rows: int, strip: Callable[[int], tuple[jax.Array | None, tuple | None]],
+           out: np.ndarray | None, group_row: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Runs `strip(a)` -> (rows [a, a + rows) of a map or None, their GroupNorm sums or None) over the map's
     strips, writes the rows into `out` and returns the map's global (mean, var) (None without sums).
 

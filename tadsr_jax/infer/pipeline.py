@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from PIL import Image
+from tqdm import tqdm
 
 from tadsr_jax.infer.colorfix import COLOR_FIX_METHODS, color_fix
 from tadsr_jax.infer.model import SRModel
@@ -175,14 +176,15 @@ class Upscaler:
 
         self._forward = jax.jit(forward)
 
-        # The strip-wise path for large images: the VAE runs on the host (vae_tiling), these two are jitted.
+        # The strip-wise path for large images: the VAE runs on the host (vae_tiling), the UNet one jitted tile at
+        # a time (one program for every large image, and a progress bar).
         def encode_text(params, input_ids):
             return nnx.merge(self.graphdef, params)[2](input_ids)
 
-        def denoise_with(params, z, t, context):
-            return denoise(nnx.merge(self.graphdef, params)[0], z, t, context)
+        def unet_tile(params, z, t, context):
+            return nnx.merge(self.graphdef, params)[0](z, t, context)
 
-        self._encode_text, self._denoise = jax.jit(encode_text), jax.jit(denoise_with)
+        self._encode_text, self._unet_tile = jax.jit(encode_text), jax.jit(unet_tile)
 
     def replace(self, **changes) -> "Upscaler":
         """The same model with other settings; compiled programs are shared unless the change needs new ones."""
@@ -232,8 +234,12 @@ class Upscaler:
         vae = StripwiseVAE(nnx.merge(self.graphdef, self.params)[1])
         context = self._encode_text(self.params, ids)
 
+        def tiles_one_by_one(f, tiles):
+            return jnp.stack([f(tile) for tile in tqdm(tiles, desc="UNet tiles", unit="tile", leave=False)])
+
         def unet(z, timesteps, ctx, conv_in=None):
-            return self._denoise(self.params, z, timesteps, ctx)
+            return tiled_call(lambda tile: self._unet_tile(self.params, tile, timesteps, ctx), z,
+                              self.settings.latent_tile, self.settings.latent_overlap, map_tiles=tiles_one_by_one)
 
         return jnp.concatenate([
             generate(vae, unet, self.model.schedule, lq[i:i + 1], t[i:i + 1], context[i:i + 1], keys[i],

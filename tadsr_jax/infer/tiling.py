@@ -34,12 +34,13 @@ def gaussian_weights(tile: int) -> np.ndarray:
     return np.outer(w, w).astype(np.float32)
 
 
-def tiled_call(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, overlap: int) -> jax.Array:
+def tiled_call(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, overlap: int, *,
+               map_tiles: Callable = jax.lax.map) -> jax.Array:
     """`fn` over (1, h, w, C) -> (1, h, w, C') applied to overlapping square tiles of `z`, blended.
 
     A latent within one tile is not tiled; otherwise the tile side is min(tile, h, w) as in the reference. Tiles
-    run one after the other (`lax.map`), so memory is that of one tile whatever the image size. Tile positions
-    are static (they depend on shapes only).
+    run one after the other (`map_tiles(f, tiles)`, `lax.map` inside a jitted caller), so memory is that of one
+    tile whatever the image size. Tile positions are static (they depend on shapes only).
     """
     if z.shape[0] != 1:
         raise ValueError(f"tiled_call takes one image at a time, got a batch of {z.shape[0]}")
@@ -49,7 +50,7 @@ def tiled_call(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, ov
     side = min(tile, h, w)
     positions = [(y, x) for y in tile_starts(h, side, overlap) for x in tile_starts(w, side, overlap)]
     tiles = jnp.stack([z[0, y:y + side, x:x + side] for y, x in positions])
-    outputs = jax.lax.map(lambda t: fn(t[None])[0].astype(jnp.float32), tiles)
+    outputs = map_tiles(lambda t: fn(t[None])[0].astype(jnp.float32), tiles)
     weights = jnp.asarray(gaussian_weights(side))[:, :, None]
     total = jnp.zeros((h, w, outputs.shape[-1]), jnp.float32)
     norm = jnp.zeros((h, w, 1), jnp.float32)

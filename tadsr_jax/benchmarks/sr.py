@@ -162,17 +162,22 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
 
 def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
         dtypes: tuple[str, ...] = ("float32",), sizes: tuple[int, ...] = RESOLUTIONS) -> common.Report:
-    """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess."""
+    """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess.
+
+    Where our worker finds an accelerator (GPU/TPU), bfloat16 is measured too, even if not asked for.
+    """
     folder = ensure_weights(cache_dir)
     args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}", f"--sizes={','.join(map(str, sizes))}"]
-    sides = {}
-    for dtype in dtypes:
+    sides, dtypes = {}, list(dtypes)
+    for dtype in dtypes:  # may grow by bfloat16 below
         for side, label in (("ours", "ours (JAX)"), ("torch", "torch eager")):
             common.progress(f"bench sr: {label} {dtype}, {warmup} warmup + {steps} timed calls per resolution")
             sides[side, dtype] = common.run_worker(WORKER, [f"--side={side}", f"--dtype={dtype}", *args],
                                                    label=f"{label} {dtype}", timeout=7200)
             common.progress(f"bench sr: {label} {dtype}: " + ", ".join(
                 f"{size}: {v['timing']['median_s']:.2f} s" for size, v in sides[side, dtype]["sizes"].items()))
+        if sides["ours", dtype]["backend"] != "cpu" and "bfloat16" not in dtypes:
+            dtypes.append("bfloat16")
     result: dict[str, Any] = {"what": "sr", "steps": steps, "warmup": warmup, "cpu_count": os.cpu_count(),
                               "timestep": TIMESTEP, "architecture": "SD-2.1-base"}
     rows = []
@@ -182,7 +187,7 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
             o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]
             ours_s, torch_s = o["timing"]["median_s"], r["timing"]["median_s"]
             flops, peak = o["flops"], max(ours["peak_flops"], ref["peak_flops"])
-            entry = {"ours_s": ours_s, "torch_s": torch_s, "speedup": torch_s / ours_s,
+            entry = {"ours_s": ours_s, "torch_s": torch_s, "speedup": torch_s / ours_s, "images_per_s": 1 / ours_s,
                      "peak_fraction": flops / ours_s / peak, "torch_peak_fraction": flops / torch_s / peak,
                      "compile_s": o["compile_s"], "flops": flops, "peak_flops": peak,
                      "jax_matmul_peak_flops": ours["peak_flops"], "torch_matmul_peak_flops": ref["peak_flops"],

@@ -19,7 +19,9 @@ def test_blockwise_equals_dot_product_attention(t, s, block):
     q, k, v = _qkv(t, s, 3, 16, jnp.float32)
     ours = blockwise_attention(q, k, v, block)
     ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+    # The online softmax rescales partial sums in another order: measured |ours - ref| up to 7e-6 on outputs of size
+    # ~6, i.e. half of rtol=2e-5, atol=2e-6 (2 seeds); these bounds are 10x those. A dropped rescale errs by O(1).
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-5)
 
 
 def test_blockwise_gradients_equal_dot_product_attention():
@@ -33,7 +35,8 @@ def test_blockwise_gradients_equal_dot_product_attention():
     ours = jax.grad(loss(lambda q, k, v: blockwise_attention(q, k, v, 128)), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # measured up to 0.37 of rtol=1e-4, atol=1e-5 (2 seeds); these bounds are 10x those
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_blockwise_bf16_within_rounding_of_dot_product_attention():

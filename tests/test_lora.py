@@ -13,6 +13,10 @@ from torch_utils import nchw_to_nhwc, nhwc_to_nchw, rel_err
 from tadsr_jax.nn import Conv2d, Linear, ResnetBlock2D, Transformer2DModel, lora
 
 RANK, ALPHA = 4, 8.0
+# max |ours - theirs| / std(theirs) of float32 layers computed in different orders (XLA vs torch, merged kernel vs
+# separate LoRA path): measured up to 2.2e-6 (merged vs unmerged transformer block), so ~20x below; the LoRA terms
+# move the outputs by > 1e-1 (asserted beside each check), so a wrong scale, factor layout or merge fails.
+TOL = 5e-5
 
 run = nnx.jit(lambda model, *args: model(*args))
 
@@ -50,12 +54,12 @@ def test_linear_lora_matches_peft_formula():
     a, b = _t(adapter.a[...]).T, _t(adapter.b[...]).T              # (r, in), (out, r)
     xt = torch.from_numpy(x)
     ref = F.linear(xt, w, bias) + (ALPHA / RANK) * F.linear(F.linear(xt, a), b)
-    assert rel_err(ours, ref.numpy()) <= 1e-5
+    assert rel_err(ours, ref.numpy()) <= TOL
     # the LoRA term is not negligible, so a wrong scale or factor layout fails the check above
     assert rel_err(F.linear(xt, w, bias).numpy(), ref.numpy()) > 0.1
     # merging (eagerly here) folds the same delta into the kernel
     assert lora.merge_adapters(layer, ["default"]) == 1 and not layer.lora
-    assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= 1e-5
+    assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= TOL
 
 
 @pytest.mark.parametrize("kernel_size,stride,padding", [(3, 2, 1), (1, 1, 0)])
@@ -73,7 +77,7 @@ def test_conv_lora_matches_peft_formula(kernel_size, stride, padding):
     b = _t(adapter.b[...]).T[:, :, None, None]                      # (r, out) -> (out, r, 1, 1)
     base = F.conv2d(x, w, _t(layer.bias[...]), stride, padding)
     ref = base + 2.0 * F.conv2d(F.conv2d(x, a, None, stride, padding), b)
-    assert rel_err(nhwc_to_nchw(ours), ref.numpy()) <= 1e-5
+    assert rel_err(nhwc_to_nchw(ours), ref.numpy()) <= TOL
     assert rel_err(base.numpy(), ref.numpy()) > 0.1
 
 
@@ -135,7 +139,7 @@ def test_transformer_merged_equals_unmerged_and_merge_removes_factors(transforme
     assert len(jax.tree.leaves(nnx.state(model, LoRAA))) == 2 * len(CONV_AND_LINEAR)
     base, unmerged, merged, count = _base_unmerged_merged(model, *_transformer_inputs())
     assert rel_err(base, unmerged) > 1e-2                           # the adapters change the output
-    assert rel_err(merged, unmerged) <= 1e-5
+    assert rel_err(merged, unmerged) <= TOL
     assert int(count) == len(CONV_AND_LINEAR)
     assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []
     assert all(not h.lora and h.active_adapters == () for h in lora.lora_hosts(model).values())
@@ -151,7 +155,7 @@ def test_resnet_merged_equals_unmerged():
     temb = jnp.asarray(rng.standard_normal((2, 10)), jnp.float32)
     base, unmerged, merged, count = _base_unmerged_merged(block, x, temb)
     assert rel_err(base, unmerged) > 1e-2
-    assert rel_err(merged, unmerged) <= 1e-5
+    assert rel_err(merged, unmerged) <= TOL
     assert int(count) == len(targets)
     assert jax.tree.leaves(nnx.state(block, lora.LoRAParam)) == []
 
@@ -203,9 +207,9 @@ def test_active_adapters_context_selects_sets(transformer):
     base = run(transformer, x, ctx)
     model = _two_adapter_model(transformer)
     out = _choice_outputs(model, x, ctx)
-    np.testing.assert_allclose(out[()], base, rtol=0, atol=1e-6)       # no adapters: the base model
+    assert rel_err(out[()], base) <= TOL                               # no adapters: the base model
     for names in CHOICES:
-        assert rel_err(out[names], out["merged", names]) <= 1e-5, names
+        assert rel_err(out[names], out["merged", names]) <= TOL, names
     # the choices really differ from each other and from the base model
     for u, v in [(("a",), ()), (("b",), ()), (("a",), ("b",)), (("a", "b"), ("a",)), (("a", "b"), ("b",))]:
         assert rel_err(out[u], out[v]) > 1e-2, (u, v)
@@ -235,7 +239,7 @@ def test_linear_two_adapters_sum_matches_formula():
     for names, ref in [([], base), (["a"], base + delta("a")), (["b"], base + delta("b")),
                        (["a", "b"], base + delta("a") + delta("b"))]:
         with lora.active_adapters(layer, names):
-            assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= 1e-5, names
+            assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= TOL, names
 
 
 def test_active_adapters_context_restores_previous_choice(transformer):

@@ -155,7 +155,7 @@ def test_distances_match_dists_pt(torch_dists, model, pair):
     err = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
     print(f"DISTS fp32 {x.shape}: distances {ours}, max per-pair rel err {err:.2e}")
     assert theirs.min() > 1e-3
-    assert err <= 1e-4, (ours, theirs)
+    assert err <= 3e-4, (ours, theirs)  # measured 1.1e-5 (float32 VGG, two summation orders): 25x
 
 
 def test_identical_images_give_zero(model):
@@ -169,7 +169,7 @@ def test_l2pool_matches_torch_on_odd_sizes():
         theirs = L2pooling(4)(_nchw(x)).numpy().transpose(0, 2, 3, 1)
     ours = np.asarray(L2Pool2d()(jnp.asarray(x)))
     assert ours.shape == theirs.shape == (2, 4, 5, 4)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)  # measured 1.2e-7 (an ulp): 80x; a wrong window errs by 1e-1
 
 
 def test_random_dists_is_deterministic_with_positive_weights():

@@ -69,8 +69,9 @@ def test_scores_equal_the_metric_functions_and_bad_files_cost_one_line(folders):
     for name, scores in result.per_image.items():
         a = np.asarray(Image.open(sr / f"{name}.jpg").convert("RGB"), np.float32)[None] / 255
         b = np.asarray(Image.open(hr / f"{name}.png").convert("RGB"), np.float32)[None] / 255
-        np.testing.assert_allclose(scores["psnr"], float(metrics.psnr_y(a, b)[0]), rtol=1e-6)
-        np.testing.assert_allclose(scores["ssim"], float(metrics.ssim_y(a, b)[0]), rtol=1e-6)
+        # a padded batch of 3 vs one image: float32 sums in another order, measured up to 1.7e-7 (ssim), so 60x
+        np.testing.assert_allclose(scores["psnr"], float(metrics.psnr_y(a, b)[0]), rtol=1e-5)
+        np.testing.assert_allclose(scores["ssim"], float(metrics.ssim_y(a, b)[0]), rtol=1e-5)
         np.testing.assert_allclose(scores["lpips"], float(metrics.lpips_distance(lpips, a, b)[0]), rtol=1e-5)
     means = result.means()
     assert list(means) == ["psnr", "ssim", "lpips"]

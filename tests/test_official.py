@@ -172,7 +172,8 @@ def test_student_unet_matches_peft(reference, loaded):
     assert rel_err(without_lora, ref) > 0.1  # the LoRA matters, so matching it proves it was loaded
     err = rel_err(nhwc_to_nchw(ours), ref)
     print(f"student UNet vs PEFT: rel err {err:.2e}")
-    assert err <= 1e-3  # measured 5.5e-5 (float32 UNet, two summation orders): 18x; without the LoRA it is > 0.1
+    # float32 UNet in two summation orders: measured 5.5e-5 and 1.0e-4 (2 seeds), 20x below; without the LoRA: > 0.1
+    assert err <= 2e-3
 
 
 def test_time_aware_encoder_matches_peft(reference, loaded):
@@ -187,7 +188,7 @@ def test_time_aware_encoder_matches_peft(reference, loaded):
     assert rel_err(nhwc_to_nchw(without_lora.mean), mean.numpy()) > 0.1
     errs = rel_err(nhwc_to_nchw(ours.mean), mean.numpy()), rel_err(nhwc_to_nchw(ours.logvar), logvar.numpy())
     print(f"time-aware encoder vs PEFT: rel err mean {errs[0]:.2e}, logvar {errs[1]:.2e}")
-    assert max(errs) <= 1e-4  # measured 5.6e-6: 18x
+    assert max(errs) <= 1e-4  # measured up to 7.2e-6 (2 seeds): 14x
 
 
 # --- 2. Round trips.

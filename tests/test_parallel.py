@@ -76,7 +76,8 @@ def _assert_same_training(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]
     assert sorted(got) == sorted(ref)
     for name, expected in ref.items():
         err = np.linalg.norm(got[name] - expected) / np.linalg.norm(expected)
-        assert err < 1e-6, f"{name}: relative difference {err:.2e} to the 1-device run"
+        # sharded reductions sum in another order: measured up to 1.8e-7 (15 leaves, 8 devices and 2 processes)
+        assert err < 5e-6, f"{name}: relative difference {err:.2e} to the 1-device run"
 
 
 @pytest.fixture(scope="module")

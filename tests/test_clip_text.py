@@ -25,13 +25,14 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             max_position_embeddings=MAX_LENGTH)
 # Empty, short, and longer than MAX_LENGTH tokens (so truncated); "the"/"of" exercise the tiny merges.
 PROMPTS = ["", "a cat", "the photograph of an astronaut riding a horse"]
-FP32_TOL = 1e-4
+FP32_TOL = 1e-4  # measured up to 1.6e-6 (2 seeds, both activations): 60x
 # bf16 keeps 8 significant bits: every weight, the residual stream (entries up to ~4) and the output
 # (unit variance after the final LayerNorm, entries up to ~4 std) are rounded by up to 2**-9 relative,
 # i.e. ~1e-2 std at the output alone, and the rounding of the residual stream adds to that through two
-# layers. transformers' own bf16 run of these models errs by 2.3e-2 to 3.7e-2 (ours likewise, over
-# a few seeds), so allow 6e-2 and at most twice transformers' own error; a real mismatch gives order 1.
-BF16_TOL = 6e-2
+# layers. transformers' own bf16 run of these models errs by 2.3e-2 to 4.0e-2, ours by 3.2e-2 to 4.6e-2 (at
+# most 1.3x transformers'; 4 runs), so allow 1e-1 and at most twice transformers' own error; a real mismatch
+# gives order 1. bf16 rounding leaves no room for a 10x margin below that.
+BF16_TOL = 1e-1
 
 
 @pytest.fixture(scope="module")

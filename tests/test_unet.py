@@ -57,9 +57,9 @@ def test_unet_matches_diffusers(unet_pair):
 
 def test_unet_bf16_close_to_fp32(unet_pair):
     """bf16 weights and activations (norm statistics and softmax in fp32). Tolerance: the mean error may be
-    at most 6% of the fp32 output's std (measured 1.5e-2: bf16 rounding leaves no room for 10x) and at most twice
-    the error of diffusers' own bf16 run of the same weights (measured 1.05x); a wrong layer or mapping gives
-    errors of order 1."""
+    at most 6% of the fp32 output's std (measured 1.5e-2 and 2.0e-2: bf16 rounding leaves no room for 10x) and at
+    most twice the error of diffusers' own bf16 run of the same weights (measured 1.05x, 1.08x); a wrong layer or
+    mapping gives errors of order 1."""
     torch_unet, _, folder = unet_pair
     unet_bf16 = load_unet(folder, dtype=jnp.bfloat16)
     assert unet_bf16.conv_in.kernel.dtype == jnp.bfloat16

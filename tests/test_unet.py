@@ -52,7 +52,7 @@ def test_unet_matches_diffusers(unet_pair):
     with torch.no_grad():
         ref = torch_unet(latents, t, context).sample.numpy()
     ours = run(unet, jnp.asarray(nchw_to_nhwc(latents)), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()))
-    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4  # measured 7.3e-6 (float32, two summation orders): 14x
+    assert rel_err(nhwc_to_nchw(ours), ref) <= 3e-4  # measured 7.3e-6, 9.9e-6 (float32, two summation orders): 30x
 
 
 def test_unet_bf16_close_to_fp32(unet_pair):

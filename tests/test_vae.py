@@ -20,6 +20,9 @@ from tadsr_jax.weights.loaders import load_vae
 TINY = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, latent_channels=4, layers_per_block=2)
 TIMESTEPS = torch.tensor([1, 999])
+# max |ours - theirs| / std(theirs), float32 in two summation orders: measured up to 9.6e-6 (decoder), 7.6e-6
+# (encoder logvar), so 30x below; a transposed weight or wrong constant errs by 1e-1 or more.
+TOL = 3e-4
 
 encode = nnx.jit(lambda vae, x, t: vae.encode(x, t))
 decode = nnx.jit(lambda vae, z: vae.decode(z))
@@ -54,8 +57,8 @@ def test_encoder_matches_diffusers(torch_vae, vae_folder, images):
     with torch.no_grad():
         posterior = torch_vae.encode(images).latent_dist
     ours = encode(load_vae(vae_folder), jnp.asarray(nchw_to_nhwc(images)), None)
-    assert rel_err(nhwc_to_nchw(ours.mean), posterior.mean.numpy()) <= 1e-4
-    assert rel_err(nhwc_to_nchw(ours.logvar), posterior.logvar.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.mean), posterior.mean.numpy()) <= TOL
+    assert rel_err(nhwc_to_nchw(ours.logvar), posterior.logvar.numpy()) <= TOL
 
 
 def test_decoder_matches_diffusers(torch_vae, vae_folder):
@@ -63,7 +66,7 @@ def test_decoder_matches_diffusers(torch_vae, vae_folder):
     with torch.no_grad():
         ref = torch_vae.decode(latents).sample.numpy()
     ours = decode(load_vae(vae_folder), jnp.asarray(nchw_to_nhwc(latents)))
-    assert rel_err(nhwc_to_nchw(ours), ref) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours), ref) <= TOL
 
 
 def test_legacy_attention_names_load(torch_vae, vae_folder, images, tmp_path):
@@ -83,7 +86,7 @@ def test_legacy_attention_names_load(torch_vae, vae_folder, images, tmp_path):
     with torch.no_grad():
         ref = torch_vae.encode(images).latent_dist.mean.numpy()
     ours = encode(load_vae(legacy), jnp.asarray(nchw_to_nhwc(images)), None)
-    assert rel_err(nhwc_to_nchw(ours.mean), ref) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.mean), ref) <= TOL
 
 
 def test_posterior_sampling_is_seeded(vae_folder, images):
@@ -93,7 +96,7 @@ def test_posterior_sampling_is_seeded(vae_folder, images):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, posterior.sample(jax.random.key(8)))
     expected = posterior.mean + jnp.exp(0.5 * posterior.logvar) * jax.random.normal(key, posterior.mean.shape)
-    np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-6)  # the same float32 operations: measured 0
     np.testing.assert_array_equal(posterior.mode(), posterior.mean)
 
 
@@ -103,8 +106,8 @@ def test_time_aware_with_zero_time_layers_is_the_stock_encoder(torch_vae, vae_fo
     with torch.no_grad():
         ref = torch_vae.encode(images).latent_dist
     ours = encode(vae, jnp.asarray(nchw_to_nhwc(images)), jnp.asarray(TIMESTEPS.numpy()))
-    assert rel_err(nhwc_to_nchw(ours.mean), ref.mean.numpy()) <= 1e-4
-    assert rel_err(nhwc_to_nchw(ours.logvar), ref.logvar.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.mean), ref.mean.numpy()) <= TOL
+    assert rel_err(nhwc_to_nchw(ours.logvar), ref.logvar.numpy()) <= TOL
 
 
 # --- A PyTorch re-statement of TADSR_SPEC.md 1.1 on top of diffusers' stock encoder modules.
@@ -145,8 +148,8 @@ def test_time_aware_encoder_matches_restatement(torch_vae, time_vae, images, tim
         mean, logvar = time_aware_moments(torch_vae, time, images, t_batch)
     ours = encode(load_vae(folder, time_aware=True), jnp.asarray(nchw_to_nhwc(images)),
                   jnp.asarray(timesteps.numpy()))
-    assert rel_err(nhwc_to_nchw(ours.mean), mean.numpy()) <= 1e-4
-    assert rel_err(nhwc_to_nchw(ours.logvar), logvar.numpy()) <= 1e-4
+    assert rel_err(nhwc_to_nchw(ours.mean), mean.numpy()) <= TOL
+    assert rel_err(nhwc_to_nchw(ours.logvar), logvar.numpy()) <= TOL
 
 
 def test_time_aware_latents_depend_on_t(time_vae, images):

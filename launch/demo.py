@@ -6,12 +6,11 @@ The last line printed is a JSON object with psnr_bicubic and psnr_sr.
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import runtime
+from tadsr_jax import cli, runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+_CONFIG = cli.define_config("configs/tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model, checkpoints and outputs go.")
 
 
@@ -25,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,10 +15,9 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import runtime
+from tadsr_jax import cli, runtime
 
 _SR = flags.DEFINE_list("sr", None, "SR output folder(s); one table column each.")
 _HR = flags.DEFINE_string("hr", None, "Reference (HR) folder; files are matched to SR outputs by name.")
@@ -34,13 +33,12 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Same-shape images scored pe
 _OUTPUT = flags.DEFINE_string("output", None, "Report folder (default: the first --sr folder).")
 _SWEEP = flags.DEFINE_list("sweep", None, "Timesteps of the fidelity-realism sweep (e.g. 100,300,500,700,900).")
 _LQ = flags.DEFINE_string("lq", None, "--sweep: low-quality inputs to super-resolve at each timestep first.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "--lq: the experiment config of the SR model.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(help_text="--lq: the experiment config of the SR model.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "--lq: generator from a training workdir's latest checkpoint.")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "--lq: the reference's released tadsr.pkl (needs torch).")
 _GENERATOR = flags.DEFINE_string("generator", "", "--lq: generator weights exported by launch/convert.py.")
-_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed.")
-_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image.")
+_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed " + cli.config_default("sr.seed"))
+_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image " + cli.config_default("sr.prompt"))
 
 
 def _timesteps() -> list[int]:
@@ -122,10 +120,7 @@ def _run(log) -> tuple[dict, bool]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    del argv
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax.infer.images import ImageError
@@ -142,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -6,7 +6,7 @@ Rerunning the same command resumes from the latest checkpoint in DIR. Multi-host
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from tadsr_jax import cli, parallel, runtime
 from tadsr_jax.weights.convert import WeightsError
@@ -29,7 +29,6 @@ def main(argv):
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (TrainingError, WeightsError) as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

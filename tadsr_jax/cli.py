@@ -192,7 +192,9 @@ def configure_logging(*, verbose: bool) -> None:
         root.removeHandler(handler)
     handler = _TqdmHandler()
     handler.setFormatter(absl_logging.PythonFormatter())
-    if not verbose:
+    if verbose:  # absl sets the root level only while its own handler is installed
+        root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
+    else:
         handler.addFilter(ours_or_warning)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read when transformers logs, after import
     root.addHandler(handler)

@@ -7,8 +7,10 @@ python launch/evaluate.py --sweep=100,...,900 --sr=SWEEP_OUTPUT_DIR --hr=DIR    
 Scores SR outputs against HR references matched by file name (or, with --sr alone, no-reference metrics), writes
 <output>/metrics.json and a markdown table laid out like the paper's Table 1 (<output>/metrics.md; one column per
 --sr folder). With --sweep, one column per timestep plus <output>/sweep.png (each metric against t, the paper's
-Fig. 6). Unmatched and unreadable files get one line each; the exit status is 1 if any file failed. The last
-line printed is the metrics JSON (the means over the images).
+Fig. 6). Columns are compared on the same images only: those scored in every column (one line per column lists
+what it left out; the table's last row and each column's `images` in the JSON give the count). Unmatched and
+unreadable files get one line each; the exit status is 1 if any file failed. The last line printed is the metrics
+JSON (the means over the images).
 """
 
 import json
@@ -89,7 +91,7 @@ def _run(log) -> tuple[dict, bool]:
         if len(labels) != len(sr_dirs):
             raise ValueError(f"--names has {len(labels)} labels for {len(sr_dirs)} --sr folders")
         runs = {label: (folder, "") for label, folder in zip(labels, sr_dirs)}
-    results, failed = {}, False
+    matchings = {}
     for label, (folder, suffix) in runs.items():
         matching = evaluation.match_files(folder, _HR.value, suffix=suffix)
         for path in matching.unmatched_sr:
@@ -100,12 +102,11 @@ def _run(log) -> tuple[dict, bool]:
             print(f"duplicate: {path}: another file of its folder has the same name; ignored", file=log)
         if not matching.pairs:
             raise ValueError(f"{folder}: no image{' matches a file of ' + _HR.value if _HR.value else ''}")
-        result = evaluation.evaluate(matching, scorer, crop=_CROP.value, batch_size=_BATCH_SIZE.value, log=log,
-                                     desc=label)
-        results[label] = result.to_json()
-        failed |= bool(result.failed)
-    means = {label: r["mean"] for label, r in results.items()}
-    table = evaluation.markdown_table(dataset, means)
+        matchings[label] = matching
+    comparison = evaluation.compare(matchings, scorer, crop=_CROP.value, batch_size=_BATCH_SIZE.value, log=log)
+    results, means = comparison.to_json(), comparison.means()
+    failed = any(column.failed for column in comparison.columns.values())
+    table = evaluation.markdown_table(dataset, means, {label: r["images"] for label, r in results.items()})
     evaluation.write_report(os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results},
                             table)
     if sweep:
@@ -115,7 +116,7 @@ def _run(log) -> tuple[dict, bool]:
         (only,) = results.values()
         summary = {**only["mean"], "images": only["images"], "failed": len(only["failed"])}
     else:
-        summary = means
+        summary = {label: {**r["mean"], "images": r["images"]} for label, r in results.items()}
     return summary, failed
 
 

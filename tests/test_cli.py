@@ -153,3 +153,15 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
     loud = _launch("train", *args, "--verbose", env=env)
     assert loud.returncode == 1
     assert re.search(r"^I\d{4} [^\n]* xla_bridge.py:\d+\] ", loud.stderr, re.M), loud.stderr
+
+
+def test_demo_says_what_it_does_before_the_slow_part(tmp_path):
+    """The demo announces training (stand-in model, compilation) before it starts; here the SD folder is missing,
+    so it stops right after, with one error line."""
+    missing = tmp_path / "missing"
+    run = _launch("demo", f"--workdir={tmp_path / 'demo'}", f"--config.model.pretrained={missing}",
+                  "--config.train.steps=3")
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"demo: training to step 3 in {tmp_path / 'demo'}; the bar starts moving once the train step is compiled",
+        f"demo: error: {missing}: pretrained model folder does not exist"]

@@ -151,6 +151,9 @@ def _parse(argv: list[str]) -> list[str]:
         usage_error(_unknown_config_key_in(argv) or str(e))
     if len(remaining) > 1:
         usage_error(f"unexpected arguments {' '.join(remaining[1:])} (flags are --name=value)")
+    config_path = _config_path(argv, CONFIG) if CONFIG in flags.FLAGS else None
+    if config_path and not os.path.isfile(config_path.split(":", 1)[0]):  # ml_collections defers this error
+        usage_error(f"--{CONFIG}={config_path}: no such file")
     configure_logging(verbose=verbose())
     return remaining
 

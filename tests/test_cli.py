@@ -41,6 +41,9 @@ def test_usage_errors_are_one_line():
     missing = _launch("sr", "--config=configs/tiny.py", "--input=x")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
         "sr: error: flag --output=None: Flag --output must have a value other than None."]
+    no_file = _launch("train", "--config=configs/nope.py", "--workdir=w")
+    assert no_file.returncode == 2 and no_file.stderr.splitlines() == [
+        "train: error: --config=configs/nope.py: no such file"]
     stray = _launch("evaluate", "--sr=a", "b")
     assert stray.returncode == 2 and stray.stderr.splitlines() == [
         "evaluate: error: unexpected arguments b (flags are --name=value)"]

@@ -10,7 +10,9 @@ persistent compilation cache is deliberately not enabled.
 import sys
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags
+
+from tadsr_jax import cli
 
 _WHAT = flags.DEFINE_string("what", "train", "What to measure: one of data, sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
@@ -45,15 +47,10 @@ HANDLERS: dict[str, Callable] = {"data": _data, "sr": _sr, "train": _train}
 
 
 def main(argv: list[str]) -> int:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        print(f"bench: unexpected arguments {argv[1:]}", file=sys.stderr)
-        return 1
+    del argv
     handler = HANDLERS.get(_WHAT.value)
     if handler is None:
-        print(f"bench: --what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})", file=sys.stderr)
-        return 1
+        cli.usage_error(f"--what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})")
     from tadsr_jax.benchmarks.common import BenchmarkError, print_report
 
     try:
@@ -65,4 +62,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,28 +1,29 @@
-"""python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \\
+r"""python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \
     --lpips_linear=<site-packages>/lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
 python launch/convert.py --what=dists --vgg16=vgg16-397923af.pth --dists_weights=<DISTS_pytorch>/weights.pt \
     --out=dists.safetensors
-python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \\
+python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \
     (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 
 Converts weight files: LPIPS and DISTS (PyTorch -> our safetensors) and TADSR generators between the reference's
 tadsr.pkl (reading or writing it needs torch), our safetensors export and a training workdir's checkpoint.
 Each `--what` is one handler in HANDLERS (flags -> library call -> one line of output); errors are one line on
-stderr and exit status 1.
+stderr and exit status 1 (2 for a usage error).
 """
 
 import sys
 from collections.abc import Callable
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
+
+from tadsr_jax import cli
 
 _WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips, dists: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
 _LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips: the lpips package's weights/v0.1/vgg.pth.")
 _DISTS_WEIGHTS = flags.DEFINE_string("dists_weights", None, "dists: DISTS_pytorch's weights.pt (alpha, beta).")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "generator: the experiment config (SD folder, LoRA rank).")
+_CONFIG = cli.define_config(help_text="generator: the experiment config (SD folder, LoRA rank).")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "generator: the reference's tadsr.pkl.")
 _GENERATOR = flags.DEFINE_string("generator", "", "generator: our safetensors export.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "generator: a training workdir (its latest checkpoint).")
@@ -67,16 +68,10 @@ HANDLERS: dict[str, Callable[[], str]] = {"dists": _convert_dists, "generator": 
 
 
 def main(argv: list[str]) -> int:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep output to one line (JAX logs its backend probe at INFO)
-    if len(argv) > 1:
-        print(f"convert: unexpected arguments {argv[1:]}", file=sys.stderr)
-        return 1
+    del argv
     handler = HANDLERS.get(_WHAT.value)
     if handler is None:
-        print(f"convert: --what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})",
-              file=sys.stderr)
-        return 1
+        cli.usage_error(f"--what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})")
     from tadsr_jax.weights.convert import WeightsError
 
     try:
@@ -88,4 +83,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,17 +1,17 @@
 """python launch/demo.py [--config=configs/tiny.py] [--workdir=out/demo]
 
-Trains the config (tiny: a few hundred CPU steps), then super-resolves held-out scikit-image samples x4.
-The last line printed is a JSON object with psnr_bicubic and psnr_sr.
+Trains the config (tiny: a few hundred CPU steps), then super-resolves held-out scikit-image samples x4, saying
+what it is doing at each stage. The last line printed is a JSON object with psnr_bicubic and psnr_sr.
 """
 
 import json
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import runtime
+from tadsr_jax import cli, runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+_CONFIG = cli.define_config("configs/tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model, checkpoints and outputs go.")
 
 
@@ -20,9 +20,16 @@ def main(argv):
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax import demo
+    from tadsr_jax.train.loop import TrainingError
+    from tadsr_jax.weights.convert import WeightsError
 
-    print(json.dumps(demo.run(_CONFIG.value, _WORKDIR.value)))
+    try:
+        print(json.dumps(demo.run(_CONFIG.value, _WORKDIR.value)))
+    except (TrainingError, WeightsError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,18 +7,19 @@ python launch/evaluate.py --sweep=100,...,900 --sr=SWEEP_OUTPUT_DIR --hr=DIR    
 Scores SR outputs against HR references matched by file name (or, with --sr alone, no-reference metrics), writes
 <output>/metrics.json and a markdown table laid out like the paper's Table 1 (<output>/metrics.md; one column per
 --sr folder). With --sweep, one column per timestep plus <output>/sweep.png (each metric against t, the paper's
-Fig. 6). Unmatched and unreadable files get one line each; the exit status is 1 if any file failed. The last
-line printed is the metrics JSON (the means over the images).
+Fig. 6). Columns are compared on the same images only: those scored in every column (one line per column lists
+what it left out; the table's last row and each column's `images` in the JSON give the count). Unmatched and
+unreadable files get one line each; the exit status is 1 if any file failed. The last line printed is the metrics
+JSON (the means over the images).
 """
 
 import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import runtime
+from tadsr_jax import cli, runtime
 
 _SR = flags.DEFINE_list("sr", None, "SR output folder(s); one table column each.")
 _HR = flags.DEFINE_string("hr", None, "Reference (HR) folder; files are matched to SR outputs by name.")
@@ -34,13 +35,12 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Same-shape images scored pe
 _OUTPUT = flags.DEFINE_string("output", None, "Report folder (default: the first --sr folder).")
 _SWEEP = flags.DEFINE_list("sweep", None, "Timesteps of the fidelity-realism sweep (e.g. 100,300,500,700,900).")
 _LQ = flags.DEFINE_string("lq", None, "--sweep: low-quality inputs to super-resolve at each timestep first.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "--lq: the experiment config of the SR model.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(help_text="--lq: the experiment config of the SR model.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "--lq: generator from a training workdir's latest checkpoint.")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "--lq: the reference's released tadsr.pkl (needs torch).")
 _GENERATOR = flags.DEFINE_string("generator", "", "--lq: generator weights exported by launch/convert.py.")
-_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed.")
-_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image.")
+_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed " + cli.config_default("sr.seed"))
+_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image " + cli.config_default("sr.prompt"))
 
 
 def _timesteps() -> list[int]:
@@ -91,7 +91,7 @@ def _run(log) -> tuple[dict, bool]:
         if len(labels) != len(sr_dirs):
             raise ValueError(f"--names has {len(labels)} labels for {len(sr_dirs)} --sr folders")
         runs = {label: (folder, "") for label, folder in zip(labels, sr_dirs)}
-    results, failed = {}, False
+    matchings = {}
     for label, (folder, suffix) in runs.items():
         matching = evaluation.match_files(folder, _HR.value, suffix=suffix)
         for path in matching.unmatched_sr:
@@ -102,12 +102,11 @@ def _run(log) -> tuple[dict, bool]:
             print(f"duplicate: {path}: another file of its folder has the same name; ignored", file=log)
         if not matching.pairs:
             raise ValueError(f"{folder}: no image{' matches a file of ' + _HR.value if _HR.value else ''}")
-        result = evaluation.evaluate(matching, scorer, crop=_CROP.value, batch_size=_BATCH_SIZE.value, log=log,
-                                     desc=label)
-        results[label] = result.to_json()
-        failed |= bool(result.failed)
-    means = {label: r["mean"] for label, r in results.items()}
-    table = evaluation.markdown_table(dataset, means)
+        matchings[label] = matching
+    comparison = evaluation.compare(matchings, scorer, crop=_CROP.value, batch_size=_BATCH_SIZE.value, log=log)
+    results, means = comparison.to_json(), comparison.means()
+    failed = any(column.failed for column in comparison.columns.values())
+    table = evaluation.markdown_table(dataset, means, {label: r["images"] for label, r in results.items()})
     evaluation.write_report(os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results},
                             table)
     if sweep:
@@ -117,15 +116,12 @@ def _run(log) -> tuple[dict, bool]:
         (only,) = results.values()
         summary = {**only["mean"], "images": only["images"], "failed": len(only["failed"])}
     else:
-        summary = means
+        summary = {label: {**r["mean"], "images": r["images"]} for label, r in results.items()}
     return summary, failed
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    del argv
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax.infer.images import ImageError
@@ -142,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,30 +14,37 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import runtime
+from tadsr_jax import cli, runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = cli.define_config()
 _INPUT = flags.DEFINE_string("input", None, "An image file or a directory of images.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (created if missing).", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", "", "A training workdir: generator weights from its latest checkpoint.")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "The reference's released tadsr.pkl (needs torch).")
 _GENERATOR = flags.DEFINE_string("generator", "", "Generator weights exported by launch/convert.py (safetensors).")
-_TIMESTEP = flags.DEFINE_integer("timestep", None, "The fidelity (low) / realism (high) knob, 1..999.")
+_TIMESTEP = flags.DEFINE_integer("timestep", None, "The fidelity (low) / realism (high) knob, 1..999 "
+                                 + cli.config_default("sr.timestep"))
 _SWEEP = flags.DEFINE_list("sweep", None, "Timesteps to run each image at, in one batched call, plus a "
                            "contact sheet (e.g. 100,300,500,700,900).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt for every image (default: config.sr.prompt, empty).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt for every image " + cli.config_default("sr.prompt"))
 _CAPTIONS = flags.DEFINE_string("captions", "", "File of `<file name><TAB><prompt>` lines; others use --prompt.")
-_SEED = flags.DEFINE_integer("seed", None, "Posterior-noise seed: the same seed gives the same output.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weights and activations.")
-_COLOR_FIX = flags.DEFINE_enum("color_fix", None, ["adain", "wavelet", "none"], "Colour correction.")
-_LATENT_TILE = flags.DEFINE_integer("latent_tile", None, "UNet tile side in latent pixels.")
-_LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", None, "UNet tile overlap in latent pixels.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Same-shape images per call.")
+_SEED = flags.DEFINE_integer("seed", None, "Posterior-noise seed: the same seed gives the same output "
+                             + cli.config_default("sr.seed"))
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weights and activations "
+                           + cli.config_default("sr.dtype"))
+_COLOR_FIX = flags.DEFINE_enum("color_fix", None, ["adain", "wavelet", "none"], "Colour correction "
+                               + cli.config_default("sr.color_fix"))
+_LATENT_TILE = flags.DEFINE_integer("latent_tile", None, "UNet tile side in latent pixels "
+                                    + cli.config_default("sr.latent_tile"))
+_LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", None, "UNet tile overlap in latent pixels "
+                                       + cli.config_default("sr.latent_overlap"))
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Same-shape images per call "
+                                   + cli.config_default("sr.batch_size"))
 _VAE_STRIP_ABOVE = flags.DEFINE_integer("vae_strip_above", None, "Working images (4x the input) with more pixels "
-                                        "run the VAE strip-wise, with bounded memory.")
+                                        "run the VAE strip-wise, with bounded memory "
+                                        + cli.config_default("sr.vae_strip_above"))
 flags.mark_flags_as_required(["config"])
 
 
@@ -51,10 +58,7 @@ def _sweep_timesteps() -> list[int] | None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    del argv
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax.infer import session
@@ -79,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

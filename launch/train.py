@@ -6,13 +6,12 @@ Rerunning the same command resumes from the latest checkpoint in DIR. Multi-host
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from tadsr_jax import parallel, runtime
+from tadsr_jax import cli, parallel, runtime
 from tadsr_jax.weights.convert import WeightsError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-host).")
@@ -30,10 +29,9 @@ def main(argv):
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (TrainingError, WeightsError) as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,12 +2,15 @@
 
 SR goes through the inference pipeline (`tadsr_jax.infer`, the generator taken from the workdir's latest
 checkpoint), as `launch/sr.py --workdir` does. Writes LQ | bicubic | SR | HR panels to <workdir>/demo/ and
-returns PSNRs of bicubic and SR against HR.
+returns PSNRs of bicubic and SR against HR. Each stage is announced on `log` as it starts: before the training
+bar moves, a CPU spends most of a minute writing the stand-in model and compiling the train step.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import TextIO
 
 import ml_collections
 import numpy as np
@@ -27,8 +30,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128) -> dict:
+def _say(log: TextIO, message: str) -> None:
+    print(f"demo: {message}", file=log, flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, log: TextIO = sys.stderr) -> dict:
+    model_note = "" if config.model.pretrained else ", writing the stand-in SD model first if it is not there"
+    _say(log, f"training to step {config.train.steps} in {workdir}{model_note}; the bar starts moving once the "
+              "train step is compiled")
     train_metrics = loop.train(config, workdir)
+    _say(log, f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{SCALE} at t={config.sr.timestep} "
+              "(compiling the SR program first)")
     model = load_sr_model(config, pretrained_folder(config, workdir), WeightsSource(workdir=workdir),
                           dtype=config.sr.dtype)
     upscaler = Upscaler(model, SRSettings.from_config(config.sr))
@@ -46,6 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128) 
         write_png_atomic(os.path.join(out_dir, f"{name}.png"), np.concatenate([lq_big, bic, sr_im, hr_im], axis=1))
         psnr_bicubic.append(psnr(bic, hr_im))
         psnr_sr.append(psnr(sr_im, hr_im))
+    _say(log, f"wrote LQ | bicubic | SR | HR panels to {out_dir}")
     return {"output_dir": out_dir, "images": list(HELD_OUT_SAMPLES), "timestep": config.sr.timestep,
             "color_fix": config.sr.color_fix, "train_steps": config.train.steps,
             "final_l2": round(train_metrics.get("loss/l2", float("nan")), 5),

@@ -4,7 +4,8 @@ laid out like the paper's Table 1, and the fidelity-realism sweep plot (metrics 
 
 Files are matched by stem: `<sr_dir>/<stem><suffix>.<ext>` with `<hr_dir>/<stem>.<ext>` (any image extension; a
 sweep's outputs carry the suffix `_t<T>`). A file that cannot be read, or whose size differs from its reference,
-costs one line and the rest is evaluated.
+costs one line and the rest is evaluated. Several columns (methods, timesteps) are compared on the same images
+only: those scored in every column (`compare`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TextIO
 
 import numpy as np
@@ -160,12 +161,16 @@ class Evaluation:
     failed: list[str]  # one line each: "<path>: <problem>"
     matching: Matching
 
-    def means(self) -> dict[str, float]:
-        names = {n for scores in self.per_image.values() for n in scores}
-        return {n: float(np.mean([s[n] for s in self.per_image.values()])) for n in METRICS if n in names}
+    def means(self, images: Collection[str] | None = None) -> dict[str, float]:
+        """Each metric's mean over `images` (default: every scored image)."""
+        scores = [self.per_image[name] for name in (self.per_image if images is None else images)]
+        names = {n for s in scores for n in s}
+        return {n: float(np.mean([s[n] for s in scores])) for n in METRICS if n in names}
 
-    def to_json(self) -> dict:
-        return {"mean": self.means(), "images": len(self.per_image), "per_image": self.per_image,
+    def to_json(self, images: Collection[str] | None = None) -> dict:
+        """The report of one column; `images`: those its mean is over (default: every scored image)."""
+        images = sorted(self.per_image if images is None else images)
+        return {"mean": self.means(images), "images": len(images), "per_image": self.per_image,
                 "failed": self.failed, "unmatched_sr": self.matching.unmatched_sr,
                 "unmatched_hr": self.matching.unmatched_hr, "duplicates": self.matching.duplicates}
 
@@ -222,13 +227,52 @@ def evaluate(matching: Matching, scorer: Scorer, *, crop: int = 0, batch_size: i
     return evaluation
 
 
+@dataclasses.dataclass
+class Comparison:
+    """Columns scored on the same images. `images`: those scored in every column, which every mean is over;
+    `left_out[label]`: the images of that column's matching outside `images` (another column lacks them, or
+    scoring one of them failed somewhere)."""
+    columns: dict[str, Evaluation]
+    images: list[str]
+    left_out: dict[str, list[str]]
+
+    def means(self) -> dict[str, dict[str, float]]:
+        return {label: column.means(self.images) for label, column in self.columns.items()}
+
+    def to_json(self) -> dict[str, dict]:
+        return {label: {**column.to_json(self.images), "left_out": self.left_out[label]}
+                for label, column in self.columns.items()}
+
+
+def compare(matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0, batch_size: int = 8,
+            log: TextIO = sys.stderr) -> Comparison:
+    """Scores each column (label -> its SR outputs matched to references) on the images all columns have, then
+    averages over those scored in all of them: a table compares methods on the same images only. With several
+    columns, one line per column lists what it left out; ValueError when no image is common to all."""
+    common = set.intersection(*({p.name for p in m.pairs} for m in matchings.values()))
+    if not common:
+        raise ValueError(f"no image name is in every column ({', '.join(matchings)}): nothing to compare")
+    columns = {}
+    for label, matching in matchings.items():
+        shared = dataclasses.replace(matching, pairs=[p for p in matching.pairs if p.name in common])
+        columns[label] = evaluate(shared, scorer, crop=crop, batch_size=batch_size, log=log, desc=label)
+    images = sorted(set.intersection(*(set(column.per_image) for column in columns.values())))
+    left_out = {label: sorted({p.name for p in m.pairs} - set(images)) for label, m in matchings.items()}
+    if len(matchings) > 1:
+        for label, names in left_out.items():
+            if names:
+                print(f"left out: {label}: {len(names)} image(s) not scored in every column: {', '.join(names)}",
+                      file=log)
+    return Comparison(columns, images, left_out)
+
+
 def _format(name: str, value: float | None) -> str:
     return "-" if value is None else f"{value:.{METRICS[name].digits}f}"
 
 
-def markdown_table(dataset: str, columns: Mapping[str, Mapping[str, float]]) -> str:
+def markdown_table(dataset: str, columns: Mapping[str, Mapping[str, float]], images: Mapping[str, int]) -> str:
     """The paper's Table 1 layout: | Dataset | Metric | method ... |, one row per metric (arrow: better), the best
-    value of each row in bold when there are several methods."""
+    value of each row in bold when there are several methods; a last row gives each column's image count."""
     names = [n for n in METRICS if any(n in means for means in columns.values())]
     lines = ["| Dataset | Metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row, name in enumerate(names):
@@ -239,6 +283,7 @@ def markdown_table(dataset: str, columns: Mapping[str, Mapping[str, float]]) -> 
         cells = [f"**{_format(name, v)}**" if v is not None and v == best else _format(name, v) for v in values]
         arrow = "↑" if info.higher_is_better else "↓"
         lines.append(f"| {dataset if row == 0 else ''} | {info.label}{arrow} | " + " | ".join(cells) + " |")
+    lines.append(f"| {dataset if not names else ''} | Images | " + " | ".join(str(images[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

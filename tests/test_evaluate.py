@@ -99,13 +99,15 @@ def test_scorer_errors():
 
 def test_markdown_table_has_the_paper_layout():
     table = evaluation.markdown_table("RealSR", {"ours": {"psnr": 25.16612, "ssim": 0.715, "lpips": 0.31684},
-                                                 "other": {"psnr": 25.5, "ssim": 0.7, "lpips": 0.3}})
+                                                 "other": {"psnr": 25.5, "ssim": 0.7, "lpips": 0.3}},
+                                      {"ours": 100, "other": 100})
     assert table.splitlines() == [
         "| Dataset | Metric | ours | other |",
         "|---|---|---|---|",
         "| RealSR | PSNR↑ | 25.166 | **25.500** |",
         "|  | SSIM↑ | **0.7150** | 0.7000 |",
         "|  | LPIPS-VGG↓ | 0.3168 | **0.3000** |",
+        "|  | Images | 100 | 100 |",
     ]
 
 
@@ -135,3 +137,45 @@ def test_launcher_end_to_end(folders, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--metrics=psnr,lpips"], capture_output=True, text=True, cwd=REPO, timeout=300,
                          check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: lpips needs")
+
+
+def test_columns_of_different_coverage_are_compared_on_the_images_scored_in_all(folders, tmp_path):
+    """Column a lacks rocket, b lacks chelsea and b's coffee is unreadable: both are scored on astronaut alone (the
+    only image scored in both), each lists what it left out, and the count is in the table and the JSON."""
+    sr, hr = folders
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, names in ((a, ("astronaut", "coffee", "chelsea")), (b, ("astronaut", "rocket"))):
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.jpg").write_bytes((sr / f"{name}.jpg").read_bytes())
+    (b / "coffee.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), f"--sr={a},{b}", f"--hr={hr}",
+                          f"--output={out}", "--metrics=psnr", "--dataset=Samples"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert run.returncode == 1, run.stderr[-2000:]  # b's coffee failed
+    stderr = run.stderr.splitlines()
+    assert "left out: a: 2 image(s) not scored in every column: chelsea, coffee" in stderr
+    assert "left out: b: 2 image(s) not scored in every column: coffee, rocket" in stderr
+    report = json.loads((out / "metrics.json").read_text())
+    astronaut = [np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255
+                 for path in (a / "astronaut.jpg", hr / "astronaut.png")]
+    expected = float(metrics.psnr_y(*astronaut)[0])
+    for label, left_out in (("a", ["chelsea", "coffee"]), ("b", ["coffee", "rocket"])):
+        assert report[label]["images"] == 1 and report[label]["left_out"] == left_out
+        np.testing.assert_allclose(report[label]["mean"]["psnr"], expected, rtol=1e-6)
+    assert sorted(report["a"]["per_image"]) == ["astronaut", "coffee"]  # coffee: scored in a, not in its mean
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        label: {**report[label]["mean"], "images": 1} for label in ("a", "b")}
+    assert (out / "metrics.md").read_text().splitlines()[-1] == "|  | Images | 1 | 1 |"
+
+
+def test_columns_without_a_common_image_are_refused(folders, tmp_path):
+    sr, _ = folders
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, name in ((a, "astronaut"), (b, "rocket")):
+        folder.mkdir()
+        (folder / f"{name}.jpg").write_bytes((sr / f"{name}.jpg").read_bytes())
+    matchings = {"a": evaluation.match_files(str(a)), "b": evaluation.match_files(str(b))}
+    with pytest.raises(ValueError, match=r"no image name is in every column \(a, b\): nothing to compare"):
+        evaluation.compare(matchings, evaluation.Scorer(["psnr"]))

@@ -5,6 +5,7 @@ in one line naming the file and the key."""
 import copy
 import math
 import os
+import pickle
 import re
 import sys
 import types
@@ -300,11 +301,25 @@ def test_bad_reference_checkpoint(reference, loaded, tmp_path, case):
     _assert_fails_untouched(loaded, lambda: official.load_reference_checkpoint(loaded, path), path, message)
 
 
-def test_not_a_pickle(loaded, tmp_path):
+NOT_CHECKPOINTS = {
+    "text": (b"this is not a pickle\n" * 3, ""),  # the reason depends on the bytes
+    "random bytes": (np.random.default_rng(0).bytes(4096), "UnpicklingError: Unsupported operand"),
+    "a pickle that calls os.system": (pickle.dumps({"f": os.system}), "UnpicklingError: Unsupported"),
+    "empty": (b"", "EOFError: empty or truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+def test_not_a_checkpoint_gets_a_short_reason_and_no_unsafe_advice(loaded, tmp_path, case):
+    """torch's own message for a refused pickle suggests weights_only=False, which would run the file's code."""
+    content, reason = NOT_CHECKPOINTS[case]
     path = tmp_path / "tadsr.pkl"
-    path.write_bytes(b"this is not a pickle\n" * 3)
+    path.write_bytes(content)
     _assert_fails_untouched(loaded, lambda: official.load_reference_checkpoint(loaded, str(path)), str(path),
-                            "not a readable PyTorch checkpoint")
+                            f"{path}: not a TADSR checkpoint ({reason}")
+    with pytest.raises(WeightsError) as error:
+        official.load_reference_checkpoint(loaded, str(path))
+    assert "weights_only" not in str(error.value) and len(str(error.value)) < len(str(path)) + 120, error.value
 
 
 def test_reading_the_pickle_without_torch(loaded, reference, monkeypatch):

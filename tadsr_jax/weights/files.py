@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,16 +62,39 @@ def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
         raise WeightsError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def _refusal(error: Exception) -> str:
+    """A short reason why `torch.load(weights_only=True)` refused a file. Its own message advises loading the file
+    with weights_only=False, which runs any code the file holds: that advice is left out."""
+    text = str(error)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if detail:  # e.g. "Unsupported operand 231", "Unsupported global: GLOBAL os.system was not an allowed global..."
+        text = detail.group(1)
+    first = re.split(r"\.\s+(?=[A-Z])", text.strip().splitlines()[0])[0] if text.strip() else "empty or truncated"
+    if "weights_only" in first:
+        first = "not a weights-only pickle"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def torch_load(path: str, not_what: str, **kwargs) -> Any:
+    """`torch.load(path, weights_only=True)` (never runs code from the file); a file it cannot read raises
+    WeightsError `<path>: <not_what> (<short reason>)`."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # its pickle-protocol notes are noise when the file is refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not (safe) pickles
+        raise WeightsError(f"{path}: {not_what} ({_refusal(e)})") from None
+
+
 def _read_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
     try:
         import torch
     except ImportError:
         raise WeightsError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch); "
                            "or convert the folder to safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt pickles
-        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state = torch_load(path, "not a PyTorch checkpoint", mmap=True)
     for key in list(state):
         tensor = state.pop(key)
         yield key, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()

@@ -19,7 +19,7 @@ from flax import nnx
 
 from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
-from tadsr_jax.weights.files import read_tensors, write_safetensors
+from tadsr_jax.weights.files import read_tensors, torch_load, write_safetensors
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
@@ -30,10 +30,7 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise WeightsError(f"{path}: reading .pth files needs PyTorch (pip install torch)") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt pickles
-        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state = torch_load(path, "not a PyTorch state dict")
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: not a state dict (a {type(state).__name__})")
     return {key: t.detach().float().numpy() for key, t in state.items() if isinstance(t, torch.Tensor)}

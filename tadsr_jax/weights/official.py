@@ -32,7 +32,7 @@ from flax import nnx
 from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.nn.lora import module_name
 from tadsr_jax.weights.convert import Path, WeightsError, jax_to_torch_layout, path_to_torch_key, torch_to_jax_layout
-from tadsr_jax.weights.files import atomic_write, write_safetensors
+from tadsr_jax.weights.files import atomic_write, torch_load, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"
 SECTIONS = (UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION)
@@ -199,10 +199,7 @@ def _read_reference(path: str) -> dict[str, Any]:
     torch = _torch(f"{path}: reading the official TADSR .pkl needs PyTorch (pip install torch)")
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not (safe) pickles
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    checkpoint = torch_load(path, "not a TADSR checkpoint")
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path}: not a TADSR checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     for key in (*SECTIONS, *MODULE_LISTS, *RANK_KEYS):

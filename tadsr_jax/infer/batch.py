@@ -84,19 +84,28 @@ def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_f
 
 def sweep_files(upscaler: Upscaler, outputs: Mapping[str, Sequence[str]], prompt_for: Callable[[str], str],
                 timesteps: Sequence[int], *, log: TextIO = sys.stderr) -> RunReport:
-    """Each input image at every timestep in one batched call -> its output paths (`outputs`, from
-    outputs.plan_outputs with sweep_suffixes): one per timestep, then the contact sheet (the bicubic input, then
-    one labelled panel per timestep)."""
+    """Each input image at every timestep -> its output paths (`outputs`, from outputs.plan_outputs with
+    sweep_suffixes): one per timestep, written as it comes, then the contact sheet (the bicubic input, then one
+    labelled panel per timestep). The progress bar advances per (image, timestep)."""
     report = RunReport()
-    for path, targets in tqdm(outputs.items(), unit="img", desc="timestep sweep", file=log, disable=not outputs):
+    bar = tqdm(total=len(outputs) * len(timesteps), unit="output", desc="timestep sweep", file=log,
+               disable=not outputs)
+    for path, targets in outputs.items():
         image = _load(path, report, log)
         if image is None:
+            bar.update(len(timesteps))
             continue
-        results = upscaler.sweep(image.pixels, prompt_for(path), timesteps)
+        start = time.perf_counter()
         panels = [("input (bicubic x4)", bicubic_x4(image.pixels))]
-        panels += [(f"t = {t}", out) for t, out in zip(timesteps, results)]
-        for target, pixels in zip(targets, [*results, contact_sheet(panels)]):
-            _write(target, pixels, report, log)
+        for (t, out), target in zip(upscaler.sweep(image.pixels, prompt_for(path), timesteps), targets):
+            _write(target, out, report, log)
+            panels.append((f"t = {t}", out))
+            bar.update(1)
+        _write(targets[-1], contact_sheet(panels), report, log)
+        (h, w), (out_h, out_w) = image.pixels.shape[:2], panels[0][1].shape[:2]
+        tqdm.write(f"{path}: {w}x{h} -> {out_w}x{out_h} at {len(timesteps)} timesteps in "
+                   f"{time.perf_counter() - start:.1f} s", file=log)
+    bar.close()
     return report
 
 

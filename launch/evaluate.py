@@ -131,7 +131,8 @@ def main(argv):
     try:
         summary, failed = _run(sys.stderr)
     except (ImageError, WeightsError, NoReferenceMetricsUnavailable, ValueError, ImportError, OSError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # an OutputError has one line per problem
+            print(f"evaluate: error: {line}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 1 if failed else 0

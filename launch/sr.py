@@ -76,7 +76,8 @@ def main(argv):
                                                    workdir=_WORKDIR.value),
                              captions=_CAPTIONS.value, sweep=_sweep_timesteps(), **overrides)
     except (ImageError, WeightsError, ValueError, OSError) as e:
-        print(f"sr: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # an OutputError has one line per problem
+            print(f"sr: error: {line}", file=sys.stderr)
         return 2
     print(json.dumps({**report.summary(), "output": os.path.abspath(_OUTPUT.value)}))
     return 1 if report.failed else 0

@@ -181,10 +181,17 @@ def test_seed_changes_the_posterior_sample(upscaler):
 
 def test_sweep_equals_single_runs_and_the_knob_matters(upscaler):
     image = sample("astronaut", (32, 32))
-    outs = upscaler.sweep(image, "", [50, 900])
     single = upscaler.replace(timestep=900).super_resolve([image], [""])[0]
-    assert np.abs(outs[1].astype(int) - single.astype(int)).max() <= 1
-    assert np.abs(outs[0].astype(int) - outs[1].astype(int)).mean() > 0.5
+    programs = dict(upscaler.compiled)
+    outs = dict(upscaler.sweep(image, "", [50, 900, 300]))
+    # The timestep is an argument of the single-run program: a sweep compiles nothing of its own (issue 15.16).
+    assert upscaler.compiled == programs
+    assert list(outs) == [50, 900, 300] and np.array_equal(outs[900], single)
+    assert np.abs(outs[50].astype(int) - outs[900].astype(int)).mean() > 0.5
+    # Batched, with a short last batch: the same images.
+    pairs = dict(upscaler.replace(batch_size=2).sweep(image, "", [50, 900, 300]))
+    assert list(pairs) == [50, 900, 300]
+    assert all(np.abs(pairs[t].astype(int) - outs[t].astype(int)).max() <= 1 for t in outs)
 
 
 def test_bfloat16_is_close_to_float32(sd_folder, upscaler):
@@ -253,6 +260,7 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     sweep = subprocess.run(cmd[:-1] + [f"--input={inputs / 'astronaut.png'}", "--sweep=100,700"],
                            capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "timestep sweep:  50%" in sweep.stderr and "1/2" in sweep.stderr  # progress per timestep
     sheet = Image.open(out / "astronaut_sweep.png")
     assert sheet.height > 128 and sheet.width > 3 * 128
     a, b = (np.asarray(Image.open(out / f"astronaut_t{t}.png"), int) for t in (100, 700))

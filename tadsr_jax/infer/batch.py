@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
+import numpy as np
 from tqdm import tqdm
 
 from tadsr_jax.infer.contact_sheet import contact_sheet
-from tadsr_jax.infer.images import ImageError, LoadedImage, output_path, read_rgb, write_png_atomic
+from tadsr_jax.infer.images import ImageError, LoadedImage, read_rgb, write_png_atomic
 from tadsr_jax.infer.pipeline import Upscaler, bicubic_x4, padded_shape, working_size
 
 
@@ -36,9 +37,10 @@ def _load(path: str, report: RunReport, log: TextIO) -> LoadedImage | None:
     return image
 
 
-def super_resolve_files(upscaler: Upscaler, paths: Sequence[str], output_dir: str,
-                        prompt_for: Callable[[str], str], *, log: TextIO = sys.stderr) -> RunReport:
-    """Each readable image -> `<output_dir>/<stem>.png` at x4; same-shape images share a batch.
+def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_for: Callable[[str], str], *,
+                        log: TextIO = sys.stderr) -> RunReport:
+    """Each readable input image -> its output path (`outputs`, from outputs.plan_outputs) at x4; same-shape
+    images share a batch.
 
     Images are read as they come and held until their shape's batch is full (or the inputs end), so memory is
     bounded by the number of distinct shapes times the batch size, not by the number of files.
@@ -46,32 +48,26 @@ def super_resolve_files(upscaler: Upscaler, paths: Sequence[str], output_dir: st
     report = RunReport()
     pending: dict[tuple[int, int], list[LoadedImage]] = {}
     settings = upscaler.settings
-    bar = tqdm(total=len(paths), unit="img", desc="super-resolving", file=log, disable=not paths)
+    bar = tqdm(total=len(outputs), unit="img", desc="super-resolving", file=log, disable=not outputs)
 
     def flush(shape: tuple[int, int]) -> None:
         batch = pending.pop(shape, [])
         if not batch:
             return
         start, compiled = time.perf_counter(), upscaler.compile_seconds
-        outputs = upscaler.super_resolve([im.pixels for im in batch], [prompt_for(im.path) for im in batch])
+        results = upscaler.super_resolve([im.pixels for im in batch], [prompt_for(im.path) for im in batch])
         compiled = upscaler.compile_seconds - compiled
         seconds = (time.perf_counter() - start - compiled) / len(batch)
         compile_note = f" (+ {compiled:.1f} s compiling for this shape, once)" if compiled else ""
-        for image, out in zip(batch, outputs):
-            target = output_path(image.path, output_dir)
-            try:
-                write_png_atomic(target, out)
-            except OSError as e:
-                report.failed.append(f"{target}: cannot write: {e.strerror or e}")
-                tqdm.write(f"error: {report.failed[-1]}", file=log)
+        for image, out in zip(batch, results):
+            if not _write(outputs[image.path], out, report, log):
                 continue
-            report.written.append(target)
             h, w = image.pixels.shape[:2]
             tqdm.write(f"{image.path}: {w}x{h} -> {out.shape[1]}x{out.shape[0]} in {seconds:.2f} s{compile_note}",
                        file=log)
         bar.update(len(batch))
 
-    for path in paths:
+    for path in outputs:
         image = _load(path, report, log)
         if image is None:
             bar.update(1)
@@ -86,25 +82,40 @@ def super_resolve_files(upscaler: Upscaler, paths: Sequence[str], output_dir: st
     return report
 
 
-def sweep_files(upscaler: Upscaler, paths: Sequence[str], output_dir: str, prompt_for: Callable[[str], str],
+def sweep_files(upscaler: Upscaler, outputs: Mapping[str, Sequence[str]], prompt_for: Callable[[str], str],
                 timesteps: Sequence[int], *, log: TextIO = sys.stderr) -> RunReport:
-    """Each image at every timestep in one batched call -> `<stem>_t<t>.png` each and `<stem>_sweep.png`
-    (the bicubic input, then one labelled panel per timestep)."""
+    """Each input image at every timestep -> its output paths (`outputs`, from outputs.plan_outputs with
+    sweep_suffixes): one per timestep, written as it comes, then the contact sheet (the bicubic input, then one
+    labelled panel per timestep). The progress bar advances per (image, timestep)."""
     report = RunReport()
-    for path in tqdm(paths, unit="img", desc="timestep sweep", file=log, disable=not paths):
+    bar = tqdm(total=len(outputs) * len(timesteps), unit="output", desc="timestep sweep", file=log,
+               disable=not outputs)
+    for path, targets in outputs.items():
         image = _load(path, report, log)
         if image is None:
+            bar.update(len(timesteps))
             continue
-        outputs = upscaler.sweep(image.pixels, prompt_for(path), timesteps)
+        start = time.perf_counter()
         panels = [("input (bicubic x4)", bicubic_x4(image.pixels))]
-        panels += [(f"t = {t}", out) for t, out in zip(timesteps, outputs)]
-        targets = [(output_path(path, output_dir, f"_t{t}"), out) for t, out in zip(timesteps, outputs)]
-        targets.append((output_path(path, output_dir, "_sweep"), contact_sheet(panels)))
-        try:
-            for target, pixels in targets:
-                write_png_atomic(target, pixels)
-                report.written.append(target)
-        except OSError as e:
-            report.failed.append(f"{target}: cannot write: {e.strerror or e}")
-            tqdm.write(f"error: {report.failed[-1]}", file=log)
+        for (t, out), target in zip(upscaler.sweep(image.pixels, prompt_for(path), timesteps), targets):
+            _write(target, out, report, log)
+            panels.append((f"t = {t}", out))
+            bar.update(1)
+        _write(targets[-1], contact_sheet(panels), report, log)
+        (h, w), (out_h, out_w) = image.pixels.shape[:2], panels[0][1].shape[:2]
+        tqdm.write(f"{path}: {w}x{h} -> {out_w}x{out_h} at {len(timesteps)} timesteps in "
+                   f"{time.perf_counter() - start:.1f} s", file=log)
+    bar.close()
     return report
+
+
+def _write(target: str, pixels: np.ndarray, report: RunReport, log: TextIO) -> bool:
+    """Writes one output; a failure costs one line in `report.failed` and the log."""
+    try:
+        write_png_atomic(target, pixels)
+    except OSError as e:
+        report.failed.append(f"{target}: cannot write: {e.strerror or e}")
+        tqdm.write(f"error: {report.failed[-1]}", file=log)
+        return False
+    report.written.append(target)
+    return True

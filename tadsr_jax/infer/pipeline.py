@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -254,20 +254,35 @@ class Upscaler:
         for i, p in enumerate(prepared):
             by_shape.setdefault(padded_shape(p.bucket_shape, s.bucket), []).append(i)
         for shape, indices in by_shape.items():
-            for start in range(0, len(indices), s.batch_size):
-                chunk = indices[start:start + s.batch_size]
-                # A short last batch repeats its last image: one compiled program per shape.
-                filled = chunk + [chunk[-1]] * (s.batch_size - len(chunk))
+            for chunk in self._batches(indices):
+                filled = _filled(chunk, s.batch_size)
                 lq = np.stack([pad_to(prepared[i].lq, shape) for i in filled])
                 sr = np.asarray(self(lq, [prompts[i] for i in filled], [s.timestep] * len(filled)))
                 for j, i in enumerate(chunk):
                     outputs[i] = finish(sr[j], prepared[i], s.color_fix)
         return outputs
 
-    def sweep(self, image: np.ndarray, prompt: str, timesteps: Sequence[int]) -> list[np.ndarray]:
-        """One image at every timestep of `timesteps`, in one batched call -> uint8 outputs in that order."""
+    def sweep(self, image: np.ndarray, prompt: str, timesteps: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """One image at every timestep of `timesteps` -> (timestep, uint8 output) in that order, as they come.
+
+        `batch_size` timesteps go in one call: the program (and compile) of a normal run of that image, since the
+        timestep is an argument of it, not a constant. (A call with every timestep at once compiled a program of
+        its own, ran slower on a CPU than the calls one by one, and gave no progress until it ended.)
+        """
         s = self.settings
         p = prepare(image, s.process_size)
-        lq = np.stack([pad_to(p.lq, padded_shape(p.bucket_shape, s.bucket))] * len(timesteps))
-        sr = np.asarray(self(lq, [prompt] * len(timesteps), list(timesteps)))
-        return [finish(x, p, s.color_fix) for x in sr]
+        lq = pad_to(p.lq, padded_shape(p.bucket_shape, s.bucket))
+        for chunk in self._batches(list(timesteps)):
+            filled = _filled(chunk, s.batch_size)
+            sr = np.asarray(self(np.stack([lq] * len(filled)), [prompt] * len(filled), filled))
+            for t, x in zip(chunk, sr):
+                yield t, finish(x, p, s.color_fix)
+
+    def _batches(self, items: list) -> Iterator[list]:
+        size = self.settings.batch_size
+        return (items[start:start + size] for start in range(0, len(items), size))
+
+
+def _filled(chunk: list, size: int) -> list:
+    """`chunk` with its last item repeated up to `size`: a short last batch uses the full batch's program."""
+    return chunk + [chunk[-1]] * (size - len(chunk))

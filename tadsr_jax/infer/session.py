@@ -13,6 +13,7 @@ from tadsr_jax.data.sources import read_captions
 from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
 from tadsr_jax.infer.images import list_images
 from tadsr_jax.infer.model import WeightsSource, load_sr_model
+from tadsr_jax.infer.outputs import plan_outputs, sweep_suffixes
 from tadsr_jax.infer.pipeline import SRSettings, Upscaler
 from tadsr_jax.weights.convert import WeightsError
 
@@ -37,16 +38,23 @@ def prompts(default: str, captions_path: str = ""):
 def run(config: ml_collections.ConfigDict, input_path: str, output_dir: str, source: WeightsSource, *,
         captions: str = "", sweep: Sequence[int] | None = None, prompt: str | None = None,
         dtype: str | None = None, log: TextIO = sys.stderr, **overrides) -> RunReport:
-    """Super-resolve `input_path` (a file or directory) into `output_dir`; `overrides` replace config.sr values."""
+    """Super-resolve `input_path` (a file or directory) into `output_dir`; `overrides` replace config.sr values.
+
+    Everything that can be checked without the model is checked before it loads: settings, inputs, and every
+    output path (outputs.plan_outputs).
+    """
     settings = SRSettings.from_config(config.sr, **overrides)
     for t in sweep or ():
         if not 1 <= t <= 999:
             raise ValueError(f"sweep timesteps must be in 1..999, got {t}")
+        if sweep.count(t) > 1:
+            raise ValueError(f"sweep timesteps must differ, got {t} {sweep.count(t)} times")
     paths = list_images(input_path)
+    plan = plan_outputs(input_path, paths, output_dir, sweep_suffixes(sweep) if sweep else ("",))
     model = load_sr_model(config, pretrained_folder(config, source.workdir), source, dtype=dtype or config.sr.dtype)
     print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
     upscaler = Upscaler(model, settings)
     prompt_for = prompts(config.sr.prompt if prompt is None else prompt, captions)
     if sweep:
-        return sweep_files(upscaler, paths, output_dir, prompt_for, sweep, log=log)
-    return super_resolve_files(upscaler, paths, output_dir, prompt_for, log=log)
+        return sweep_files(upscaler, plan, prompt_for, sweep, log=log)
+    return super_resolve_files(upscaler, {path: targets[0] for path, targets in plan.items()}, prompt_for, log=log)

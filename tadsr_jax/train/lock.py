@@ -156,12 +156,8 @@ def hold(workdir: str, *, lease_s: float = LEASE_S):
         except WorkdirLocked as e:
             error = e
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        refused = multihost_utils.broadcast_one_to_all(int(error is not None))
-        if refused and error is None:
-            error = WorkdirLocked(f"{os.path.join(workdir, LOCK_FILE)}: process 0 found the workdir in use by "
-                                  f"another training run (its log names it)")
+        decision = _share_from_process_0(str(error) if error else "")
+        error = WorkdirLocked(decision) if decision else None
     if error is not None:
         raise error
     try:
@@ -169,3 +165,16 @@ def hold(workdir: str, *, lease_s: float = LEASE_S):
     finally:
         if lock is not None:
             lock.release()
+
+
+def _share_from_process_0(value: str) -> str:
+    """Process 0's `value` on every process, through the coordination service's key-value store: unlike a
+    collective (gloo gives up after 30 s), it waits for processes that start late."""
+    from jax._src import distributed  # Orbax's multihost utilities use the same client
+
+    client, key = distributed.global_state.client, "tadsr_jax/workdir_lock"
+    if jax.process_index() == 0:
+        client.key_value_set(key, value or "ok")
+        return value
+    shared = client.blocking_key_value_get(key, 30 * 60 * 1000)
+    return "" if shared == "ok" else shared

@@ -90,6 +90,18 @@ def test_saved_steps_carry_digests_and_metadata_and_restore_exactly(three_steps)
     assert next(data) == 30  # the data iterator continues where step 3 left it
 
 
+def test_digests_are_written_as_soon_as_the_asynchronous_save_is_done(tmp_path):
+    """Not at the next save: a run killed between two saves leaves its newest step verifiable."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3)
+    checkpointer.save(1, make_state(1), data_iterator(), force=True)
+    digests = tmp_path / "checkpoints" / "1" / DIGESTS
+    deadline = time.monotonic() + 120
+    while not digests.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert digests.is_file()
+    checkpointer.close()
+
+
 @pytest.mark.parametrize("damage", [flip_byte, truncate])
 def test_damaged_newest_falls_back_to_the_previous_step_and_is_quarantined(three_steps, damage, caplog):
     damaged = largest_array_file(three_steps / "checkpoints" / "3")

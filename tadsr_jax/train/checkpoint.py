@@ -8,10 +8,11 @@ temporary directory and renames it when complete, so an interrupted save never l
 Integrity: Orbax 0.12 (zarr3 via TensorStore) checksums only the shard index (`crc32c` among its
 `index_codecs`), not the array chunks, and exposes no option for more; a flipped byte in a weight restores
 without a word. So process 0 writes `sha256.json` (size and SHA-256 of every file of the step) once the step is
-finalized, and every restore checks it first. A step that fails the check, or (without a digest file: saved
-before digests existed, or killed between the rename and the digest) fails to restore, is skipped with one line
-and the next older step is tried. When training falls back, the skipped steps are moved (never deleted) into
-<workdir>/checkpoints_damaged/, so that the run can save those step numbers again.
+finalized (a background thread waits for the asynchronous save, so a kill leaves a step without digests only
+while they are computed), and every restore checks it first. A step that fails the check, or that has no digest
+file (saved by an older version) and fails to restore, is skipped with one line and the next older step is
+tried. When training falls back, the skipped steps are moved (never deleted) into <workdir>/checkpoints_damaged/,
+so that the run can save those step numbers again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 
@@ -99,7 +101,8 @@ class Checkpointer:
                                                create=True)
         self._manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                               options=options, item_names=("state", "data"))
-        self._undigested: list[int] = []  # saved steps whose digest file is not written yet
+        self._digester: threading.Thread | None = None  # writes the pending save's digests once it is done
+        self._digest_error: BaseException | None = None
 
     @property
     def directory(self) -> str:
@@ -114,12 +117,24 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iterator, *, force: bool = False,
              metadata: Mapping | None = None) -> bool:
         """Start saving `step` (asynchronously); `metadata` (JSON) is stored with it, see `metadata`."""
-        self.wait()  # Orbax would wait for the previous save here anyway; then its digests are written
+        self.wait()  # Orbax would wait for the previous save here anyway
         saved = self._manager.save(step, force=force, custom_metadata=dict(metadata or {}), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
         if saved:
-            self._undigested.append(step)
+            self._digester = threading.Thread(target=self._digest_when_saved, args=(step,), daemon=True,
+                                              name=f"checkpoint-digests-{step}")
+            self._digester.start()
         return saved
+
+    def _digest_when_saved(self, step: int) -> None:
+        """(Background thread.) Wait for the save of `step` to finish on every process, then write its digests
+        (process 0). `save`, `wait` and `close` join this thread before using the manager."""
+        try:
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):  # not already removed by keep
+                write_digests(self._step_dir(step))
+        except BaseException as e:  # re-raised by `wait`, in the caller's thread
+            self._digest_error = e
 
     def metadata(self, step: int) -> dict:
         """The `metadata` saved with `step` (empty for steps saved without)."""
@@ -200,13 +215,14 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Wait for the pending save, then write its digest file (process 0, once every process has finished)."""
+        """Wait for the pending save and its digest file."""
+        if self._digester is not None:
+            self._digester.join()
+            self._digester = None
+        error, self._digest_error = self._digest_error, None
+        if error is not None:
+            raise error
         self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            for step in self._undigested:
-                if os.path.isdir(self._step_dir(step)):  # not already removed by max_to_keep
-                    write_digests(self._step_dir(step))
-        self._undigested = []
 
     def close(self) -> None:
         self.wait()

@@ -534,11 +534,12 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
 
 
 def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted):
-    """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's."""
+    """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's; the
+    trained timestep range comes with it and goes into an export's manifest."""
     from flax import nnx
 
     from configs.tiny import get_config
-    from tadsr_jax.infer.model import WeightsSource, build_tadsr, load_generator_weights
+    from tadsr_jax.infer.model import WeightsSource, build_tadsr, export_generator, load_generator_weights
     from tadsr_jax.method.tadsr import GENERATOR
 
     config = get_config()
@@ -552,3 +553,8 @@ def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted)
     saved = {k.removesuffix("/value"): v for k, v in read_state(interrupted.a_dir, RESUME_STEPS).items()}
     assert sorted(loaded) == sorted(k for k in saved if k.startswith("generator/"))
     assert all(np.array_equal(loaded[k], saved[k]) for k in loaded)
+    # Its export (launch/convert.py --workdir) carries the trained timestep range into the manifest.
+    out = shared.root / "exported.safetensors"
+    export_generator(config, folder, WeightsSource(workdir=str(interrupted.a_dir)), str(out))
+    manifest = json.loads(Path(f"{out}.json").read_text())
+    assert manifest["metadata"]["trained_timesteps"] == [1, config.train.max_student_timestep]

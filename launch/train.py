@@ -1,7 +1,10 @@
 """python launch/train.py --config=configs/tiny.py --workdir=DIR [--config.train.steps=N ...]
 
-Rerunning the same command resumes from the latest checkpoint in DIR. Multi-host: pass --coordinator_address,
---num_processes and --process_id (GPU clusters), or nothing on TPU pods and under SLURM (auto-detected).
+Rerunning the same command resumes from the latest checkpoint in DIR that passes its integrity check. One run
+per DIR: a second is refused, naming the first. Exit status: 0 when training reached train.steps, 75
+(EX_TEMPFAIL) when SIGTERM stopped it earlier (a checkpoint is saved: requeue/rerun to resume), 1 on an
+error. Multi-host: pass --coordinator_address, --num_processes and --process_id (GPU clusters), or nothing on
+TPU pods and under SLURM (auto-detected).
 """
 
 import sys
@@ -24,11 +27,16 @@ def main(argv):
     runtime.set_xla_cpu_flags()
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     runtime.enable_compilation_cache()
-    from tadsr_jax.train.loop import TrainingError, train
+    from tadsr_jax.train.checkpoint import CheckpointError
+    from tadsr_jax.train.lock import WorkdirLocked
+    from tadsr_jax.train.loop import Interrupted, TrainingError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (TrainingError, WeightsError) as e:
+    except Interrupted as e:
+        print(f"{e}", file=sys.stderr)
+        sys.exit(Interrupted.exit_status)
+    except (TrainingError, WeightsError, CheckpointError, WorkdirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,5 +1,6 @@
 """Inference: merged LoRA == adapters, latent tiling (reference rules, blending, error), the SR pipeline and CLI."""
 
+import io
 import json
 import os
 import subprocess
@@ -335,3 +336,33 @@ def test_stripwise_vae_path_equals_the_one_pass_path(upscaler):
     one_pass = upscaler.super_resolve(image, [""])[0]
     stripwise = upscaler.replace(vae_strip_above=0).super_resolve(image, [""])[0]
     assert np.abs(one_pass.astype(int) - stripwise.astype(int)).max() <= 1
+
+
+def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, sd_folder, generator_file):
+    """An export recording trained timesteps 1..200 (configs/tiny.py): t = 900 or a sweep reaching past 200 gets
+    one warning line, t = 100 none, and weights that record no range (the reference's tadsr.pkl) none either."""
+    from tadsr_jax.infer import session
+    from tadsr_jax.infer.model import WeightsSource
+
+    model, _, _ = trained_tadsr(sd_folder)
+    recorded = str(tmp_path / "generator.safetensors")
+    official.save_generator(model, recorded, metadata={"trained_timesteps": [1, 200]})
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "broken.png").write_bytes(b"not an image")  # fails on reading: nothing is compiled
+    config = tiny.get_config()
+    config.model.pretrained = sd_folder
+
+    def warnings(weights: str, **kwargs) -> list[str]:
+        log = io.StringIO()
+        report = session.run(config, str(inputs), str(tmp_path / "out"), WeightsSource(generator=weights), log=log,
+                             **kwargs)
+        assert len(report.failed) == 1
+        return [line for line in log.getvalue().splitlines() if "trained" in line]
+
+    (line,) = warnings(recorded, timestep=900)
+    assert line.startswith("warning: timestep 900 is outside") and "(1..200, train.max_student_timestep)" in line
+    (line,) = warnings(recorded, sweep=[100, 300, 900])
+    assert line.startswith("warning: timestep 300, 900 is outside")
+    assert session.timestep_warning([1, 200], [100, 200]) is None
+    assert warnings(generator_file, timestep=900) == []

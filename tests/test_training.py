@@ -15,8 +15,11 @@ Runs (three programs: 1 device, 8 devices in one process, 2 processes x 4 device
          each process loads its own rows, so the fixed batches above are assembled in the same row order
          (process p's pipeline shard in rows p*B/2..(p+1)*B/2, as `parallel.global_batch` places them)
   A      launch/train.py, 1 device, 6 steps, a checkpoint every 2: the uninterrupted reference
-  B      the same command: SIGKILL once checkpoint 2 is complete; rerun (it resumes), SIGTERM after its first
-         logged step (it saves and exits 0); rerun (it resumes again) to step 6, which must equal A's step 6.
+  B      the same command: SIGKILL once checkpoint 2 is complete; rerun (it resumes; a second launch on the same
+         workdir meanwhile is refused, naming it), SIGTERM after its first logged step (it saves and exits 75);
+         rerun (it resumes again) to step 6, which must equal A's step 6.
+  C      a copy of A's workdir with one byte of step 6 flipped: the same command falls back to step 4, moves
+         step 6 to checkpoints_damaged/ and trains to step 6 again, which must equal A's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +245,13 @@ def interrupted(shared, runs) -> SimpleNamespace:
     killed = SimpleNamespace(rc=b1.proc.returncode, complete=complete_steps(b_dir))
     # Rerun: it resumes; SIGTERM right after its first logged step.
     b2 = Run("B2", _resume_command(shared, b_dir), 1, shared)
+    # Meanwhile a second launch on the same workdir: refused at once, naming B2.
+    lock_path = b_dir / "train.lock"
+    wait_for(lambda: lock_path.is_file() and f'"pid": {b2.proc.pid}' in lock_path.read_text(), b2, "B2's lock")
+    intruder = Run("intruder", _resume_command(shared, b_dir), 1, shared)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        intruder.proc.wait(timeout=300)
+    intruder.kill()
     wait_for(lambda: re.search(r"step \d+: \{", b2.log()), b2, "B2's first logged step")
     b2.proc.send_signal(signal.SIGTERM)
     sigterm_at = time.monotonic()
@@ -253,7 +264,28 @@ def interrupted(shared, runs) -> SimpleNamespace:
     # Rerun again: resumes from the SIGTERM checkpoint and finishes.
     b3 = Run("B3", _resume_command(shared, b_dir), 1, shared)
     wait_all(a, b3)
-    return SimpleNamespace(a_dir=a_dir, b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3)
+    return SimpleNamespace(a_dir=a_dir, b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3,
+                           intruder=intruder)
+
+
+def flip_byte_of_largest_array_file(step_dir: Path) -> Path:
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def damaged(shared, interrupted) -> SimpleNamespace:
+    """Run C (see the module docstring)."""
+    c_dir = shared.root / "C"
+    shutil.copytree(interrupted.a_dir / "checkpoints", c_dir / "checkpoints")
+    flipped = flip_byte_of_largest_array_file(c_dir / "checkpoints" / str(RESUME_STEPS))
+    c = Run("C", _resume_command(shared, c_dir), 1, shared)
+    wait_all(c)
+    return SimpleNamespace(c_dir=c_dir, run=c, flipped=flipped.relative_to(c_dir / "checkpoints" / str(RESUME_STEPS)))
 
 
 # ------------------------------------------------------------------------------------- LoRA targets, in-process
@@ -416,7 +448,7 @@ def test_kill9_then_resume_equals_uninterrupted(shared, interrupted):
 
 def test_sigterm_saves_and_exits(shared, interrupted):
     terminated = interrupted.terminated
-    assert terminated.rc == 0, interrupted.b2.tail()
+    assert terminated.rc == 75, interrupted.b2.tail()  # EX_TEMPFAIL: stopped before train.steps
     shared.errors["SIGTERM to exit (s)"] = terminated.exit_s
     assert terminated.exit_s < 120, f"took {terminated.exit_s:.0f} s to stop after SIGTERM"
     saved = re.search(r"SIGTERM: saved step (\d+), exiting", terminated.log)
@@ -427,6 +459,29 @@ def test_sigterm_saves_and_exits(shared, interrupted):
     assert resumed < step < RESUME_STEPS and max(logged) == step
     assert step in terminated.complete
     assert re.search(rf"resumed from step {step}\b", interrupted.b3.log()), interrupted.b3.tail()
+    assert interrupted.b3.proc.returncode == 0  # reached train.steps
+
+
+def test_second_run_on_a_workdir_is_refused_naming_the_first(interrupted):
+    intruder = interrupted.intruder
+    assert intruder.proc.returncode == 1, intruder.tail()
+    errors = [line for line in intruder.log().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "in use by another training run" in errors[0], intruder.tail()
+    assert f"pid {interrupted.b2.proc.pid}, started " in errors[0]
+    assert "Traceback" not in intruder.log()
+
+
+def test_damaged_newest_checkpoint_falls_back_and_training_redoes_it(damaged, interrupted):
+    log = damaged.run.log()
+    skipped = [line for line in log.splitlines() if f"checkpoint step {RESUME_STEPS} skipped" in line]
+    assert len(skipped) == 1 and str(damaged.flipped) in skipped[0], damaged.run.tail()
+    assert re.search(rf"resumed from step {RESUME_STEPS - CHECKPOINT_EVERY}\b", log), damaged.run.tail()
+    quarantined = damaged.c_dir / "checkpoints_damaged" / str(RESUME_STEPS)
+    assert (quarantined / damaged.flipped).is_file()
+    assert complete_steps(damaged.c_dir)[-1] == RESUME_STEPS
+    got, ref = read_state(damaged.c_dir, RESUME_STEPS), read_state(interrupted.a_dir, RESUME_STEPS)
+    worst = max(float(np.abs(got[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in ref)
+    assert worst <= 1e-6 and int(got["step"]) == RESUME_STEPS
 
 
 def _state(npz_prefix: Path) -> dict[str, np.ndarray]:
@@ -479,20 +534,27 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
 
 
 def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted):
-    """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's."""
+    """launch/sr.py --workdir: the latest checkpoint's generator, merged; equal to the saved state's; the
+    trained timestep range comes with it and goes into an export's manifest."""
     from flax import nnx
 
     from configs.tiny import get_config
-    from tadsr_jax.infer.model import WeightsSource, build_tadsr, load_generator_weights
+    from tadsr_jax.infer.model import WeightsSource, build_tadsr, export_generator, load_generator_weights
     from tadsr_jax.method.tadsr import GENERATOR
 
     config = get_config()
     folder = next(a.split("=", 1)[1] for a in shared.args if a.startswith("--config.model.pretrained="))
     model, _, _ = build_tadsr(folder, config.model, fake_score_groups=config.model.fake_score_groups)
-    load_generator_weights(model, WeightsSource(workdir=str(interrupted.a_dir)), config)
+    trained = load_generator_weights(model, WeightsSource(workdir=str(interrupted.a_dir)), config)
+    assert trained == [1, config.train.max_student_timestep]
     loaded = {"generator/" + "/".join(map(str, path)): np.asarray(v[...])
               for path, v in nnx.to_flat_state(nnx.state(model, GENERATOR))}
     # Orbax names each variable's leaf `.../value`.
     saved = {k.removesuffix("/value"): v for k, v in read_state(interrupted.a_dir, RESUME_STEPS).items()}
     assert sorted(loaded) == sorted(k for k in saved if k.startswith("generator/"))
     assert all(np.array_equal(loaded[k], saved[k]) for k in loaded)
+    # Its export (launch/convert.py --workdir) carries the trained timestep range into the manifest.
+    out = shared.root / "exported.safetensors"
+    export_generator(config, folder, WeightsSource(workdir=str(interrupted.a_dir)), str(out))
+    manifest = json.loads(Path(f"{out}.json").read_text())
+    assert manifest["metadata"]["trained_timesteps"] == [1, config.train.max_student_timestep]

@@ -2,7 +2,9 @@
 
 Generator weights come from one of three places: the reference release (`tadsr.pkl`, TADSR_SPEC.md 2.4), our
 safetensors export (`tadsr_jax.weights.official.save_generator`), or a training workdir's latest checkpoint.
-They are loaded onto a `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
+The timesteps the generator was trained at come with the weights where recorded (a workdir's checkpoints and
+our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
+`TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
 TADSR_SPEC.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
 adapter overhead; only then is everything cast to the serving dtype.
 """
@@ -62,6 +64,7 @@ class SRModel:
     text_encoder: CLIPTextModel
     tokenizer: object  # transformers CLIPTokenizer
     schedule: NoiseSchedule
+    trained_timesteps: list[int] | None = None  # [lowest, highest] trained student timestep, None: not recorded
 
 
 def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=()) -> tuple:
@@ -73,8 +76,9 @@ def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fak
     return model, nets.tokenizer, nets.schedule
 
 
-def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> None:
-    """Fill `model`'s generator (LoRA factors, student conv_in, VAE time layers) from `source`, in place."""
+def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> list[int] | None:
+    """Fill `model`'s generator (LoRA factors, student conv_in, VAE time layers) from `source`, in place;
+    returns the [lowest, highest] timestep it was trained at where the source records it."""
     if source.tadsr_ckpt or source.generator:
         from tadsr_jax.weights import official
 
@@ -83,15 +87,20 @@ def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_colle
             raise WeightsError(f"{path}: no such file")
         if source.tadsr_ckpt:
             official.load_reference_checkpoint(model, path)
-        else:
-            official.load_generator(model, path)
-    elif source.workdir:
-        nnx.update(model, restore_generator(model, source.workdir, config))
+            return None
+        metadata = official.load_generator(model, path).get("metadata")
+        return metadata.get("trained_timesteps") if isinstance(metadata, dict) else None
+    if source.workdir:
+        generator, trained = restore_generator(model, source.workdir, config)
+        nnx.update(model, generator)
+        return trained
+    return None
 
 
-def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> nnx.State:
-    """The generator state of `workdir`'s latest training checkpoint (one device, float32)."""
-    from tadsr_jax.train.checkpoint import Checkpointer
+def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> tuple[nnx.State, list | None]:
+    """The generator state of `workdir`'s newest intact training checkpoint (one device, float32) and the
+    timesteps it was trained at (None for checkpoints saved before they were recorded)."""
+    from tadsr_jax.train.checkpoint import Checkpointer, CheckpointError
     from tadsr_jax.train.step import init_state, optimizer
 
     generator = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, GENERATOR))
@@ -100,10 +109,14 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(
         lambda g, f: init_state(g, f, tx, 0), generator, nnx.state(model, FAKE_SCORE)))
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
-    if checkpointer.latest_step() is None:
-        raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
     try:
-        return checkpointer.restore(abstract).generator
+        restored = checkpointer.restore_latest(abstract)
+        if restored is None:
+            raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
+        step, state = restored
+        return state.generator, checkpointer.metadata(step).get("trained_timesteps")
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
     finally:
         checkpointer.close()
 
@@ -130,12 +143,12 @@ def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: We
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
     model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups)
-    load_generator_weights(model, source, config)
+    trained = load_generator_weights(model, source, config)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
         cast(network, DTYPES[dtype])
     return SRModel(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer,
-                   schedule=schedule)
+                   schedule=schedule, trained_timesteps=trained)
 
 
 def export_generator(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, out: str) -> str:
@@ -146,9 +159,10 @@ def export_generator(config: ml_collections.ConfigDict, pretrained: str, source:
         raise ValueError(f"{out}: the output must end in .pkl (reference format) or .safetensors (ours)")
     groups = config.model.fake_score_groups if source.workdir else ()
     model, _, _ = build_tadsr(pretrained, config.model, fake_score_groups=groups)
-    load_generator_weights(model, source, config)
+    trained = load_generator_weights(model, source, config)
     if out.endswith(".pkl"):
         official.save_reference_checkpoint(model, out)
         return f"wrote {out} (reference tadsr.pkl format) from {source.describe()}"
-    official.save_generator(model, out, metadata={"source": source.describe()})
+    metadata = {"source": source.describe(), **({"trained_timesteps": trained} if trained else {})}
+    official.save_generator(model, out, metadata=metadata)
     return f"wrote {out} and {out}.json (tadsr-jax generator) from {source.describe()}"

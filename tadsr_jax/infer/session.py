@@ -35,6 +35,19 @@ def prompts(default: str, captions_path: str = ""):
     return lambda path: captions.get(os.path.basename(path), default)
 
 
+def timestep_warning(trained: Sequence[int] | None, requested: Sequence[int]) -> str | None:
+    """One line when a requested timestep lies outside the [lowest, highest] one the generator was trained at
+    (outside it the output is unreliable, e.g. false colours); None when all are inside or nothing is recorded."""
+    if not trained:
+        return None
+    low, high = trained
+    outside = sorted({int(t) for t in requested if not low <= t <= high})
+    if not outside:
+        return None
+    return (f"warning: timestep {', '.join(map(str, outside))} is outside the range this generator was trained at "
+            f"({low}..{high}, train.max_student_timestep): expect unreliable output (e.g. false colours)")
+
+
 def run(config: ml_collections.ConfigDict, input_path: str, output_dir: str, source: WeightsSource, *,
         captions: str = "", sweep: Sequence[int] | None = None, prompt: str | None = None,
         dtype: str | None = None, log: TextIO = sys.stderr, **overrides) -> RunReport:
@@ -53,6 +66,9 @@ def run(config: ml_collections.ConfigDict, input_path: str, output_dir: str, sou
     plan = plan_outputs(input_path, paths, output_dir, sweep_suffixes(sweep) if sweep else ("",))
     model = load_sr_model(config, pretrained_folder(config, source.workdir), source, dtype=dtype or config.sr.dtype)
     print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
+    warning = timestep_warning(model.trained_timesteps, sweep or [settings.timestep])
+    if warning:
+        print(warning, file=log)
     upscaler = Upscaler(model, settings)
     prompt_for = prompts(config.sr.prompt if prompt is None else prompt, captions)
     if sweep:

@@ -1,4 +1,7 @@
-"""The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN."""
+"""The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
+
+One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`).
+"""
 
 from __future__ import annotations
 
@@ -24,8 +27,17 @@ from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
 from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
+from tadsr_jax.train import lock
 from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
-from tadsr_jax.train.step import TrainState, host_metrics, init_state, make_train_step, optimizer, sample_images
+from tadsr_jax.train.step import (
+    TrainState,
+    host_metrics,
+    init_state,
+    make_train_step,
+    optimizer,
+    sample_images,
+    trained_timesteps,
+)
 from tadsr_jax.train.tiny_sd import resolve_pretrained
 from tadsr_jax.weights.loaders import load_networks
 from tadsr_jax.weights.lpips import load_lpips, random_lpips
@@ -33,6 +45,13 @@ from tadsr_jax.weights.lpips import load_lpips, random_lpips
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must see (e.g. a non-finite loss); the message says which."""
+
+
+class Interrupted(Exception):
+    """SIGTERM stopped training before `train.steps`, after saving a checkpoint; rerunning resumes."""
+
+    # EX_TEMPFAIL of sysexits.h: the job is not done, retry it. Schedulers can requeue on it (README).
+    exit_status = 75
 
 
 @dataclasses.dataclass
@@ -167,8 +186,18 @@ def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_col
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train to `config.train.steps`, resuming from the latest checkpoint in `workdir`; returns last metrics."""
+    """Train to `config.train.steps`, resuming from the latest checkpoint in `workdir`; returns last metrics.
+
+    Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early.
+    """
     os.makedirs(workdir, exist_ok=True)
+    with lock.hold(workdir) as note:
+        if note:
+            logging.warning("%s", note)
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer = build(config, workdir)
     cfg = config.train
     host_batches = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size,
@@ -177,11 +206,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data = DevicePrefetch(host_batches, functools.partial(parallel.global_batch, sharding=trainer.batch_sharding),
                           size=config.data.device_prefetch)
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints)
-    state = trainer.state
-    start = checkpointer.latest_step() or 0
-    if start:
-        state = checkpointer.restore(abstract_like(state), data, start)
+    state, start = trainer.state, 0
+    restored = checkpointer.restore_latest(abstract_like(state), data, quarantine=True)
+    if restored:
+        start, state = restored
         logging.info("resumed from step %d", start)
+    saved_with = {"trained_timesteps": trained_timesteps(cfg)}
     logger = _Logger(workdir)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -215,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
                              os.path.join(workdir, "samples", f"step_{step:08d}.png"))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["signal"]:
-                checkpointer.save(step, state, data, force=True)
+                checkpointer.save(step, state, data, force=True, metadata=saved_with)
                 last_saved = step
             if stop["signal"]:
                 logging.warning("SIGTERM: saved step %d, exiting", step)
@@ -226,6 +256,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logger.close()
         progress.close()
         signal.signal(signal.SIGTERM, previous)
+    if stop["signal"] and last_saved < cfg.steps:
+        raise Interrupted(f"stopped by SIGTERM at step {last_saved} of {cfg.steps} (saved; rerun to resume)")
     return metrics
 
 

@@ -71,6 +71,11 @@ def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, ma
     raise ValueError(f"train.student_timesteps: unknown mode {mode!r} (list, uniform)")
 
 
+def trained_timesteps(train_config: ml_collections.ConfigDict) -> list[int]:
+    """[lowest, highest] student timestep the generator is trained at (saved with checkpoints and exports)."""
+    return [1, int(train_config.max_student_timestep)]
+
+
 def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict) -> Callable:
     """`step(state, frozen, rest, batch, neg_context) -> (state, metrics)`, to be jitted by the caller.

@@ -26,8 +26,8 @@ _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "The reference's released ta
 _GENERATOR = flags.DEFINE_string("generator", "", "Generator weights exported by launch/convert.py (safetensors).")
 _TIMESTEP = flags.DEFINE_integer("timestep", None, "The fidelity (low) / realism (high) knob, 1..999 "
                                  + cli.config_default("sr.timestep"))
-_SWEEP = flags.DEFINE_list("sweep", None, "Timesteps to run each image at, in one batched call, plus a "
-                           "contact sheet (e.g. 100,300,500,700,900).")
+_SWEEP = flags.DEFINE_list("sweep", None, "Timesteps to run each image at (--batch_size per call), plus "
+                           "a contact sheet (e.g. 100,300,500,700,900).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt for every image " + cli.config_default("sr.prompt"))
 _CAPTIONS = flags.DEFINE_string("captions", "", "File of `<file name><TAB><prompt>` lines; others use --prompt.")
 _SEED = flags.DEFINE_integer("seed", None, "Posterior-noise seed: the same seed gives the same output "

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The reference's fake score effectively trains only its mid-block LoRA; ("encoder", "decoder", "others")
     # gives it all three groups.
     config.model.fake_score_groups = ("others",)
-    config.model.remat = False  # recompute UNet blocks in the backward pass (memory for compute)
+    # Rematerialisation policies (tadsr_jax/nn/remat.py: none, full, dots, dots_no_batch): recompute each block's
+    # activations in the backward pass instead of keeping them (memory for compute).
+    config.model.remat = ml_collections.ConfigDict(dict(unet="none", vae_encoder="none", vae_decoder="none"))
 
     config.lpips = ml_collections.ConfigDict()
     config.lpips.path = ""  # safetensors from `launch/convert.py --what=lpips`

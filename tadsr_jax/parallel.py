@@ -16,7 +16,7 @@ import glob
 import importlib.util
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -101,10 +101,12 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A ('data', 'fsdp') mesh over all global devices (topology-aware order, each host's devices together)."""
-    shape = mesh_shape(data, fsdp, jax.device_count())
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over `devices` (default: all global devices; a TPU topology's for ahead-of-time
+    compilation) in topology-aware order, each host's devices together."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(data, fsdp, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

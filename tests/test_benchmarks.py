@@ -10,7 +10,7 @@ from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
 from torch_utils import randomize_
 
-from tadsr_jax.benchmarks.common import matmul_flops
+from tadsr_jax.flops import matmul_flops
 from tadsr_jax.weights.loaders import load_unet
 
 UNET = dict(  # SD-2.x structure; 32x32 latents give 1024-token self-attention, four query blocks on CPU

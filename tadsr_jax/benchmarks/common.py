@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -113,39 +112,6 @@ def measure_torch_matmul_peak(dtype: str = "float32", *, sizes: Sequence[int] = 
         return lambda: torch.mm(a, b)
 
     return _best_flops(run, sizes, repeats, lambda x: x)
-
-
-def matmul_flops(traced: Any) -> float:
-    """FLOPs of the matmuls and convolutions of a traced JAX function (a `jax.stages.Traced` or a jaxpr):
-    2 per multiply-add, a scan's body times its length, the larger branch of a cond.
-
-    The model-FLOP convention of MFU figures and of torch's FlopCounterMode: elementwise work is not counted.
-    Counted on the jaxpr because XLA's cost analysis counts a loop body once whatever its trip count, and
-    XLA:CPU's attention is a loop over query blocks.
-    """
-    jaxpr = traced
-    while hasattr(jaxpr, "jaxpr"):  # Traced -> ClosedJaxpr -> Jaxpr
-        jaxpr = jaxpr.jaxpr
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
-        elif name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            per_output = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
-        else:
-            inner = [matmul_flops(value) for param in eqn.params.values()
-                     for value in (param if isinstance(param, (tuple, list)) else (param,))
-                     if hasattr(value, "eqns")]
-            if name == "cond":
-                total += max(inner, default=0.0)
-            else:
-                total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
-    return total
 
 
 def worker_env() -> dict[str, str]:

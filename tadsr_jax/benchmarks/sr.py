@@ -7,7 +7,7 @@ posterior sample, one UNet call, the student x0 rule, VAE decoder, clamp.
 
 - ours: `tadsr_jax.infer.model.load_sr_model` + the `Upscaler`'s jitted forward (compiled ahead of time and
   timed separately), on a working image of the output size; FLOPs counted on its jaxpr (matmuls and
-  convolutions, `common.matmul_flops`).
+  convolutions, `matmul_flops`).
 - torch: diffusers `UNet2DConditionModel` / `AutoencoderKL` (the time-aware encoder restated on its stock
   modules, see torch_reference), transformers `CLIPTextModel`, under `torch.inference_mode()`.
 
@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from tadsr_jax.benchmarks import common
+from tadsr_jax.flops import matmul_flops
 
 WORKER = "tadsr_jax.benchmarks.sr"
 FORMAT = 1  # bump when the weights folder's contents change
@@ -104,7 +105,7 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
         compile_before = upscaler.compile_seconds
         upscaler(lq, [PROMPT], [TIMESTEP])  # compiles
         compile_s = upscaler.compile_seconds - compile_before
-        flops = common.matmul_flops(upscaler.trace(lq, [PROMPT], [TIMESTEP]))
+        flops = matmul_flops(upscaler.trace(lq, [PROMPT], [TIMESTEP]))
         timing = common.time_calls(lambda: upscaler(lq, [PROMPT], [TIMESTEP]), steps=steps, warmup=warmup)
         per_size[str(size)] = {"timing": timing.as_dict(), "compile_s": compile_s, "flops": flops,
                                "peak_rss_bytes": peak_rss_bytes()}

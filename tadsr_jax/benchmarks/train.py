@@ -6,7 +6,7 @@ LPIPS on a random VGG, a 4-layer CLIP text encoder), written once with random we
 in the diffusers/transformers layout. Both sides load that folder:
 
 - ours: `tadsr_jax.train.loop.build` and its jitted step (compiled once, ahead of time), timed per step;
-  FLOPs of one step counted on its jaxpr (matmuls and convolutions, `common.matmul_flops`). The torch side's
+  FLOPs of one step counted on its jaxpr (matmuls and convolutions, `matmul_flops`). The torch side's
   FlopCounterMode count is reported beside it for reference only: on CPU it does not see
   scaled_dot_product_attention.
 - torch: diffusers `UNet2DConditionModel` / `AutoencoderKL` (the time-aware encoder restated on its stock
@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from tadsr_jax.benchmarks import common
+from tadsr_jax.flops import matmul_flops
 
 WORKER = "tadsr_jax.benchmarks.train"
 FORMAT = 1  # bump when the weights folder's contents change
@@ -180,7 +181,7 @@ def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    step_flops = common.matmul_flops(traced)
+    step_flops = matmul_flops(traced)
 
     box = {"state": trainer.state, "metrics": None}
 

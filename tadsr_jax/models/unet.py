@@ -18,6 +18,7 @@ from tadsr_jax.nn import (
     Transformer2DModel,
     Upsample2D,
     batch_timesteps,
+    remat,
     timestep_sinusoid,
 )
 
@@ -205,11 +206,7 @@ class UNet2DConditionModel(nnx.Module):
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.remat = False  # recompute each block's activations in the backward pass (memory for compute)
-
-    def _block(self, block: nnx.Module, *args, **static) -> jax.Array:
-        call = lambda b, *a: b(*a, **static)
-        return nnx.remat(call)(block, *args) if self.remat else call(block, *args)
+        self.remat = "none"  # tadsr_jax.nn.remat policy of every down, mid and up block
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int, encoder_hidden_states: jax.Array, *,
                  conv_in: Conv2d | None = None) -> jax.Array:
@@ -223,12 +220,12 @@ class UNet2DConditionModel(nnx.Module):
         x = (conv_in or self.conv_in)(sample.astype(dtype))
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._block(block, x, temb, context)
+            x, block_skips = remat.call(block, self.remat, x, temb, context)
             skips.extend(block_skips)
-        x = self._block(self.mid_block, x, temb, context)
+        x = remat.call(self.mid_block, self.remat, x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = self._block(block, x, block_skips, temb, context, upsample_size=upsample_size)
+            x = remat.call(block, self.remat, x, block_skips, temb, context, upsample_size=upsample_size)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))

@@ -22,6 +22,7 @@ from tadsr_jax.nn import (
     TimestepEmbedding,
     Upsample2D,
     batch_timesteps,
+    remat,
     timestep_sinusoid,
 )
 
@@ -129,6 +130,7 @@ class Encoder(nnx.Module):
                                      resnet_kwargs=resnet_kwargs, dtype=dtype, rngs=rngs)
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.remat = "none"  # tadsr_jax.nn.remat policy of each down block and the mid block
 
     def time_embed(self, timesteps: jax.Array | int, batch: int) -> jax.Array:
         t = batch_timesteps(timesteps, batch)
@@ -141,8 +143,8 @@ class Encoder(nnx.Module):
         temb = self.time_embed(timesteps, x.shape[0]) if self.time_aware else None
         x = self.conv_in(x.astype(self.conv_in.kernel.dtype))
         for block in self.down_blocks:
-            x = block(x, temb)
-        x = self.mid_block(x, temb)
+            x = remat.call(block, self.remat, x, temb)
+        x = remat.call(self.mid_block, self.remat, x, temb)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
@@ -176,11 +178,12 @@ class Decoder(nnx.Module):
             for i in range(len(rev))])
         self.conv_norm_out = GroupNorm(groups, rev[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.remat = "none"  # tadsr_jax.nn.remat policy of the mid block and each up block
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        x = self.mid_block(self.conv_in(z.astype(self.conv_in.kernel.dtype)))
+        x = remat.call(self.mid_block, self.remat, self.conv_in(z.astype(self.conv_in.kernel.dtype)))
         for block in self.up_blocks:
-            x = block(x)
+            x = remat.call(block, self.remat, x)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 

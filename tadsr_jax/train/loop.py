@@ -25,7 +25,6 @@ from tadsr_jax import parallel
 from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
-from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
 from tadsr_jax.train import lock
 from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
@@ -33,9 +32,10 @@ from tadsr_jax.train.step import (
     TrainState,
     host_metrics,
     init_state,
-    make_train_step,
+    make_model,
     optimizer,
-    sample_images,
+    split_model,
+    step_program,
     trained_timesteps,
 )
 from tadsr_jax.train.tiny_sd import resolve_pretrained
@@ -90,38 +90,18 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     """Load the networks, attach the adapters, shard everything over the mesh and compile nothing yet."""
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     nets = load_networks(resolve_pretrained(config.model, workdir), dtype=jnp.dtype(config.model.dtype))
-    nets.unet.remat = config.model.remat
-    model = TADSR(nets.unet, nets.vae, nets.text_encoder, _lpips(config), rank=config.model.lora_rank,
-                  alpha=config.model.lora_alpha, fake_score_groups=tuple(config.model.fake_score_groups),
-                  rngs=nnx.Rngs(config.seed))
-    graphdef, generator, fake_score, frozen, rest = nnx.split(model, GENERATOR, FAKE_SCORE, FROZEN, ...)
-    # Trainable tensors and optimizer states in fp32 even when the frozen base is bf16.
-    generator = jax.tree.map(lambda x: x.astype(jnp.float32), generator)
-    tx = optimizer(config.train)
-    state = init_state(generator, fake_score, tx, config.seed)
+    model = make_model(config, nets.unet, nets.vae, nets.text_encoder, _lpips(config))
+    graphdef, generator, fake_score, frozen, rest = split_model(model)
+    state = init_state(generator, fake_score, optimizer(config.train), config.seed)
+    program = step_program(config, graphdef, nets.schedule, mesh, state, frozen, rest)
 
-    replicated = parallel.replicated(mesh)
-    state_sharding = jax.tree.map(lambda _: replicated, state)
-    frozen_sharding = parallel.shard_params(frozen, mesh, min_size=config.mesh.fsdp_min_size)
-    rest_sharding = jax.tree.map(lambda _: replicated, rest)
-    batch_sharding = parallel.batch_sharding(mesh)
-
-    max_len = nets.text_encoder.config.max_position_embeddings
-    tokenizer = nets.tokenizer
-    tokenize_fn = _Tokenizer(tokenizer, max_len)
+    tokenize_fn = _Tokenizer(nets.tokenizer, nets.text_encoder.config.max_position_embeddings)
     neg_ids = jnp.asarray(tokenize_fn([config.train.negative_prompt]))
     neg_context = nnx.jit(lambda te, ids: te(ids))(nets.text_encoder, neg_ids)
-
-    step_fn = jax.jit(make_train_step(graphdef, nets.schedule, tx, config),
-                      in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    sample_fn = jax.jit(sample_images(graphdef, nets.schedule),
-                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding,
-                                      replicated),
-                        out_shardings=replicated)
-    return Trainer(config=config, state=_place(state, state_sharding), frozen=_place(frozen, frozen_sharding),
-                   rest=_place(rest, rest_sharding), neg_context=_place(neg_context, replicated),
-                   step_fn=step_fn, sample_fn=sample_fn, batch_sharding=batch_sharding, tokenize=tokenize_fn)
+    return Trainer(config=config, state=_place(state, program.state_sharding),
+                   frozen=_place(frozen, program.frozen_sharding), rest=_place(rest, program.rest_sharding),
+                   neg_context=_place(neg_context, program.replicated), step_fn=program.step_fn,
+                   sample_fn=program.sample_fn, batch_sharding=program.batch_sharding, tokenize=tokenize_fn)
 
 
 class _Tokenizer:

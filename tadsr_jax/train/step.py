@@ -12,9 +12,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tadsr_jax import parallel
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method import losses
-from tadsr_jax.method.tadsr import LossConfig, fake_score_loss, generator_loss
+from tadsr_jax.method.tadsr import FAKE_SCORE, FROZEN, GENERATOR, TADSR, LossConfig, fake_score_loss, generator_loss
+from tadsr_jax.models.clip_text import CLIPTextModel
+from tadsr_jax.models.lpips import LPIPS
+from tadsr_jax.models.unet import UNet2DConditionModel
+from tadsr_jax.models.vae import AutoencoderKL
+from tadsr_jax.nn import remat
 
 
 @jax.tree_util.register_dataclass
@@ -53,9 +59,61 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTransformation,
                seed: int) -> TrainState:
+    """Step 0; trainable tensors and optimizer states in fp32 even when the frozen base is bf16."""
+    generator = jax.tree.map(lambda x: x.astype(jnp.float32), generator)
     return TrainState(step=jnp.zeros((), jnp.int32), generator=generator, fake_score=fake_score,
                       generator_opt=tx.init(generator), fake_score_opt=tx.init(fake_score),
                       key=jax.random.key_data(jax.random.key(seed)))
+
+
+def make_model(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, vae: AutoencoderKL,
+               text_encoder: CLIPTextModel, lpips: LPIPS | None) -> TADSR:
+    """TADSR on these networks with `config.model`'s adapters and remat policies (concrete or under eval_shape)."""
+    unet.remat = remat.check_policy(config.model.remat.unet)
+    vae.encoder.remat = remat.check_policy(config.model.remat.vae_encoder)
+    vae.decoder.remat = remat.check_policy(config.model.remat.vae_decoder)
+    return TADSR(unet, vae, text_encoder, lpips, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
+                 fake_score_groups=tuple(config.model.fake_score_groups), rngs=nnx.Rngs(config.seed))
+
+
+@dataclasses.dataclass
+class StepProgram:
+    """The jitted train step and sampler of one model on one mesh, with the shardings of their arguments."""
+
+    graphdef: nnx.GraphDef
+    step_fn: Callable  # (state, frozen, rest, batch, neg_context) -> (state, metrics); state donated
+    sample_fn: Callable  # (state, frozen, rest, batch, timesteps, key) -> SR images
+    state_sharding: TrainState
+    frozen_sharding: nnx.State
+    rest_sharding: nnx.State
+    batch_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
+def split_model(model: TADSR) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, generator, fake score, frozen, rest): the variable sets the step treats differently."""
+    return nnx.split(model, GENERATOR, FAKE_SCORE, FROZEN, ...)
+
+
+def step_program(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: NoiseSchedule,
+                 mesh: jax.sharding.Mesh, state: TrainState, frozen: nnx.State, rest: nnx.State) -> StepProgram:
+    """Shardings (train state replicated, large frozen weights over 'fsdp', the batch over every mesh axis) and
+    the jitted functions. The trees may be abstract: only their shapes are read."""
+    replicated = parallel.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    frozen_sharding = parallel.shard_params(frozen, mesh, min_size=config.mesh.fsdp_min_size)
+    rest_sharding = jax.tree.map(lambda _: replicated, rest)
+    batch_sharding = parallel.batch_sharding(mesh)
+    step_fn = jax.jit(make_train_step(graphdef, schedule, optimizer(config.train), config),
+                      in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    sample_fn = jax.jit(sample_images(graphdef, schedule),
+                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding,
+                                      replicated),
+                        out_shardings=replicated)
+    return StepProgram(graphdef=graphdef, step_fn=step_fn, sample_fn=sample_fn, state_sharding=state_sharding,
+                       frozen_sharding=frozen_sharding, rest_sharding=rest_sharding, batch_sharding=batch_sharding,
+                       replicated=replicated)
 
 
 def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, max_timestep: int = 999) -> jax.Array:

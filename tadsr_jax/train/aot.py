@@ -1,0 +1,201 @@
+"""Ahead-of-time compilation of the train step for devices that need not be attached, and what XLA says of it.
+
+A Cloud TPU slice's devices come from its topology name (`jax.experimental.topologies`, needs libtpu: the `tpu`
+extra), on any host. The step is built by the same functions `train/loop.py` uses (`make_model`, `split_model`,
+`init_state`, `step_program`), on abstract networks: shapes and dtypes only, so no weights are read and no device
+memory is used. The compiled program then tells, per chip: the bytes of arguments, outputs and temporaries
+(`memory_analysis`), FLOPs and bytes accessed and XLA's run-time estimate (`cost_analysis`), and its collectives.
+Beside XLA's FLOPs stands our count on the jaxpr (`tadsr_jax.flops.matmul_flops`, the MFU convention), and beside
+XLA's time estimate the roofline bound, since XLA's estimate is not always usable (it can be negative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tadsr_jax import parallel
+from tadsr_jax.diffusion import NoiseSchedule
+from tadsr_jax.flops import matmul_flops
+from tadsr_jax.models.architectures import SD21_TEXT_ENCODER, SD21_UNET, SD21_VAE
+from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from tadsr_jax.models.lpips import LPIPS
+from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tadsr_jax.models.vae import AutoencoderKL, VAEConfig
+from tadsr_jax.train.step import init_state, make_model, optimizer, split_model, step_program
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Public per-chip figures of a Cloud TPU generation (dense bf16 peak, HBM size and bandwidth)."""
+
+    name: str
+    peak_flops: float
+    hbm_bytes: float
+    hbm_bandwidth: float
+
+
+CHIPS = {  # by jax.Device.device_kind
+    "TPU v4": ChipSpec("v4", 275e12, 32 * GiB, 1228e9),
+    "TPU v5 lite": ChipSpec("v5e", 197e12, 16 * GiB, 819e9),
+    "TPU v5": ChipSpec("v5p", 459e12, 95 * GiB, 2765e9),
+    "TPU v6 lite": ChipSpec("v6e", 918e12, 32 * GiB, 1640e9),
+}
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+    """The devices of a Cloud TPU slice, e.g. 'v5p:2x2x4' (16 chips, 4 hosts) or 'v5e:16x16' (256 chips)."""
+    from jax.experimental import topologies
+
+    # Several processes may compile for TPU on one host (tests, sweeps): no single-process libtpu lock.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--topology={name}: not a TPU topology this libtpu knows ({str(e).splitlines()[0]}); "
+                         "names look like v5e:2x2, v5p:2x2x4, v6e:4x4") from None
+
+
+def architectures(config: ml_collections.ConfigDict) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
+    """The networks' configs: `config.model.unet/vae/text_encoder` where set (tiny configs), else SD-2.1-base's
+    (what configs/tadsr_sd21.py loads from its pretrained folder)."""
+    model = config.model
+    return (UNetConfig.from_dict(model.unet.to_dict() or SD21_UNET),
+            VAEConfig.from_dict(model.vae.to_dict() or SD21_VAE),
+            CLIPTextConfig.from_dict(model.text_encoder.to_dict() or SD21_TEXT_ENCODER))
+
+
+def abstract_model(config: ml_collections.ConfigDict):
+    """TADSR as training builds it (adapters, remat policies, LPIPS when its loss is on), shapes only."""
+    unet_cfg, vae_cfg, text_cfg = architectures(config)
+    dtype = jnp.dtype(config.model.dtype)
+
+    def build():
+        rngs = nnx.Rngs(0)
+        lpips = LPIPS(rngs=rngs) if config.loss.lpips else None
+        return make_model(config, UNet2DConditionModel(unet_cfg, dtype=dtype, rngs=rngs),
+                          AutoencoderKL(vae_cfg, time_aware=True, dtype=dtype, rngs=rngs),
+                          CLIPTextModel(text_cfg, dtype=dtype, rngs=rngs), lpips)
+
+    return nnx.eval_shape(build), text_cfg
+
+
+def _with_sharding(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    compiled: jax.stages.Compiled
+    model_flops: float  # per step, the whole global batch (our count on the jaxpr)
+    num_devices: int
+    num_hosts: int
+    mesh_shape: dict[str, int]
+    global_batch: int
+    crop_size: int
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledStep:
+    """Build the train step of `config` for `devices` (a mesh from `config.mesh`) and compile it."""
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    model, text_cfg = abstract_model(config)
+    graphdef, generator, fake_score, frozen, rest = split_model(model)
+    state = jax.eval_shape(functools.partial(init_state, tx=optimizer(config.train), seed=config.seed),
+                           generator, fake_score)
+    program = step_program(config, graphdef, NoiseSchedule.stable_diffusion(), mesh, state, frozen, rest)
+
+    batch, size = config.train.batch_size, config.data.crop_size
+    parallel.process_rows(batch, num_processes=len({d.process_index for d in devices}), num_devices=len(devices))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=program.batch_sharding)
+    tokens = jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32,
+                                  sharding=program.batch_sharding)
+    neg_context = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings, text_cfg.hidden_size),
+                                       jnp.dtype(config.model.dtype), sharding=program.replicated)
+    args = (_with_sharding(state, program.state_sharding), _with_sharding(frozen, program.frozen_sharding),
+            _with_sharding(rest, program.rest_sharding), {"lq": images, "hq": images, "input_ids": tokens},
+            neg_context)
+    traced = program.step_fn.trace(*args)
+    return CompiledStep(compiled=traced.lower().compile(), model_flops=matmul_flops(traced),
+                        num_devices=len(devices), num_hosts=len({d.process_index for d in devices}),
+                        mesh_shape=dict(mesh.shape), global_batch=batch, crop_size=size)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Collective ops of an optimised HLO module by kind: how many and the bytes of their results."""
+    ops: Counter = Counter()
+    sizes: Counter = Counter()
+    pattern = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for match in pattern.finditer(hlo_text):
+        kind = match.group(2)
+        ops[kind] += 1
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+            if dtype in _BYTES:
+                sizes[kind] += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return {kind: {"count": ops[kind], "bytes": float(sizes[kind])} for kind in sorted(ops)}
+
+
+def step_report(step: CompiledStep, chip: ChipSpec) -> dict[str, Any]:
+    """Per-chip memory, FLOPs, time estimates, images/s and MFU of a compiled train step (all XLA's estimates)."""
+    memory = step.compiled.memory_analysis()
+    cost = step.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes)
+    xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    roofline = max(xla_flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
+    xla_seconds = float(cost.get("optimal_seconds", -1.0))
+    seconds, source = (xla_seconds, "xla") if xla_seconds > 0 else (roofline, "roofline")
+    return {
+        "chip": chip.name, "chips": step.num_devices, "hosts": step.num_hosts, "mesh": step.mesh_shape,
+        "global_batch": step.global_batch, "images_per_chip": step.global_batch / step.num_devices,
+        "crop_size": step.crop_size,
+        "hbm_gib": chip.hbm_bytes / GiB,
+        "arguments_gib": memory.argument_size_in_bytes / GiB, "outputs_gib": memory.output_size_in_bytes / GiB,
+        "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
+        "total_gib": total / GiB, "fits": total <= chip.hbm_bytes,
+        "model_tflop_per_step": step.model_flops / 1e12,
+        "xla_tflop_per_chip": xla_flops / 1e12, "bytes_accessed_per_chip_gb": accessed / 1e9,
+        "xla_estimate_s": xla_seconds, "roofline_s": roofline, "step_time_s": seconds, "step_time_from": source,
+        "images_per_s_per_chip": step.global_batch / step.num_devices / seconds,
+        "mfu": step.model_flops / (step.num_devices * chip.peak_flops * seconds),
+        "collectives": collectives(step.compiled.as_text()),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few readable lines (every time figure labelled as an estimate)."""
+    mesh = " x ".join(f"{name} {size}" for name, size in report["mesh"].items())
+    collectives = ", ".join(f"{kind} {c['count']} ({c['bytes'] / 1e9:.2f} GB)"
+                            for kind, c in report["collectives"].items()) or "none"
+    fits = "fits" if report["fits"] else "DOES NOT FIT"
+    return "\n".join([
+        f"{report['chips']} {report['chip']} chips on {report['hosts']} host(s), mesh {mesh}; global batch "
+        f"{report['global_batch']} of {report['crop_size']}x{report['crop_size']} ({report['images_per_chip']:g} "
+        "per chip)",
+        f"HBM per chip: {report['total_gib']:.2f} of {report['hbm_gib']:.0f} GiB, {fits} (arguments "
+        f"{report['arguments_gib']:.2f}, outputs {report['outputs_gib']:.2f}, aliased {report['aliased_gib']:.2f}, "
+        f"temporaries {report['temporaries_gib']:.2f})",
+        f"FLOPs: model {report['model_tflop_per_step']:.2f} TFLOP per step (all chips); XLA "
+        f"{report['xla_tflop_per_chip']:.2f} TFLOP and {report['bytes_accessed_per_chip_gb']:.1f} GB accessed per chip",
+        f"step time (estimates): XLA {report['xla_estimate_s']:.4f} s, roofline {report['roofline_s']:.4f} s; "
+        f"using {report['step_time_from']}: {report['images_per_s_per_chip']:.2f} images/s per chip, "
+        f"MFU {100 * report['mfu']:.1f}%",
+        f"collectives per step: {collectives}",
+    ])

@@ -29,7 +29,7 @@ def main(argv):
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (TrainingError, WeightsError) as e:
+    except (TrainingError, WeightsError, parallel.SharedFileError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

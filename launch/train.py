@@ -36,7 +36,7 @@ def main(argv):
     except Interrupted as e:
         print(f"{e}", file=sys.stderr)
         sys.exit(Interrupted.exit_status)
-    except (TrainingError, WeightsError, CheckpointError, WorkdirLocked) as e:
+    except (TrainingError, WeightsError, CheckpointError, WorkdirLocked, parallel.SharedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -3,19 +3,24 @@
     python tests/parallel_worker.py unit OUT.json
     python tests/parallel_worker.py train OUT_PREFIX --data=D --fsdp=F \\
         [--coordinator=HOST:PORT --num_processes=N --process_id=I]
+    python tests/parallel_worker.py write_once FOLDER --coordinator=HOST:PORT --num_processes=N --process_id=I
 
 `unit` checks the mesh and sharding rules on the simulated devices and writes what it saw as JSON.
 `train` runs STEPS of a toy LoRA train step (frozen FSDP-sharded base weight, replicated LoRA trainables,
 adamw, donated trainable state, per-example noise drawn inside the step), feeding this process's rows of
 each global batch through `parallel.global_batch`, and writes OUT_PREFIX.npz (trained LoRA factors and
 losses) and OUT_PREFIX.json (shardings seen).
+`write_once` has every process ask for FOLDER/shared.txt through `parallel.write_once` (its writer takes
+WRITE_S and names the process that ran it) and copy what it then reads to FOLDER/read_by_<process>.txt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,7 @@ from tadsr_jax.weights.convert import BASE_PARAMS
 MIN_SIZE = 8192
 GLOBAL_BATCH = 16
 STEPS = 3
+WRITE_S = 2.0
 
 
 def _error(fn) -> str:
@@ -174,9 +180,21 @@ def train(out: str, data: int, fsdp: int) -> None:
         json.dump(meta, f)
 
 
+def write_once(folder: str) -> None:
+    def write(path: str) -> None:
+        time.sleep(WRITE_S)  # the other processes reach the barrier first
+        with open(path, "w") as f:
+            f.write(f"written by process {jax.process_index()}")
+
+    with open(parallel.write_once(os.path.join(folder, "shared.txt"), write)) as f:
+        text = f.read()
+    with open(os.path.join(folder, f"read_by_{jax.process_index()}.txt"), "w") as f:
+        f.write(text)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["unit", "train"])
+    parser.add_argument("mode", choices=["unit", "train", "write_once"])
     parser.add_argument("out")
     parser.add_argument("--data", type=int, default=-1)
     parser.add_argument("--fsdp", type=int, default=1)
@@ -187,6 +205,8 @@ def main(argv: list[str]) -> None:
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.mode == "unit":
         unit(args.out)
+    elif args.mode == "write_once":
+        write_once(args.out)
     else:
         train(args.out, args.data, args.fsdp)
 

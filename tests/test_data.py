@@ -156,19 +156,23 @@ def test_same_seed_same_batches_other_seed_differs(paired_list):
     assert any(not np.array_equal(a, b) for a, b in zip(_arrays(first), _arrays(other)))
 
 
-def test_two_processes_read_disjoint_halves_of_the_global_batches(paired_list):
+@pytest.mark.parametrize("processes, global_batch", [(2, 4), (4, 8)])
+def test_processes_read_disjoint_rows_of_the_same_global_batches(paired_list, processes, global_batch):
     config = _config("paired_list", paired_list)
-    shards = [_take(make_train_iterator(config, global_batch_size=4, seed=5, process_index=p, process_count=2), 2)
-              for p in (0, 1)]
+    batches = len(SAMPLE_NAMES) // global_batch  # one epoch: every example once
+    shards = [_take(make_train_iterator(config, global_batch_size=global_batch, seed=5, process_index=p,
+                                        process_count=processes), batches) for p in range(processes)]
     prompts = [{str(p) for b in shard for p in b["prompt"]} for shard in shards]
-    assert len(prompts[0]) == len(prompts[1]) == 4 and not prompts[0] & prompts[1]
-    assert prompts[0] | prompts[1] == {n.replace("_", " ") for n in SAMPLE_NAMES}
-    # Global batch k is the same examples, crops and flips whatever the process count: process p holds rows p::2.
-    single = _take(make_train_iterator(config, global_batch_size=4, seed=5, process_index=0, process_count=1), 2)
-    for k in range(2):
-        for p in (0, 1):
+    assert sum(map(len, prompts)) == len(set().union(*prompts)) == len(SAMPLE_NAMES)
+    # Global batch k is the same examples, crops and flips in the same order whatever the process count: process
+    # p holds the rows where parallel.global_batch puts them (the train step's per-row draws follow the rows).
+    single = _take(make_train_iterator(config, global_batch_size=global_batch, seed=5, process_index=0,
+                                       process_count=1), batches)
+    rows = global_batch // processes
+    for k in range(batches):
+        for p in range(processes):
             for key in ("hq", "lq", "prompt"):
-                np.testing.assert_array_equal(shards[p][k][key], single[k][key][p::2])
+                np.testing.assert_array_equal(shards[p][k][key], single[k][key][p * rows:(p + 1) * rows])
 
 
 def test_resume_from_state_gives_the_same_batches(hr_folder):

@@ -6,9 +6,8 @@
         several processes the train step is compiled before its first call and the processes meet at a
         barrier before running it (see `_CompileThenBarrier`).
     python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
-        [--batch_processes=P] [--nan_checks] [--config.X=Y ...]
-        `loop.build` + the jitted step on N fixed global batches (rows ordered as a P-process run assembles
-        them: process p's batch from the pipeline in rows p*B/P..(p+1)*B/P); writes every step's losses and
+        [--nan_checks] [--config.X=Y ...]
+        `loop.build` + the jitted step on the pipeline's first N global batches; writes every step's losses and
         the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
         With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
         must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
@@ -92,22 +91,14 @@ def _cli(argv: list[str]) -> None:
     runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
 
 
-def _batches(trainer, config, workdir: str, count: int, processes: int):
-    """`count` global batches as host arrays, rows in the order a `processes`-process run assembles them."""
-    import numpy as np
-
+def _batches(trainer, config, workdir: str, count: int):
+    """The first `count` global batches as host arrays."""
     from tadsr_jax.data.pipeline import make_train_iterator
     from tadsr_jax.train.loop import resolve_data
 
-    data = resolve_data(config.data, workdir)
-    iterators = [make_train_iterator(data, global_batch_size=config.train.batch_size, seed=config.seed,
-                                     process_index=p, process_count=processes, tokenize=trainer.tokenize)
-                 for p in range(processes)]
-    out = []
-    for _ in range(count):
-        parts = [next(it) for it in iterators]
-        out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
-    return out
+    iterator = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=config.train.batch_size,
+                                   seed=config.seed, process_index=0, process_count=1, tokenize=trainer.tokenize)
+    return [next(iterator) for _ in range(count)]
 
 
 def _host_copy(tree):
@@ -117,7 +108,7 @@ def _host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _steps(config, workdir: str, out: str, steps: int, processes: int, nan_checks: bool) -> None:
+def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None:
     import numpy as np
     from flax import nnx
 
@@ -128,7 +119,7 @@ def _steps(config, workdir: str, out: str, steps: int, processes: int, nan_check
     trainer = build(config, workdir)
     initial = _host_copy(trainer.state)
     state, losses = trainer.state, []
-    batches = _batches(trainer, config, workdir, steps + 1, processes)
+    batches = _batches(trainer, config, workdir, steps + 1)
     for host_batch in batches[:steps]:
         batch = parallel.global_batch(host_batch, trainer.batch_sharding)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
@@ -247,7 +238,6 @@ def _main_flags() -> None:
     workdir = flags.DEFINE_string("workdir", None, "Work directory.", required=True)
     out = flags.DEFINE_string("out", None, "Output path prefix.", required=True)
     steps = flags.DEFINE_integer("steps", 3, "Steps (steps mode).")
-    processes = flags.DEFINE_integer("batch_processes", 1, "Row order of that many processes (steps mode).")
     nan_checks = flags.DEFINE_bool("nan_checks", False, "Then the NaN checks (steps mode).")
     sys.argv.pop(1)
 
@@ -255,7 +245,7 @@ def _main_flags() -> None:
         del argv
         _use_session_cache()
         os.makedirs(workdir.value, exist_ok=True)
-        _steps(config_flag.value, workdir.value, out.value, steps.value, processes.value, nan_checks.value)
+        _steps(config_flag.value, workdir.value, out.value, steps.value, nan_checks.value)
 
     app.run(main)
 

@@ -1,15 +1,16 @@
 """The training input pipeline: a grain graph from sources to per-process batches, checkpointable.
 
   source (or weighted mixture of sources, each seeded, shuffled and repeated) -> random_map(MakeTrainPair)
-         -> [process_index::process_count] -> to_iter_dataset (threads; drops the Nones of files that fail to
-         decode) -> batch -> [mp_prefetch] -> [tokenize]
+         -> _ProcessRows -> to_iter_dataset (threads; drops the Nones of files that fail to decode) -> batch
+         -> [mp_prefetch] -> [tokenize]
 Shuffling, mixing and the per-example randomness (grain seeds random_map by (seed, position)) happen on the global,
-repeated stream before it is strided across processes, so each example's crop/flip/degradation depends only on
-(seed, position), processes read disjoint examples, and global batch k holds the same examples whatever the
-process count (as long as no file fails to decode and num_workers <= 1: n workers interleave batches made from
-slices i::n of the process's stream). Each epoch is reshuffled (repeat reseeds upstream transforms per epoch).
-The iterator's state is grain's (the next index, per worker when num_workers > 0); restoring it needs the same
-data, config, seed and process layout.
+repeated stream before it is split across processes, so each example's crop/flip/degradation depends only on
+(seed, position). Global batch k is positions k*B..(k+1)*B-1 of that stream and process p reads its rows
+p*B/P..(p+1)*B/P-1, the rows `parallel.global_batch` places it in: global batch k holds the same examples in the
+same order whatever the process count, and so do the train step's per-row draws (as long as no file fails to
+decode and num_workers <= 1: n workers interleave batches made from slices i::n of the process's stream).
+Each epoch is reshuffled (repeat reseeds upstream transforms per epoch). The iterator's state is grain's (the
+next index, per worker when num_workers > 0); restoring it needs the same data, config, seed and process layout.
 """
 
 from collections.abc import Callable
@@ -87,6 +88,28 @@ def make_transform(config: ml_collections.ConfigDict) -> MakeTrainPair:
     return MakeTrainPair(config.crop_size, config.scale, config.flip, config.synthetic_prob, _degradation(config))
 
 
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch of `parent`: element i is element
+    (i // local_batch * process_count + process_index) * local_batch + i % local_batch of `parent`."""
+
+    def __init__(self, parent: grain.MapDataset, *, local_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._local_batch, self._process_index, self._process_count = local_batch, process_index, process_count
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self._local_batch * self._process_count) * self._local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local_batch)
+        return self._parent[(batch * self._process_count + self._process_index) * self._local_batch + row]
+
+    def __str__(self) -> str:
+        return (f"_ProcessRows(local_batch={self._local_batch}, process {self._process_index} "
+                f"of {self._process_count})")
+
+
 class _Tokenize:
     """Replaces the batch's `prompt` strings by `input_ids` (local_batch, T) int32."""
 
@@ -142,7 +165,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
                 entry.weight) for i, (_, entry) in enumerate(components(data_config))]
     dataset = (sources[0][0] if len(sources) == 1
                else grain.MapDataset.mix([d for d, _ in sources], [w for _, w in sources]).seed(seed))
-    dataset = dataset.random_map(transform)[process_index::process_count]
+    dataset = _ProcessRows(dataset.random_map(transform), local_batch=local_batch, process_index=process_index,
+                          process_count=process_count)
     read = grain.ReadOptions(num_threads=data_config.read_threads,
                              prefetch_buffer_size=max(1, data_config.read_threads, data_config.prefetch * local_batch))
     # Records whose files fail to decode come out as None and are dropped here; if more than half of a window of

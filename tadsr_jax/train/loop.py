@@ -154,12 +154,12 @@ class _Logger:
 
 
 def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """`data.path`, or (when empty, for offline tiny runs) scikit-image's training samples written to `workdir`."""
+    """`data.path`, or (when empty, for offline tiny runs) scikit-image's training samples written to `workdir` (by
+    process 0 while the others wait)."""
     if data_config.path:
         return data_config
-    folder = os.path.join(workdir, "sample_images")
-    if not os.path.isdir(folder):
-        write_sample_images(folder, TRAIN_SAMPLES, size=data_config.sample_size)
+    folder = parallel.write_once(os.path.join(workdir, "sample_images"),
+                                 lambda path: write_sample_images(path, TRAIN_SAMPLES, size=data_config.sample_size))
     resolved = ml_collections.ConfigDict(data_config.to_dict())
     resolved.source, resolved.path = "hr_folder", folder
     return resolved

@@ -17,6 +17,7 @@ channel c (the spare latent channels are zero), to within a relative 1e-3, plus 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import load_file
 
+from tadsr_jax import parallel
 from tadsr_jax.models.vae import VAEConfig
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.files import read_config, write_model_folder
@@ -84,6 +86,7 @@ def _identity_vae(folder: str, latent: int) -> None:
 def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed: int = 0) -> str:
     """Write the stand-in into `folder` (atomically: built beside it, then renamed). Returns `folder`."""
     vae = _checked_vae_config(model_config.vae.to_dict())
+    logging.info("writing the tiny SD stand-in to %s", folder)
     staging = folder + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     write_random_sd_folder(staging, unet=model_config.unet.to_dict(), vae=model_config.vae.to_dict(),
@@ -99,13 +102,11 @@ def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed:
 
 
 def resolve_pretrained(model_config: ml_collections.ConfigDict, workdir: str) -> str:
-    """`model_config.pretrained`, or the tiny stand-in of its architectures, written once under `workdir`."""
+    """`model_config.pretrained`, or the tiny stand-in of its architectures, written once under `workdir` (by
+    process 0 while the others wait)."""
     if model_config.pretrained:
         return model_config.pretrained
     if not model_config.unet:
         raise WeightsError("config.model.pretrained is empty: set it to the SD-2.1-base diffusers folder")
-    folder = os.path.join(workdir, "tiny_sd")
-    if not os.path.isdir(folder):
-        logging.info("writing the tiny SD stand-in to %s (once)", folder)
-        write_tiny_sd(folder, model_config)
-    return folder
+    write = functools.partial(write_tiny_sd, model_config=model_config)
+    return parallel.write_once(os.path.join(workdir, "tiny_sd"), write)

@@ -55,6 +55,10 @@ CROP = 16
 CONFIG = ["--config=configs/tiny.py", "--config.loss.lpips=0", "--config.loss.vsd=1",
           "--config.train.batch_size=8", f"--config.data.crop_size={CROP}", "--config.train.log_every=1"]
 MESH_4x2 = ["--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1024"]
+# The sharded runs also recompute activations (tadsr_jax/nn/remat.py), so comparing them with the plain 1-device
+# run checks that remat changes memory, not the training.
+REMAT = ["--config.model.remat.unet=full", "--config.model.remat.vae_encoder=full",
+         "--config.model.remat.vae_decoder=dots"]
 STEPS = 3  # the sharding / multi-host comparisons
 RESUME_STEPS, CHECKPOINT_EVERY = 6, 2
 # Relative, sharded vs unsharded or 2 processes vs 1 (only the order of float reductions differs). Measured after 3
@@ -216,7 +220,7 @@ def runs(shared) -> SimpleNamespace:
              f"--config.train.checkpoint_every={CHECKPOINT_EVERY}"]
     one = Run("one", [*steps, "--nan_checks", f"--workdir={shared.root / 'one'}",
                       f"--out={shared.root / 'one' / 'out'}"], 1, shared)
-    eight = Run("eight", [*steps, *MESH_4x2, f"--workdir={shared.root / 'eight'}",
+    eight = Run("eight", [*steps, *MESH_4x2, *REMAT, f"--workdir={shared.root / 'eight'}",
                           f"--out={shared.root / 'eight' / 'out'}"], 8, shared, nice=5)
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     two = [Run(f"two{i}", [*_multihost_command(shared.root / "two"), f"--coordinator_address={address}",
@@ -227,7 +231,7 @@ def runs(shared) -> SimpleNamespace:
 
 def _multihost_command(workdir: Path, *inputs: str) -> list[str]:
     """launch/train.py for `two` and `one_process`: the stand-in and images of the workdir, unless `inputs` say."""
-    return ["cli", *CONFIG, *MESH_4x2, f"--config.train.steps={STEPS}", f"--config.train.sample_every={STEPS}",
+    return ["cli", *CONFIG, *MESH_4x2, *REMAT, f"--config.train.steps={STEPS}", f"--config.train.sample_every={STEPS}",
             *inputs, f"--workdir={workdir}"]
 
 

@@ -149,7 +149,14 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
     probes for a TPU and logs the failure at INFO."""
     missing = tmp_path / "missing"
     args = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'work'}", f"--config.model.pretrained={missing}"]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # As on a host without libtpu: the test environment installs it (tests/test_aot.py), and libtpu on a host with
+    # no TPU writes its own C++ lines to stderr when JAX probes for one, below any Python logging. (JAX in this test
+    # process has set TPU_LIBRARY_PATH, which would load it directly.)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_LIBRARY_PATH")}
+    hide = tmp_path / "hide_libtpu"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['libtpu'] = None\n")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide), env.get("PYTHONPATH")]))
     quiet = _launch("train", *args, env=env)
     assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
         f"error: {missing}: pretrained model folder does not exist"]

@@ -1,4 +1,4 @@
-"""The paper's setting (TADSR_SPEC.md 3.1): SD-2.1-base, LoRA rank 4, global batch 16 of 512x512 crops, AdamW 5e-5.
+"""The paper's setting (docs/method.md 3.1): SD-2.1-base, LoRA rank 4, global batch 16 of 512x512 crops, AdamW 5e-5.
 
 Set the SD-2.1-base diffusers folder (with TADSR's time_vae/, or a stock vae/ whose time layers then start at
 zero) and the converted LPIPS weights:

@@ -1,4 +1,4 @@
-"""The DDPM noise schedule and the x0 rules TADSR uses (TADSR_SPEC.md sections 0 and 3.2)."""
+"""The DDPM noise schedule and the x0 rules TADSR uses (docs/method.md sections 0 and 3.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image-quality metrics of the evaluation protocol (PAPER_RESULTS.md section 6: pyiqa 0.1.10 as OSEDiff's
+"""Image-quality metrics of the evaluation protocol (docs/method.md section 6: pyiqa 0.1.10 as OSEDiff's
 `test_metrics.py` calls it).
 
 Images are batched NHWC RGB floats in [0, 1], (B, H, W, 3); every metric gives one value per image, (B,).
@@ -43,7 +43,7 @@ PSNR_EPS = 1e-8
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_DATA_RANGE = 255.0  # pyiqa's SSIM works on rounded 8-bit Y levels
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
-# Short names -> the pyiqa metric OSEDiff / TADSR report (PAPER_RESULTS.md section 6).
+# Short names -> the pyiqa metric OSEDiff / TADSR report (docs/method.md section 6).
 NO_REFERENCE = {"clipiqa": "clipiqa", "musiq": "musiq", "maniqa": "maniqa-pipal", "niqe": "niqe",
                 "topiq": "topiq_nr"}
 INSTALL_HINT = "pip install pyiqa==0.1.10 torch==2.13.0"

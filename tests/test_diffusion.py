@@ -1,4 +1,4 @@
-"""DDPM schedule and x0 rules (tadsr_jax.diffusion, TADSR_SPEC.md sections 0 and 3.2) against diffusers'
+"""DDPM schedule and x0 rules (tadsr_jax.diffusion, docs/method.md sections 0 and 3.2) against diffusers'
 DDPMScheduler and the formulas re-stated in torch."""
 
 import json

@@ -1,4 +1,4 @@
-"""LoRA adapters (tadsr_jax.nn.lora): parity with PEFT's layer math (TADSR_SPEC.md 2.2) re-stated in torch,
+"""LoRA adapters (tadsr_jax.nn.lora): parity with PEFT's layer math (docs/method.md 2.2) re-stated in torch,
 initialisation, merging, and several adapter sets chosen per call."""
 
 import jax

@@ -1,4 +1,4 @@
-"""TADSR's losses (TADSR_SPEC.md 3.2) against a PyTorch re-statement of the reference math.
+"""TADSR's losses (docs/method.md 3.2) against a PyTorch re-statement of the reference math.
 
 Every comparison feeds identical inputs, weights and noise to both sides and checks values and gradients:
 Blur_t (torchvision GaussianBlur semantics, re-stated with torch ops since torchvision is not installed),
@@ -32,7 +32,7 @@ from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, TADSR, GeneratorLoRA, 
 from tadsr_jax.nn import lora
 from tadsr_jax.weights.loaders import load_text_encoder, load_unet, load_vae
 
-# Spec text (TADSR_SPEC.md 3.2): the generator timesteps int(linspace(1, 999, 50)).
+# Spec text (docs/method.md 3.2): the generator timesteps int(linspace(1, 999, 50)).
 SPEC_T_LIST = [1, 21, 41, 62, 82, 102, 123, 143, 163, 184, 204, 225, 245, 265, 286, 306, 326, 347, 367, 387, 408,
                428, 449, 469, 489, 510, 530, 550, 571, 591, 612, 632, 652, 673, 693, 713, 734, 754, 774, 795, 815,
                836, 856, 876, 897, 917, 937, 958, 978, 999]
@@ -49,7 +49,7 @@ TINY_VAE = {"block_out_channels": (16,), "layers_per_block": 1, "norm_num_groups
 TINY_TEXT = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
              "num_attention_heads": 2, "max_position_embeddings": 12, "hidden_act": "gelu", "bos_token_id": 62,
              "eos_token_id": 63, "pad_token_id": 63}
-LORA_SCALE = 8.0 / 4  # PEFT alpha / rank with TADSR's rank 4, alpha 8 (TADSR_SPEC.md 2.2)
+LORA_SCALE = 8.0 / 4  # PEFT alpha / rank with TADSR's rank 4, alpha 8 (docs/method.md 2.2)
 FAKE = "fake_others"
 
 
@@ -362,7 +362,7 @@ def ta_vsd_value_and_grad(model, schedule, x0, context, neg_context, student_t, 
 
 
 def torch_ta_vsd(tiny, x0, t_g, noise, c_pos, c_neg):
-    """TADSR_SPEC.md 3.2 DMD/TA-VSD: returns (loss, d loss / d x0, eps_fake, eps_cond) in NCHW."""
+    """docs/method.md 3.2 DMD/TA-VSD: returns (loss, d loss / d x0, eps_fake, eps_cond) in NCHW."""
     unet, fake, ac = tiny["torch_unet"], tiny["fake"], tiny["alphas_cumprod"]
     x0 = x0.clone().requires_grad_()
     t_r = torch.floor(0.5 * t_g).long()

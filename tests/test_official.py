@@ -1,4 +1,4 @@
-"""The reference's tadsr.pkl (TADSR_SPEC.md 2.4) and our generator export: a checkpoint made by real PEFT on
+"""The reference's tadsr.pkl (docs/method.md 2.4) and our generator export: a checkpoint made by real PEFT on
 diffusers models loads into our TADSR and gives the same networks; exports round-trip exactly; bad files fail
 in one line naming the file and the key."""
 
@@ -35,7 +35,7 @@ RANK, ALPHA = 4, 8
 student_unet = nnx.jit(lambda unet, conv_in, z, t, ctx: unet(z, t, ctx, conv_in=conv_in))
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
-# --- The reference's target selection (TADSR_SPEC.md 2.1), restated on PyTorch parameter names.
+# --- The reference's target selection (docs/method.md 2.1), restated on PyTorch parameter names.
 UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
 VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
@@ -75,7 +75,7 @@ def randomize_lora_(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def time_tensors(encoder: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random values for the time-aware encoder's new tensors (TADSR_SPEC.md 1.1), named from the torch tree."""
+    """Random values for the time-aware encoder's new tensors (docs/method.md 1.1), named from the torch tree."""
     rand = lambda *shape: torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
     resnets = [f"down_blocks.{i}.resnets.{j}" for i, b in enumerate(encoder.down_blocks) for j in range(len(b.resnets))]
     resnets += [f"mid_block.resnets.{j}" for j in range(len(encoder.mid_block.resnets))]

@@ -99,7 +99,7 @@ def test_merged_lora_equals_adapters(sd_folder):
 
 
 def _reference_offsets(size: int, tile: int, overlap: int) -> list[int]:
-    """TADSR_SPEC.md 5: stride tile - overlap, the smallest count covering `size`, the last snapped to the edge."""
+    """docs/method.md 5: stride tile - overlap, the smallest count covering `size`, the last snapped to the edge."""
     stride, n = tile - overlap, 1
     while (n - 1) * stride + tile < size:
         n += 1

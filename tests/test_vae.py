@@ -1,4 +1,4 @@
-"""AutoencoderKL and TADSR's time-aware encoder against diffusers (and a torch re-statement of TADSR_SPEC.md 1.1)."""
+"""AutoencoderKL and TADSR's time-aware encoder against diffusers (and a torch re-statement of docs/method.md 1.1)."""
 
 import math
 import os
@@ -110,7 +110,7 @@ def test_time_aware_with_zero_time_layers_is_the_stock_encoder(torch_vae, vae_fo
     assert rel_err(nhwc_to_nchw(ours.logvar), ref.logvar.numpy()) <= TOL
 
 
-# --- A PyTorch re-statement of TADSR_SPEC.md 1.1 on top of diffusers' stock encoder modules.
+# --- A PyTorch re-statement of docs/method.md 1.1 on top of diffusers' stock encoder modules.
 
 def _time_tensors(encoder, seed: int) -> dict[str, torch.Tensor]:
     """The 4 + 2 * (#ResNets) new tensors of a TimeAwareAutoencoderKL, random."""

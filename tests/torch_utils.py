@@ -34,7 +34,7 @@ def nhwc_to_nchw(x) -> np.ndarray:
 
 
 def rel_err(ours, theirs) -> float:
-    """max |ours - theirs| / std(theirs): the parity measure of DESIGN.md."""
+    """max |ours - theirs| / std(theirs): the parity measure of the README's Correctness section."""
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
     return float(np.abs(ours - theirs).max() / theirs.std())

@@ -4,7 +4,7 @@
   the pinned torch: a stand-in `torchvision.models.vgg16()` with torchvision's `features` layout and random
   convolutions; the package's own linear heads.
 - `load_time_vae()`: a `time_vae/` folder as diffusers' stock AutoencoderKL plus the time tensors;
-  `time_aware_moments()`: TADSR_SPEC.md 1.1, the time-aware VAE encoder, on those stock encoder modules.
+  `time_aware_moments()`: docs/method.md 1.1, the time-aware VAE encoder, on those stock encoder modules.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ PROMPT = "a photo of a cat sitting on a sofa"
 LPIPS_FILE = "lpips_vgg.safetensors"  # the random LPIPS (seed LPIPS_SEED) in PyTorch layout, for the torch side
 META_FILE = "bench.json"  # written last: the folder is complete
 
-# Reference hyperparameters (TADSR_SPEC.md 3.1), the defaults of our config too.
+# Reference hyperparameters (docs/method.md 3.1), the defaults of our config too.
 LR, BETAS, WEIGHT_DECAY, ADAM_EPS, MAX_GRAD_NORM = 5e-5, (0.9, 0.999), 1e-2, 1e-8, 1.0
 LAMBDA_L2, LAMBDA_LPIPS, LAMBDA_VSD, LAMBDA_FAKE = 1.0, 2.0, 1.0, 1.0
 SCALING_FACTOR = 0.18215
@@ -376,7 +376,7 @@ class _TorchTADSR:
         return self.alphas[t].view(-1, 1, 1, 1)
 
     def _encode(self, x, t):
-        """TADSR_SPEC.md 1.1 on diffusers' stock encoder modules -> (mean, logvar)."""
+        """docs/method.md 1.1 on diffusers' stock encoder modules -> (mean, logvar)."""
         from tadsr_jax.benchmarks.torch_reference import time_aware_moments
 
         return time_aware_moments(self.vae, self.time, x, t)

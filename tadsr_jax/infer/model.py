@@ -1,11 +1,11 @@
 """The super-resolution network: SD weights plus a trained TADSR generator, LoRA merged, in the serving dtype.
 
-Generator weights come from one of three places: the reference release (`tadsr.pkl`, TADSR_SPEC.md 2.4), our
+Generator weights come from one of three places: the reference release (`tadsr.pkl`, docs/method.md 2.4), our
 safetensors export (`tadsr_jax.weights.official.save_generator`), or a training workdir's latest checkpoint.
 The timesteps the generator was trained at come with the weights where recorded (a workdir's checkpoints and
 our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
 `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
-TADSR_SPEC.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
+docs/method.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
 adapter overhead; only then is everything cast to the serving dtype.
 """
 

@@ -1,6 +1,6 @@
 """One-step x4 super-resolution of host images: preprocess, one jitted call per shape bucket, colour fix.
 
-Preprocessing follows the reference (TADSR_SPEC.md 5): an image whose short side is below process_size / 4 is
+Preprocessing follows the reference (docs/method.md 5): an image whose short side is below process_size / 4 is
 first upscaled to it (bicubic), then everything is upscaled x4 (bicubic). Fixes and choices of ours:
 - the working image is padded (reflect) to a multiple of `bucket` pixels instead of rescaled to a multiple of 8,
   so sizes share compiled programs, and the padding is cropped off again;

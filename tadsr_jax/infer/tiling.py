@@ -1,4 +1,4 @@
-"""Latent tiling of the UNet call with Gaussian blending (TADSR_SPEC.md 5, with DESIGN.md's fixes).
+"""Latent tiling of the UNet call with Gaussian blending (docs/method.md 5, with the fixes it lists).
 
 Tile offsets follow the reference: stride tile - overlap, the last tile snapped to the edge. Two fixes: the
 tiles use the same timestep as the rest of the forward pass (the reference's tiled branch reads an undefined

@@ -1,6 +1,6 @@
 """TADSR's one-step generator: time-aware encode at t, one UNet call, the student x0 rule, decode.
 
-The same function serves training (with LoRA adapters active) and inference (TADSR_SPEC.md 3.2, 5).
+The same function serves training (with LoRA adapters active) and inference (docs/method.md 3.2, 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which modules get LoRA, exactly as the reference selects them (TADSR_SPEC.md 2.1).
+"""Which modules get LoRA, exactly as the reference selects them (docs/method.md 2.1).
 
 The reference scans parameter names (ours mirror PyTorch's), skips biases and norms, and matches name
 substrings; UNet matches fall into three groups by location. Keeping the rules on names, not module

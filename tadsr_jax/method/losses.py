@@ -1,4 +1,4 @@
-"""TADSR's loss math on given predictions (TADSR_SPEC.md 3.2); the model calls live in method/tadsr.py."""
+"""TADSR's loss math on given predictions (docs/method.md 3.2); the model calls live in method/tadsr.py."""
 
 from __future__ import annotations
 

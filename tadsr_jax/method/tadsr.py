@@ -1,6 +1,6 @@
 """The TADSR model for training: one frozen SD UNet in three roles, the time-aware VAE, and the losses.
 
-Roles share one copy of the frozen weights (TADSR_SPEC.md 2.3):
+Roles share one copy of the frozen weights (docs/method.md 2.3):
 - student: UNet + generator LoRA (3 groups) + its own conv_in, trained in full; time-aware VAE encoder with
   LoRA and trainable time layers; frozen decoder.
 - teacher: the UNet with no adapter (the pristine SD UNet, its own conv_in).
@@ -58,7 +58,7 @@ def fake_adapter(group: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and TA-VSD settings (TADSR_SPEC.md 3.1-3.2)."""
+    """Loss weights and TA-VSD settings (docs/method.md 3.1-3.2)."""
 
     l2: float = 1.0
     lpips: float = 2.0

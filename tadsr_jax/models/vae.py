@@ -1,6 +1,6 @@
 """SD's AutoencoderKL (encoder, decoder, quant convs, diagonal Gaussian posterior) and TADSR's time-aware encoder.
 
-The time-aware encoder (TADSR_SPEC.md 1.1) adds a timestep MLP (128 -> 256 -> 256) and a scale/shift
+The time-aware encoder (docs/method.md 1.1) adds a timestep MLP (128 -> 256 -> 256) and a scale/shift
 projection to each of its 10 ResNets; with those projections at zero it is exactly the stock encoder.
 """
 

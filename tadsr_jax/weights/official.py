@@ -1,4 +1,4 @@
-"""The generator's weights on disk: the reference's `tadsr.pkl` (TADSR_SPEC.md 2.4) and our own export.
+"""The generator's weights on disk: the reference's `tadsr.pkl` (docs/method.md 2.4) and our own export.
 
 Both formats hold exactly the generator's trainables (the GENERATOR variables of `TADSR`): the UNet LoRA
 factors of the three groups, the student's conv_in (base tensors and LoRA), the VAE encoder's LoRA factors and
@@ -189,7 +189,7 @@ def reference_checkpoint(model: TADSR) -> dict[str, Any]:
 
 
 def save_reference_checkpoint(model: TADSR, path: str) -> None:
-    """Write the reference's `tadsr.pkl` format (TADSR_SPEC.md 2.4), atomically."""
+    """Write the reference's `tadsr.pkl` format (docs/method.md 2.4), atomically."""
     torch = _torch(f"{path}: writing the official TADSR .pkl needs PyTorch (pip install torch)")
     checkpoint = reference_checkpoint(model)
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -227,7 +227,7 @@ def _check_rank_and_alpha(model: TADSR, path: str, checkpoint: Mapping[str, Any]
 
 
 def load_reference_checkpoint(model: TADSR, path: str, *, alpha: float = PEFT_DEFAULT_ALPHA) -> None:
-    """Fill the generator of `model` in place from the reference's `tadsr.pkl` (TADSR_SPEC.md 2.4).
+    """Fill the generator of `model` in place from the reference's `tadsr.pkl` (docs/method.md 2.4).
 
     The pickle does not store LoRA alpha; the reference used PEFT's default 8 (`alpha`), which the model's
     adapters must have been built with. Validates ranks, target lists and every tensor's presence and shape

@@ -103,7 +103,7 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
     from tadsr_jax.train.checkpoint import Checkpointer, CheckpointError
     from tadsr_jax.train.step import init_state, optimizer
 
-    generator = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, GENERATOR))
+    generator = nnx.state(model, GENERATOR)  # init_state casts it to float32, as training does
     tx = optimizer(config.train)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(

@@ -228,4 +228,4 @@ class UNet2DConditionModel(nnx.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
             x = remat.call(block, self.remat, x, block_skips, temb, context, upsample_size=upsample_size)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))

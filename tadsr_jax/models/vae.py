@@ -145,7 +145,7 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             x = remat.call(block, self.remat, x, temb)
         x = remat.call(self.mid_block, self.remat, x, temb)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class DecoderUpBlock(nnx.Module):
@@ -184,7 +184,7 @@ class Decoder(nnx.Module):
         x = remat.call(self.mid_block, self.remat, self.conv_in(z.astype(self.conv_in.kernel.dtype)))
         for block in self.up_blocks:
             x = remat.call(block, self.remat, x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 @jax.tree_util.register_dataclass

@@ -39,19 +39,17 @@ class ResnetBlock2D(nnx.Module):
                               if in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         t = None
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("this ResNet block is time-conditioned and needs a time embedding")
             t = self.time_emb_proj(jax.nn.silu(temb)).astype(h.dtype)[:, None, None, :]
-        if t is not None and self.time_mode == "add":
-            h = h + t
-        h = self.norm2(h)
-        if t is not None and self.time_mode == "scale_shift":
-            scale, shift = jnp.split(t, 2, axis=-1)
-            h = h * (1 + scale) + shift
-        h = self.conv2(jax.nn.silu(h))
+        if self.time_mode == "scale_shift" and t is not None:
+            h = self.norm2(h, scale_shift=tuple(jnp.split(t, 2, axis=-1)), silu=True)
+        else:
+            h = self.norm2(h if t is None else h + t, silu=True)
+        h = self.conv2(h)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     # An SD-style folder (unet/, time_vae/ or vae/, text_encoder/, tokenizer/, scheduler/). Empty: write a
     # random-weight model of the architectures below into <workdir>/random_sd once and use that.
     config.model.pretrained = ""
-    config.model.dtype = "float32"  # or "bfloat16": the frozen networks' weights and activations
+    config.model.dtype = "float32"  # or "bfloat16": the frozen networks' weights and activations (LPIPS too)
     config.model.unet = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict()
     config.model.text_encoder = ml_collections.ConfigDict()
@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Rematerialisation policies (tadsr_jax/nn/remat.py: none, full, dots, dots_no_batch): recompute each block's
     # activations in the backward pass instead of keeping them (memory for compute).
     config.model.remat = ml_collections.ConfigDict(dict(unet="none", vae_encoder="none", vae_decoder="none"))
+    # Attention kernel (tadsr_jax/nn/attention.py): auto, blockwise, xla, cudnn, flash. "auto" picks the best of
+    # the platform the step is compiled for (CPU: blockwise, TPU: Pallas flash, GPU: cuDNN for bf16).
+    config.model.attention = "auto"
 
     config.lpips = ml_collections.ConfigDict()
     config.lpips.path = ""  # safetensors from `launch/convert.py --what=lpips`

@@ -141,6 +141,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` as the context mesh, so that layers that must partition by hand (Pallas kernels,
+    which XLA cannot partition, through `jax.shard_map`) see the mesh their inputs are sharded over."""
+
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

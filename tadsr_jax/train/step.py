@@ -21,6 +21,7 @@ from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.models.unet import UNet2DConditionModel
 from tadsr_jax.models.vae import AutoencoderKL
 from tadsr_jax.nn import remat
+from tadsr_jax.nn.attention import set_implementation as set_attention_implementation
 
 
 @jax.tree_util.register_dataclass
@@ -67,8 +68,11 @@ def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTr
 
 
 def make_model(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, vae: AutoencoderKL,
-               text_encoder: CLIPTextModel, lpips: LPIPS | None) -> TADSR:
-    """TADSR on these networks with `config.model`'s adapters and remat policies (concrete or under eval_shape)."""
+               text_encoder: CLIPTextModel, lpips: LPIPS | None, platform: str | None = None) -> TADSR:
+    """TADSR on these networks with `config.model`'s adapters, remat policies and attention kernel (concrete or
+    under eval_shape); `platform` is the one the step is compiled for (default: JAX's default backend)."""
+    set_attention_implementation(unet, config.model.attention, platform)
+    set_attention_implementation(vae, config.model.attention, platform)
     unet.remat = remat.check_policy(config.model.remat.unet)
     vae.encoder.remat = remat.check_policy(config.model.remat.vae_encoder)
     vae.decoder.remat = remat.check_policy(config.model.remat.vae_decoder)
@@ -104,10 +108,11 @@ def step_program(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, sche
     frozen_sharding = parallel.shard_params(frozen, mesh, min_size=config.mesh.fsdp_min_size)
     rest_sharding = jax.tree.map(lambda _: replicated, rest)
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(graphdef, schedule, optimizer(config.train), config),
+    step_fn = jax.jit(parallel.under_mesh(mesh, make_train_step(graphdef, schedule, optimizer(config.train),
+                                                                config)),
                       in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    sample_fn = jax.jit(sample_images(graphdef, schedule),
+    sample_fn = jax.jit(parallel.under_mesh(mesh, sample_images(graphdef, schedule)),
                         in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding,
                                       replicated),
                         out_shardings=replicated)

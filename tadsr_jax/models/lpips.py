@@ -137,11 +137,11 @@ class LPIPS(nnx.Module):
         """LPIPS distance per batch element: x, y (B, H, W, 3) in [-1, 1] -> (B,) in `compute_dtype`."""
         if x.shape != y.shape:
             raise ValueError(f"LPIPS: image shapes differ, {x.shape} vs {y.shape}")
-        batch = x.shape[0]
-        taps = self.vgg_features(jnp.concatenate([x, y], axis=0))  # one trunk pass for both images
+        # Two trunk passes, not one on the concatenation: when only x is differentiated (a loss against a
+        # target), y's pass then keeps nothing for the backward pass.
         dtype = self.compute_dtype
-        total = jnp.zeros((batch,), dtype)
-        for feat, head in zip(taps, self.heads, strict=True):
-            diff = jnp.square(_normalize(feat[:batch], dtype) - _normalize(feat[batch:], dtype))
+        total = jnp.zeros((x.shape[0],), dtype)
+        for fx, fy, head in zip(self.vgg_features(x), self.vgg_features(y), self.heads, strict=True):
+            diff = jnp.square(_normalize(fx, dtype) - _normalize(fy, dtype))
             total = total + head(diff).mean(axis=(1, 2, 3))
         return total

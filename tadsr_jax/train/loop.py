@@ -76,12 +76,14 @@ def _place(tree, shardings):
 
 
 def _lpips(config: ml_collections.ConfigDict):
+    """The LPIPS network of the loss, in the frozen networks' dtype (`config.model.dtype`)."""
     if not config.loss.lpips:
         return None
+    dtype = jnp.dtype(config.model.dtype)
     if config.lpips.path:
-        return load_lpips(config.lpips.path)
+        return load_lpips(config.lpips.path, dtype=dtype)
     if config.lpips.random_seed >= 0:
-        return random_lpips(config.lpips.random_seed)
+        return random_lpips(config.lpips.random_seed, dtype=dtype)
     raise TrainingError("loss.lpips > 0 needs lpips.path (convert VGG16 + LPIPS weights with launch/convert.py "
                         "--what=lpips) or, for offline tests only, lpips.random_seed >= 0")
 

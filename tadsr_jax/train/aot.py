@@ -11,23 +11,27 @@ XLA's time estimate the roofline bound, since XLA's estimate is not always usabl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from tadsr_jax import parallel
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.flops import matmul_flops
+from tadsr_jax.method.tadsr import LossConfig, generator_loss
 from tadsr_jax.models.architectures import SD21_TEXT_ENCODER, SD21_UNET, SD21_VAE
 from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.lpips import LPIPS
@@ -56,8 +60,9 @@ CHIPS = {  # by jax.Device.device_kind
 }
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
+# Bytes per element by the dtype names of HLO text (pred, s32) and of jax's short array types (bool, i32).
+_BYTES = {"pred": 1, "bool": 1, "s8": 1, "i8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "i16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "i32": 4, "u32": 4, "f64": 8, "s64": 8, "i64": 8, "u64": 8}
 
 
 def topology_devices(name: str) -> list[jax.Device]:
@@ -82,17 +87,18 @@ def architectures(config: ml_collections.ConfigDict) -> tuple[UNetConfig, VAECon
             CLIPTextConfig.from_dict(model.text_encoder.to_dict() or SD21_TEXT_ENCODER))
 
 
-def abstract_model(config: ml_collections.ConfigDict):
-    """TADSR as training builds it (adapters, remat policies, LPIPS when its loss is on), shapes only."""
+def abstract_model(config: ml_collections.ConfigDict, platform: str | None = None):
+    """TADSR as training builds it (adapters, remat policies, attention kernel for `platform`, LPIPS when its loss
+    is on), shapes only."""
     unet_cfg, vae_cfg, text_cfg = architectures(config)
     dtype = jnp.dtype(config.model.dtype)
 
     def build():
         rngs = nnx.Rngs(0)
-        lpips = LPIPS(rngs=rngs) if config.loss.lpips else None
+        lpips = LPIPS(dtype=dtype, rngs=rngs) if config.loss.lpips else None
         return make_model(config, UNet2DConditionModel(unet_cfg, dtype=dtype, rngs=rngs),
                           AutoencoderKL(vae_cfg, time_aware=True, dtype=dtype, rngs=rngs),
-                          CLIPTextModel(text_cfg, dtype=dtype, rngs=rngs), lpips)
+                          CLIPTextModel(text_cfg, dtype=dtype, rngs=rngs), lpips, platform)
 
     return nnx.eval_shape(build), text_cfg
 
@@ -115,7 +121,7 @@ class CompiledStep:
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledStep:
     """Build the train step of `config` for `devices` (a mesh from `config.mesh`) and compile it."""
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-    model, text_cfg = abstract_model(config)
+    model, text_cfg = abstract_model(config, devices[0].platform)
     graphdef, generator, fake_score, frozen, rest = split_model(model)
     state = jax.eval_shape(functools.partial(init_state, tx=optimizer(config.train), seed=config.seed),
                            generator, fake_score)
@@ -135,6 +141,59 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     return CompiledStep(compiled=traced.lower().compile(), model_flops=matmul_flops(traced),
                         num_devices=len(devices), num_hosts=len({d.process_index for d in devices}),
                         mesh_shape=dict(mesh.shape), global_batch=batch, crop_size=size)
+
+
+def saved_activations(config: ml_collections.ConfigDict, platform: str | None = None,
+                      batch: int | None = None) -> list[dict[str, Any]]:
+    """What the generator's backward pass keeps from its forward pass, by source line, largest first.
+
+    These saved activations are what grows a train step's temporaries with the batch (the frozen weights and
+    the train state do not), so this says where memory goes and what a remat policy or a kernel would free.
+    Counted on the jaxpr of the generator loss (the fake-score update keeps far less: one UNet pass at most,
+    its LoRA on the mid block by default) for `batch` images (default: the global batch), abstract, in seconds.
+    """
+    model, text_cfg = abstract_model(config, platform)
+    graphdef, generator, fake_score, frozen, rest = split_model(model)
+    generator = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), generator)
+    batch = batch or config.train.batch_size
+    size, tokens = config.data.crop_size, text_cfg.max_position_embeddings
+    inputs = {"lq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+              "hq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+              "input_ids": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
+              "neg_context": jax.ShapeDtypeStruct((1, tokens, text_cfg.hidden_size), jnp.dtype(config.model.dtype)),
+              "student_t": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    loss_cfg = LossConfig(**config.loss.to_dict())
+
+    def loss(generator, fake_score, frozen, rest, inputs):
+        # Everything but the generator is a constant of the differentiation, as in the train step.
+        fake_score, frozen, rest, inputs = jax.lax.stop_gradient((fake_score, frozen, rest, inputs))
+        model = nnx.merge(graphdef, generator, fake_score, frozen, rest)
+        return generator_loss(model, NoiseSchedule.stable_diffusion(), inputs, inputs["neg_context"],
+                              inputs["student_t"], jax.random.key(0), loss_cfg)[0]
+
+    return [e for e in residuals_by_source(loss, generator, fake_score, frozen, rest, inputs)
+            if "saved_activations" not in e["source"]]  # the stop_gradient copies of arguments above
+
+
+def residuals_by_source(fn: Callable, *args: Any) -> list[dict[str, Any]]:
+    """The arrays `jax.grad(fn)` keeps from the forward pass for the backward pass, grouped by the source line
+    that made them, largest first: [{"source", "dtype", "count", "bytes"}]. Arguments and constants (weights
+    closed over) are left out."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # jax's public residual listing prints one line per saved array
+        print_saved_residuals(fn, *args)
+    by_source: dict[str, dict[str, Any]] = {}
+    for line in printed.getvalue().splitlines():
+        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
+        if not match or re.match(r"from (the argument|a constant|a literal)", match.group(3)):
+            continue
+        dtype, dims, source = match.groups()
+        source = re.sub(r"^.*?from |\S*(?=tadsr_jax/)", "", source)
+        entry = by_source.setdefault(f"{dtype} {source}", {"source": source, "dtype": dtype, "count": 0,
+                                                              "bytes": 0.0})
+        entry["count"] += 1
+        entry["bytes"] += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return sorted(by_source.values(), key=lambda e: -e["bytes"])
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:

@@ -1,6 +1,8 @@
 """The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
 
-One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`).
+One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`). The workdir
+may be a URL (gs://...; see `tadsr_jax.storage`); TensorBoard events go there through tensorboardX, which needs
+google-cloud-storage for gs://.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from tadsr_jax import parallel
+from tadsr_jax import parallel, storage
 from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
@@ -144,9 +146,8 @@ class _Logger:
         if not self.active:
             return
         self.writer.add_image(name, image, step, dataformats="HWC")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(image).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        storage.makedirs(os.path.dirname(path))
+        storage.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -170,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early.
     """
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     with lock.hold(workdir) as note:
         if note:
             logging.warning("%s", note)

@@ -338,3 +338,16 @@ def test_checkpoint_digests_on_a_bucket(bucket):
         f.write(b"124")
     assert verify(step) == "state/a differs from its SHA-256 when saved"
 
+
+
+@pytest.mark.parametrize("bucket", ["fsspec"], indirect=True)
+def test_gs_workdir_that_tensorboard_cannot_write_is_refused_before_loading(bucket, monkeypatch):
+    from tensorboardX import record_writer
+
+    from tadsr_jax.train import loop
+
+    monkeypatch.setattr(record_writer, "GCS_ENABLED", False)
+    with pytest.raises(loop.TrainingError, match="^--workdir gs://test-bucket/w: TensorBoard logging to gs:// needs "
+                                                 r"google-cloud-storage \(pip install google-cloud-storage\)$"):
+        loop.train(get_config(), f"{bucket}/w")
+    assert not epath.Path(f"{bucket}/w").exists()

@@ -171,11 +171,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early.
     """
+    _check_tensorboard(workdir)
     storage.makedirs(workdir)
     with lock.hold(workdir) as note:
         if note:
             logging.warning("%s", note)
         return _train(config, workdir)
+
+
+def _check_tensorboard(workdir: str) -> None:
+    """tensorboardX writes a gs:// workdir's events itself, through google-cloud-storage: refuse before anything
+    loads rather than when the first step is logged."""
+    if not workdir.startswith("gs://"):
+        return
+    from tensorboardX import record_writer
+
+    if not record_writer.GCS_ENABLED:
+        raise TrainingError(f"--workdir {workdir}: TensorBoard logging to gs:// needs google-cloud-storage "
+                            f"(pip install google-cloud-storage)")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from tadsr_jax import cli, runtime
+from tadsr_jax import cli, runtime, storage
 
 _SR = flags.DEFINE_list("sr", None, "SR output folder(s); one table column each.")
 _HR = flags.DEFINE_string("hr", None, "Reference (HR) folder; files are matched to SR outputs by name.")
@@ -73,14 +73,14 @@ def _run(log) -> tuple[dict, bool]:
     else:
         raise ValueError("give --sr=DIR (or --sweep with --lq=DIR)")
     for folder in [*sr_dirs, *([_HR.value] if _HR.value else [])]:
-        if not os.path.isdir(folder):
+        if not storage.isdir(folder):
             raise ValueError(f"{folder}: not a folder")
     names = _METRICS.value or evaluation.default_metrics(reference=bool(_HR.value), lpips=bool(_LPIPS.value),
                                                          dists=bool(_DISTS.value), log=log)
     scorer = evaluation.Scorer(names, lpips=evaluation.load_metric_net("lpips", _LPIPS.value),
                                dists=evaluation.load_metric_net("dists", _DISTS.value))
     output = _OUTPUT.value or sr_dirs[0]
-    os.makedirs(output, exist_ok=True)
+    storage.makedirs(output)
     dataset = _DATASET.value or os.path.basename(os.path.normpath(_HR.value or sr_dirs[0]))
     if sweep:
         if len(sr_dirs) != 1:

@@ -11,12 +11,11 @@ exit status is 1 if any input failed. The last line printed is a JSON summary.
 """
 
 import json
-import os
 import sys
 
 from absl import flags
 
-from tadsr_jax import cli, runtime
+from tadsr_jax import cli, runtime, storage
 
 _CONFIG = cli.define_config()
 _INPUT = flags.DEFINE_string("input", None, "An image file or a directory of images.", required=True)
@@ -79,7 +78,7 @@ def main(argv):
         for line in str(e).splitlines():  # an OutputError has one line per problem
             print(f"sr: error: {line}", file=sys.stderr)
         return 2
-    print(json.dumps({**report.summary(), "output": os.path.abspath(_OUTPUT.value)}))
+    print(json.dumps({**report.summary(), "output": storage.absolute(_OUTPUT.value)}))
     return 1 if report.failed else 0
 
 

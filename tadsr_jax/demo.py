@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from tadsr_jax import storage
 from tadsr_jax.data.samples import HELD_OUT_SAMPLES, sample_image
 from tadsr_jax.infer.images import write_png_atomic
 from tadsr_jax.infer.model import WeightsSource, load_sr_model
@@ -51,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
     sr = upscaler.super_resolve(lq, [config.sr.prompt] * len(lq))
 
     out_dir = os.path.join(workdir, "demo")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     psnr_bicubic, psnr_sr = [], []
     for name, hr_im, lq_im, bic, sr_im in zip(HELD_OUT_SAMPLES, hr, lq, bicubic, sr):
         lq_big = np.repeat(np.repeat(lq_im, SCALE, axis=0), SCALE, axis=1)

@@ -5,7 +5,8 @@ laid out like the paper's Table 1, and the fidelity-realism sweep plot (metrics 
 Files are matched by stem: `<sr_dir>/<stem><suffix>.<ext>` with `<hr_dir>/<stem>.<ext>` (any image extension; a
 sweep's outputs carry the suffix `_t<T>`). A file that cannot be read, or whose size differs from its reference,
 costs one line and the rest is evaluated. Several columns (methods, timesteps) are compared on the same images
-only: those scored in every column (`compare`).
+only: those scored in every column (`compare`). Folders, weight files and reports may be URLs (gs://...): see
+`tadsr_jax.storage`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from tadsr_jax import metrics
+from tadsr_jax import metrics, storage
 from tadsr_jax.infer.images import ImageError, list_images, read_rgb
 
 
@@ -290,10 +291,7 @@ def markdown_table(dataset: str, columns: Mapping[str, Mapping[str, float]], ima
 def write_report(path_stem: str, report: dict, table: str) -> None:
     """`<path_stem>.json` and `<path_stem>.md`, each written to a temporary name and renamed."""
     for ext, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", table)):
-        tmp = f"{path_stem}{ext}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path_stem + ext)
+        storage.atomic_write_text(path_stem + ext, text)
 
 
 def sweep_plot(means_by_timestep: Mapping[int, Mapping[str, float]], path: str, title: str = "") -> None:
@@ -317,7 +315,5 @@ def sweep_plot(means_by_timestep: Mapping[int, Mapping[str, float]], path: str, 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -26,6 +26,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost
 
+from tadsr_jax import storage
+
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch (leading) axis is split over every mesh axis
 
@@ -87,12 +89,12 @@ def write_once(path: str, write: Callable[[str], Any]) -> str:
     """Shared files of a run (the tiny stand-in, the sample images) on a filesystem every process sees: process 0
     calls `write(path)` if `path` does not exist yet while the other processes wait for it, so no two processes
     ever write the same file. Returns `path`."""
-    if jax.process_index() == 0 and not os.path.exists(path):
+    if jax.process_index() == 0 and not storage.exists(path):
         write(path)
     if jax.process_count() > 1:
         multihost.get_barrier_sync_fn()(key=f"tadsr_jax.write_once:{os.path.basename(path)}",
                                          timeout_ms=SHARED_FILE_TIMEOUT_S * 1000)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise SharedFileError(f"process {jax.process_index()}: {path} is missing after process 0 wrote it; "
                                   f"the workdir must be on a filesystem that every host shares")
     return path

@@ -1,12 +1,15 @@
 """A small offline training set from scikit-image's bundled sample images (tests, CI, the demo).
 
-scikit-image is an optional dependency (extras `demo`/`test`), imported only when these are called.
+scikit-image is an optional dependency (extras `demo`/`test`), imported only when these are called. Folders may
+be URLs (gs://...): see `tadsr_jax.storage`.
 """
 
 import os
 from collections.abc import Sequence
 
 from PIL import Image
+
+from tadsr_jax import storage
 
 SAMPLE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                 "camera", "coins")
@@ -34,13 +37,17 @@ def sample_image(name: str, size: int) -> Image.Image:
 
 def write_sample_images(folder: str, names: Sequence[str] = SAMPLE_NAMES, size: int = 96) -> list[str]:
     """Saves each named sample image as `<folder>/<name>.png` (RGB, size x size); returns the paths."""
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     paths = []
     for name in names:
         path = os.path.join(folder, f"{name}.png")
-        sample_image(name, size).save(path)
+        _save_png(sample_image(name, size), path)
         paths.append(path)
     return paths
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    storage.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_paired_list(folder: str, names: Sequence[str] = SAMPLE_NAMES, size: int = 96, scale: int = 4,
@@ -54,13 +61,14 @@ def write_paired_list(folder: str, names: Sequence[str] = SAMPLE_NAMES, size: in
     if prompts is not None and len(prompts) != len(names):
         raise ValueError(f"got {len(prompts)} prompts for {len(names)} images")
     prompts = prompts if prompts is not None else [name.replace("_", " ") for name in names]
-    os.makedirs(os.path.join(folder, "lr"), exist_ok=True)
+    storage.makedirs(os.path.join(folder, "hr"))
+    storage.makedirs(os.path.join(folder, "lr"))
     lines = []
-    for name, hr_path, prompt in zip(names, write_sample_images(os.path.join(folder, "hr"), names, size), prompts):
-        with Image.open(hr_path) as hr:
-            hr.resize((size // scale, size // scale), Image.BICUBIC).save(os.path.join(folder, "lr", f"{name}.png"))
+    for name, prompt in zip(names, prompts):
+        hr = sample_image(name, size)
+        _save_png(hr, os.path.join(folder, "hr", f"{name}.png"))
+        _save_png(hr.resize((size // scale, size // scale), Image.BICUBIC), os.path.join(folder, "lr", f"{name}.png"))
         lines.append(f"hr/{name}.png lr/{name}.png {prompt}".rstrip())
     list_path = os.path.join(folder, "train.txt")
-    with open(list_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    storage.atomic_write_text(list_path, "\n".join(lines) + "\n")
     return list_path

@@ -5,6 +5,8 @@ File sources (a paired list, a folder) only list examples; pixels are read later
 non-image files are dropped up front with one log line each, and a source with nothing readable fails at once
 instead of at the first batch. Files whose header is fine but whose pixels are corrupt (e.g. truncated) are dropped
 when they are first read. A tfds source hands out decoded pixels (tfds decodes them as it reads a record).
+
+Lists, caption files, folders and images may be local or URLs (gs://...): see `tadsr_jax.storage`.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tadsr_jax import storage
 from tadsr_jax.infer.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ def failure_reason(path: str, err: BaseException) -> str:
     """A short human reason for an image that could not be read."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if storage.isfile(path) and storage.size(path) == 0:
         return "empty file"
     if isinstance(err, UnidentifiedImageError):
         return "not a recognised image format"
@@ -46,7 +49,7 @@ def failure_reason(path: str, err: BaseException) -> str:
 def unreadable_reason(path: str) -> str | None:
     """None if the file opens as an image (header only), else why not."""
     try:
-        with Image.open(path):
+        with storage.open_seekable(path) as f, Image.open(f):
             return None
     except READ_ERRORS as err:
         return failure_reason(path, err)
@@ -86,11 +89,11 @@ def parse_paired_list(list_path: str) -> list[Record]:
 
     Tokens are whitespace-separated; tokens 3.. re-joined with single spaces are the prompt (two tokens: empty
     prompt). Blank lines are ignored; a line with one token is skipped with a warning. Relative paths are relative
-    to the list file's folder.
+    to the list file's folder (a URL's folder for a list on an object store); URLs are taken as they are.
     """
-    base = os.path.dirname(os.path.abspath(list_path))
+    base = os.path.dirname(storage.absolute(list_path))
     records = []
-    with open(list_path, encoding="utf-8") as f:
+    with storage.open_file(list_path) as f:
         for number, line in enumerate(f, start=1):
             tokens = line.split()
             if not tokens:
@@ -99,7 +102,7 @@ def parse_paired_list(list_path: str) -> list[Record]:
                 logger.warning("%s:%d: skipping line with fewer than 2 fields (HR_path LR_path prompt...)",
                                list_path, number)
                 continue
-            hr, lr = (os.path.join(base, p) for p in tokens[:2])
+            hr, lr = (p if storage.is_url(p) else os.path.join(base, p) for p in tokens[:2])
             records.append(Record(hr=hr, lr=lr, prompt=" ".join(tokens[2:])))
     return records
 
@@ -108,7 +111,7 @@ class PairedListSource(_RecordSource):
     """Pre-computed (HR, LR) pairs with prompts from a list file, as the reference trains."""
 
     def __init__(self, list_path: str):
-        if not os.path.isfile(list_path):
+        if not storage.isfile(list_path):
             raise FileNotFoundError(f"paired list file not found: {list_path}")
         super().__init__(list_path, _keep_readable(parse_paired_list(list_path)))
         if not self.records:
@@ -118,7 +121,7 @@ class PairedListSource(_RecordSource):
 def read_captions(captions_path: str) -> dict[str, str]:
     """Reads `relative/file/name<TAB>caption` lines; malformed lines are skipped with a warning."""
     captions = {}
-    with open(captions_path, encoding="utf-8") as f:
+    with storage.open_file(captions_path) as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -133,18 +136,14 @@ def read_captions(captions_path: str) -> dict[str, str]:
 
 def list_images(folder: str) -> list[str]:
     """Image files under `folder` (recursive), as sorted paths relative to it."""
-    names = []
-    for root, _, files in os.walk(folder):
-        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in files
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(names)
+    return [name for name in storage.files_under(folder) if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 class HRFolderSource(_RecordSource):
     """HR images from a folder tree; the LR is synthesised from each crop. Prompts from an optional captions file."""
 
     def __init__(self, folder: str, captions_path: str = ""):
-        if not os.path.isdir(folder):
+        if not storage.isdir(folder):
             raise FileNotFoundError(f"HR image folder not found: {folder}")
         captions = read_captions(captions_path) if captions_path else {}
         records = [Record(hr=os.path.join(folder, name), lr=None, prompt=captions.get(os.path.normpath(name), ""))

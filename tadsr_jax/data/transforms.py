@@ -9,6 +9,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from tadsr_jax import storage
 from tadsr_jax.data.sources import READ_ERRORS, Record, failure_reason
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ _reported_lock = threading.Lock()
 
 def read_rgb(path: str) -> Image.Image:
     """Decodes an image as 8-bit RGB (grayscale, palette and RGBA are converted; alpha is dropped)."""
-    with Image.open(path) as image:
+    with storage.open_seekable(path) as f, Image.open(f) as image:
         if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip 16-bit grey to white; keep the top byte
             image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8))
         return image.convert("RGB")

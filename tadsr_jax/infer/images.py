@@ -5,10 +5,13 @@ report it and go on with the other files. Whatever can be converted to 8-bit RGB
 back as a one-line note. 16-bit grayscale arrives from Pillow as 16-bit samples and is rounded to 8 bits here;
 16-bit colour (RGB, RGBA, gray + alpha) PNGs and TIFFs are reduced by Pillow itself while decoding, to the high
 byte of each sample (at most one level below rounding).
+
+Inputs and outputs may be local or URLs (gs://...): see `tadsr_jax.storage`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from tadsr_jax import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -54,17 +59,17 @@ class LoadedImage:
 
 def list_images(path: str) -> list[str]:
     """`[path]` for a file (whatever its extension), else the sorted non-hidden image files directly in `path`."""
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
+    if not storage.isdir(path):
+        if not storage.exists(path):
             raise ImageError(path, "no such file or directory")
         return [path]
     try:
-        names = os.listdir(path)
+        names = storage.listdir(path)
     except OSError as e:
         raise ImageError(path, e.strerror or str(e)) from e
     images = sorted(name for name in names
                     if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-                    and os.path.isfile(os.path.join(path, name)))
+                    and storage.isfile(os.path.join(path, name)))
     if not images:
         raise ImageError(path, f"no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(path, name) for name in images]
@@ -77,17 +82,17 @@ def read_rgb(path: str, *, min_side: int = 8, max_pixels: int = 64_000_000) -> L
     limits apply too, whatever `max_pixels` is: its error above 2 * Image.MAX_IMAGE_PIXELS, and its warning above
     Image.MAX_IMAGE_PIXELS where warnings are errors.
     """
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "empty file (0 bytes)")
-        image = Image.open(path)
-    except UnidentifiedImageError as e:
-        raise ImageError(path, "not an image Pillow can read") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, f"too large: {e}") from e
-    except OSError as e:
-        raise ImageError(path, e.strerror or str(e)) from e
-    with image:
+    with contextlib.ExitStack() as opened:
+        try:
+            if storage.size(path) == 0:
+                raise ImageError(path, "empty file (0 bytes)")
+            image = opened.enter_context(Image.open(opened.enter_context(storage.open_seekable(path))))
+        except UnidentifiedImageError as e:
+            raise ImageError(path, "not an image Pillow can read") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(path, f"too large: {e}") from e
+        except OSError as e:
+            raise ImageError(path, e.strerror or str(e)) from e
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(path, f"too large: {width}x{height} pixels (limit {max_pixels})")
@@ -148,12 +153,16 @@ def write_png_atomic(path: str, pixels: np.ndarray) -> None:
     """Writes `pixels`, uint8 (H, W, 3), as a PNG at `path`, which never holds a partial file.
 
     The PNG is written to a hidden temporary file in the same directory, synced, and renamed onto `path`; if
-    anything fails the temporary file is removed and whatever was at `path` before is left as it was.
+    anything fails the temporary file is removed and whatever was at `path` before is left as it was. A URL's
+    PNG is uploaded as one object (`storage.atomic_write`).
     """
     if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3
             and pixels.shape[2] == 3 and pixels.size > 0):
         raise ValueError(f"pixels must be a non-empty uint8 (H, W, 3) array, got "
                          f"{getattr(pixels, 'dtype', type(pixels).__name__)} of shape {np.shape(pixels)}")
+    if storage.is_url(path):
+        storage.atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp",

@@ -12,13 +12,13 @@ adapter overhead; only then is everything cast to the serving dtype.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tadsr_jax import storage
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
 from tadsr_jax.models.clip_text import CLIPTextModel
@@ -83,7 +83,7 @@ def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_colle
         from tadsr_jax.weights import official
 
         path = source.tadsr_ckpt or source.generator
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise WeightsError(f"{path}: no such file")
         if source.tadsr_ckpt:
             official.load_reference_checkpoint(model, path)

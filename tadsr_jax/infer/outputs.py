@@ -2,6 +2,7 @@
 
 A run that would overwrite one of its inputs, write two inputs to one file, or write into a folder it cannot
 use is refused up front, with one line per problem, instead of after minutes of model loading and compute.
+The output folder may be a URL (gs://...): see `tadsr_jax.storage`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+from tadsr_jax import storage
 from tadsr_jax.infer.images import output_path
 
 
@@ -35,7 +37,8 @@ def plan_outputs(input_path: str, inputs: Sequence[str], output_dir: str,
     input file (compared as real paths); two inputs with one output path (`a.png` and `a.jpg`). The folder is
     created (if missing) and probed with a temporary file, which is removed.
     """
-    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+    if (storage.isfile(output_dir) if storage.is_url(output_dir)
+            else os.path.lexists(output_dir) and not os.path.isdir(output_dir)):
         raise OutputError([f"--output {output_dir}: exists and is not a folder (give a folder to write into)"])
     plan = {path: [output_path(path, output_dir, suffix) for suffix in suffixes] for path in inputs}
     problems = _overwritten_inputs(input_path, inputs, output_dir, plan) + _clashes(plan)
@@ -45,14 +48,19 @@ def plan_outputs(input_path: str, inputs: Sequence[str], output_dir: str,
     return plan
 
 
+def _real(path: str) -> str:
+    """The path compared: `os.path.realpath` of a local one, a URL as it is (less any trailing slash)."""
+    return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
+
+
 def _overwritten_inputs(input_path: str, inputs: Sequence[str], output_dir: str,
                         plan: dict[str, list[str]]) -> list[str]:
-    if os.path.isdir(input_path) and os.path.realpath(output_dir) == os.path.realpath(input_path):
+    if storage.isdir(input_path) and _real(output_dir) == _real(input_path):
         return [f"--output {output_dir}: is the input folder; its outputs would replace or join the inputs "
                 f"(give another folder)"]
-    real_inputs = {os.path.realpath(path): path for path in inputs}
-    return [f"--output {output_dir}: {target} would overwrite the input {real_inputs[os.path.realpath(target)]}"
-            for targets in plan.values() for target in targets if os.path.realpath(target) in real_inputs]
+    real_inputs = {_real(path): path for path in inputs}
+    return [f"--output {output_dir}: {target} would overwrite the input {real_inputs[_real(target)]}"
+            for targets in plan.values() for target in targets if _real(target) in real_inputs]
 
 
 def _clashes(plan: dict[str, list[str]]) -> list[str]:
@@ -60,11 +68,11 @@ def _clashes(plan: dict[str, list[str]]) -> list[str]:
     writers: dict[str, list[str]] = {}
     for path, targets in plan.items():
         for target in targets:
-            writers.setdefault(os.path.realpath(target), []).append(path)
+            writers.setdefault(_real(target), []).append(path)
     groups: dict[tuple[str, ...], list[str]] = {}
     for path, targets in plan.items():
         for target in targets:
-            group = tuple(writers[os.path.realpath(target)])
+            group = tuple(writers[_real(target)])
             if len(group) > 1 and target not in groups.get(group, []):
                 groups.setdefault(group, []).append(target)
     lines = []
@@ -76,6 +84,9 @@ def _clashes(plan: dict[str, list[str]]) -> list[str]:
 
 
 def _check_writable(output_dir: str) -> None:
+    if storage.is_url(output_dir):
+        _check_writable_url(output_dir)
+        return
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
@@ -85,3 +96,15 @@ def _check_writable(output_dir: str) -> None:
             pass
     except OSError as e:
         raise OutputError([f"--output {output_dir}: cannot write in the folder: {e.strerror or e}"]) from e
+
+
+def _check_writable_url(output_dir: str) -> None:
+    """Write and remove a probe object (an object store has no folder to create)."""
+    probe = os.path.join(output_dir, f".write_probe.{os.getpid()}")
+    try:
+        storage.atomic_write(probe, lambda tmp: open(tmp, "wb").close())
+        storage.remove(probe)
+    except Exception as e:  # noqa: BLE001 - TensorFlow's and fsspec's store errors are not all OSErrors
+        lines = str(e).strip().splitlines()
+        raise OutputError([f"--output {output_dir}: cannot write in the folder: "
+                           f"{type(e).__name__}: {lines[0] if lines else ''}"]) from e

@@ -9,6 +9,7 @@ from typing import TextIO
 
 import ml_collections
 
+from tadsr_jax import storage
 from tadsr_jax.data.sources import read_captions
 from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
 from tadsr_jax.infer.images import list_images
@@ -23,7 +24,7 @@ def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.model.pretrained:
         return config.model.pretrained
     folder = os.path.join(workdir, "tiny_sd") if workdir else ""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise WeightsError("no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base "
                            "(or, for configs/tiny.py, pass the --workdir that training wrote)")
     return folder

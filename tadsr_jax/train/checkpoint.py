@@ -13,6 +13,8 @@ while they are computed), and every restore checks it first. A step that fails t
 file (saved by an older version) and fails to restore, is skipped with one line and the next older step is
 tried. When training falls back, the skipped steps are moved (never deleted) into <workdir>/checkpoints_damaged/,
 so that the run can save those step numbers again.
+
+The workdir may be a URL (gs://...): Orbax writes there itself, the digests go through `tadsr_jax.storage`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tadsr_jax import storage
 from tadsr_jax.train.step import TrainState
-from tadsr_jax.weights.files import atomic_write
 
 DIGESTS = "sha256.json"
 QUARANTINE = "checkpoints_damaged"
@@ -47,15 +49,12 @@ def _first_line(error: BaseException) -> str:
 
 def _files(step_dir: str) -> list[str]:
     """Every file of a step directory (relative paths, sorted), the digest file excepted."""
-    found = []
-    for root, _, names in os.walk(step_dir):
-        found += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
-    return sorted(f for f in found if f != DIGESTS)
+    return [f for f in storage.files_under(step_dir) if f != DIGESTS]
 
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -63,14 +62,14 @@ def _sha256(path: str) -> str:
 
 def write_digests(step_dir: str) -> None:
     """{relative path: [size, sha256]} of every file of a finalized step, to `<step_dir>/sha256.json`."""
-    digests = {f: [os.path.getsize(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))]
+    digests = {f: [storage.size(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))]
                for f in _files(step_dir)}
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as out:
             json.dump(digests, out, indent=1, sort_keys=True)
 
-    atomic_write(os.path.join(step_dir, DIGESTS), write)
+    storage.atomic_write(os.path.join(step_dir, DIGESTS), write)
 
 
 def verify(step_dir: str) -> str | None:
@@ -78,7 +77,7 @@ def verify(step_dir: str) -> str | None:
 
     Raises FileNotFoundError when the step has no digest file (it cannot be verified).
     """
-    with open(os.path.join(step_dir, DIGESTS), "rb") as f:
+    with storage.open_file(os.path.join(step_dir, DIGESTS), "rb") as f:
         text = f.read()
     try:
         recorded = {name: (int(size), str(digest)) for name, (size, digest) in json.loads(text).items()}
@@ -86,10 +85,10 @@ def verify(step_dir: str) -> str | None:
         return f"{DIGESTS} unreadable ({_first_line(e)})"
     for name, (size, digest) in sorted(recorded.items()):
         path = os.path.join(step_dir, name)
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, {size} when saved"
+        if storage.size(path) != size:
+            return f"{name} has {storage.size(path)} bytes, {size} when saved"
         if _sha256(path) != digest:
             return f"{name} differs from its SHA-256 when saved"
     return None
@@ -99,7 +98,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self._manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+        self._manager = ocp.CheckpointManager(storage.absolute(os.path.join(workdir, "checkpoints")),
                                               options=options, item_names=("state", "data"))
         self._digester: threading.Thread | None = None  # writes the pending save's digests once it is done
         self._digest_error: BaseException | None = None
@@ -131,7 +130,7 @@ class Checkpointer:
         (process 0). `save`, `wait` and `close` join this thread before using the manager."""
         try:
             self._manager.wait_until_finished()
-            if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):  # not already removed by keep
+            if jax.process_index() == 0 and storage.isdir(self._step_dir(step)):  # not already removed by keep
                 write_digests(self._step_dir(step))
         except BaseException as e:  # re-raised by `wait`, in the caller's thread
             self._digest_error = e
@@ -198,15 +197,16 @@ class Checkpointer:
         return None
 
     def _quarantine(self, steps: list[int]) -> None:
-        """Move `steps` out of the manager's directory into checkpoints_damaged/ beside it (process 0)."""
+        """Move `steps` out of the manager's directory into checkpoints_damaged/ beside it (process 0). On an object
+        store a move copies and deletes each object: a kill midway leaves the step in both places."""
         folder = os.path.join(os.path.dirname(self.directory), QUARANTINE)
         if jax.process_index() == 0:
-            os.makedirs(folder, exist_ok=True)
+            storage.makedirs(folder)
             for step in steps:
                 target = os.path.join(folder, str(step))
-                if os.path.exists(target):
+                if storage.exists(target):
                     target += time.strftime("_%Y%m%d_%H%M%S")
-                os.rename(self._step_dir(step), target)
+                storage.rename(self._step_dir(step), target)
                 logging.warning("damaged checkpoint step %d moved to %s (kept for inspection)", step, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -5,6 +5,13 @@ holder's host, pid and start time. While the run lives, a daemon thread touches 
 seconds. A lock is stale, and is taken over, when its host is this host and its pid is gone, or when it has not
 been touched for LEASE_S seconds (a holder on another host that died). Multi-host runs: process 0 takes the
 lock and every process follows its decision.
+
+A workdir on an object store (gs://...) is weaker: its lock cannot be created exclusively (epath, tf.io.gfile and
+fsspec offer no create-if-absent), so a run writes its record only where no lock object exists, waits CONFIRM_S and
+holds the lock only if the object still holds its record (the last writer wins). A run started while another holds
+the lock is refused as on a local disk, but two runs started within about CONFIRM_S of each other can both pass.
+There the holder renews its lease by rewriting the record with a `renewed` time (object times are not portable
+across backends), and a stale lock is deleted instead of renamed.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ import time
 
 import jax
 
+from tadsr_jax import storage
+
 LOCK_FILE = "train.lock"
 LEASE_S = 300.0  # a holder that has not renewed its lease for this long is considered dead
+CONFIRM_S = 2.0  # object stores: how long a new lock object must keep our record before we hold the lock
 
 
 class WorkdirLocked(RuntimeError):
@@ -61,12 +71,15 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, *, lease_s: float = LEASE_S):
         self.path = os.path.join(workdir, LOCK_FILE)
+        self.remote = storage.is_url(workdir)
         self.lease_s = lease_s
         self.record = _holder_record()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _create(self) -> bool:
+        if self.remote:
+            return self._create_object()
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -75,24 +88,46 @@ class WorkdirLock:
             json.dump(self.record, f)
         return True
 
+    def _create_object(self) -> bool:
+        """The check-then-write of the module docstring: not atomic."""
+        if storage.exists(self.path):
+            return False
+        self._write_object()
+        time.sleep(CONFIRM_S)
+        found = self._read()
+        return found is not None and found[0] == self.record
+
+    def _write_object(self) -> None:
+        with storage.open_file(self.path, "w") as f:
+            f.write(json.dumps({**self.record, "renewed": time.time()}))
+
     def _read(self, path: str | None = None) -> tuple[dict, float] | None:
         """(holder, seconds since its last renewal) of the lock file, None if it vanished meanwhile."""
         path = path or self.path
         try:
-            with open(path) as f:
+            with storage.open_file(path) as f:
                 text = f.read()
-            age = time.time() - os.path.getmtime(path)
+            modified = storage.mtime(path)
         except FileNotFoundError:
             return None
         try:
             holder = json.loads(text)
         except json.JSONDecodeError:  # the holder died between creating and writing it, or is writing now
             holder = {}
-        return (holder if isinstance(holder, dict) else {}), age
+        holder = holder if isinstance(holder, dict) else {}
+        renewed = holder.pop("renewed", None) if self.remote else None
+        return holder, time.time() - (renewed if isinstance(renewed, int | float) else modified)
 
     def _take_over(self, holder: dict) -> None:
         """Remove the stale lock of `holder`: rename it (atomic), and if what was renamed is another run's
-        fresh lock (it took over first), put it back."""
+        fresh lock (it took over first), put it back. An object store has no atomic rename: the lock is deleted if
+        it still names `holder`, and `_create_object`'s confirmation settles takers that race."""
+        if self.remote:
+            found = self._read()
+            if found is not None and found[0] == holder:
+                with contextlib.suppress(FileNotFoundError):
+                    storage.remove(self.path)
+            return
         stale = f"{self.path}.stale.{os.getpid()}"
         try:
             os.rename(self.path, stale)
@@ -127,11 +162,19 @@ class WorkdirLock:
     def _start_renewing(self) -> None:
         def renew():
             while not self._stop.wait(self.lease_s / 4):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                with contextlib.suppress(Exception):  # e.g. a store's transient error: the next renewal retries
+                    self._renew()
 
         self._renewer = threading.Thread(target=renew, name="workdir-lock-lease", daemon=True)
         self._renewer.start()
+
+    def _renew(self) -> None:
+        if not self.remote:
+            os.utime(self.path)
+            return
+        found = self._read()
+        if found is not None and found[0] == self.record:  # never overwrite a run that took over meanwhile
+            self._write_object()
 
     def release(self) -> None:
         self._stop.set()
@@ -139,7 +182,7 @@ class WorkdirLock:
             self._renewer.join()
         found = self._read()
         if found is not None and found[0] == self.record:
-            os.remove(self.path)
+            storage.remove(self.path)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
 
-One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`).
+One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`). The workdir
+may be a URL (gs://...; see `tadsr_jax.storage`); TensorBoard events go there through tensorboardX, which needs
+google-cloud-storage for gs://.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from tadsr_jax import parallel
+from tadsr_jax import parallel, storage
 from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
@@ -146,9 +148,8 @@ class _Logger:
         if not self.active:
             return
         self.writer.add_image(name, image, step, dataformats="HWC")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(image).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        storage.makedirs(os.path.dirname(path))
+        storage.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -172,11 +173,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early.
     """
-    os.makedirs(workdir, exist_ok=True)
+    _check_tensorboard(workdir)
+    storage.makedirs(workdir)
     with lock.hold(workdir) as note:
         if note:
             logging.warning("%s", note)
         return _train(config, workdir)
+
+
+def _check_tensorboard(workdir: str) -> None:
+    """tensorboardX writes a gs:// workdir's events itself, through google-cloud-storage: refuse before anything
+    loads rather than when the first step is logged."""
+    if not workdir.startswith("gs://"):
+        return
+    from tensorboardX import record_writer
+
+    if not record_writer.GCS_ENABLED:
+        raise TrainingError(f"--workdir {workdir}: TensorBoard logging to gs:// needs google-cloud-storage "
+                            f"(pip install google-cloud-storage)")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -21,13 +21,14 @@ import functools
 import math
 import os
 import shutil
+import tempfile
 
 import ml_collections
 import numpy as np
 from absl import logging
 from safetensors.numpy import load_file
 
-from tadsr_jax import parallel
+from tadsr_jax import parallel, storage
 from tadsr_jax.models.vae import VAEConfig
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.files import read_config, write_model_folder
@@ -84,9 +85,17 @@ def _identity_vae(folder: str, latent: int) -> None:
 
 
 def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed: int = 0) -> str:
-    """Write the stand-in into `folder` (atomically: built beside it, then renamed). Returns `folder`."""
+    """Write the stand-in into `folder` (atomically: built beside it, then renamed). Returns `folder`.
+
+    A URL's stand-in is built in a local temporary folder and uploaded file by file: not atomic (object stores
+    cannot rename a folder atomically); a partial upload fails to load with a one-line error naming the file.
+    """
     vae = _checked_vae_config(model_config.vae.to_dict())
     logging.info("writing the tiny SD stand-in to %s", folder)
+    if storage.is_url(folder):
+        with tempfile.TemporaryDirectory(prefix="tadsr_jax-") as tmp:
+            storage.upload_tree(write_tiny_sd(os.path.join(tmp, "tiny_sd"), model_config, seed=seed), folder)
+        return folder
     staging = folder + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     write_random_sd_folder(staging, unet=model_config.unet.to_dict(), vae=model_config.vae.to_dict(),

@@ -9,7 +9,6 @@ The pretrained DISTS needs torchvision's ImageNet VGG16 (`vgg16-397923af.pth`, `
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Iterable
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tadsr_jax import storage
 from tadsr_jax.models.dists import CHANNELS, DISTS
 from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
 from tadsr_jax.weights.files import read_tensors, write_safetensors
@@ -81,7 +81,7 @@ def convert_dists_weights(vgg16_path: str, dists_path: str, out_path: str) -> No
 
 def load_dists(path: str, *, dtype=jnp.float32) -> DISTS:
     """The DISTS model from a file written by `convert_dists_weights`, weights in `dtype`."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: DISTS weights file does not exist (convert it with convert_dists_weights)")
     tensors = dict(read_tensors([path]))
     weights = {name: tensors.pop(name) for name in WEIGHT_NAMES if name in tensors}

@@ -1,18 +1,19 @@
 """Diffusers/transformers model folders: config.json and weight files (safetensors or .bin, sharded or not), read
-and written; weight files are written atomically."""
+and written; weight files are written atomically. Folders and files may be local or URLs (gs://...): see
+`tadsr_jax.storage`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from tadsr_jax import storage
 from tadsr_jax.weights.convert import WeightsError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -21,12 +22,12 @@ TRANSFORMERS_SAFETENSORS, TRANSFORMERS_BIN = "model", "pytorch_model"
 
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise WeightsError(f"{folder}: model folder does not exist")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable config ({e})") from None
@@ -34,17 +35,17 @@ def read_config(folder: str) -> dict:
 
 def weight_files(folder: str, stems: Sequence[str] = (DIFFUSERS_WEIGHTS,), variant: str | None = None) -> list[str]:
     """The weight files of a model folder, preferring safetensors; sharded checkpoints via their index."""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise WeightsError(f"{folder}: model folder does not exist")
     suffix = f".{variant}" if variant else ""
     for ext in (".safetensors", ".bin"):
         for stem in stems:
             single = os.path.join(folder, f"{stem}{suffix}{ext}")
-            if os.path.isfile(single):
+            if storage.isfile(single):
                 return [single]
             index = single + ".index.json"
-            if os.path.isfile(index):
-                with open(index) as f:
+            if storage.isfile(index):
+                with storage.open_file(index) as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
                 return [os.path.join(folder, s) for s in shards]
     names = ", ".join(f"{s}{suffix}.safetensors/.bin" for s in stems)
@@ -55,7 +56,7 @@ def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="np") as f:
+        with storage.local_copy(path) as local, safe_open(local, framework="np") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     except SafetensorError as e:
@@ -77,13 +78,14 @@ def _refusal(error: Exception) -> str:
 
 def torch_load(path: str, not_what: str, **kwargs) -> Any:
     """`torch.load(path, weights_only=True)` (never runs code from the file); a file it cannot read raises
-    WeightsError `<path>: <not_what> (<short reason>)`."""
+    WeightsError `<path>: <not_what> (<short reason>)`. A URL is read from a temporary local copy (a memory-mapped
+    load's tensors stay valid after the copy is removed)."""
     import torch
 
     try:
-        with warnings.catch_warnings():  # its pickle-protocol notes are noise when the file is refused anyway
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        with warnings.catch_warnings(), storage.local_copy(path) as local:
+            warnings.simplefilter("ignore", UserWarning)  # its pickle-protocol notes are noise when it refuses
+            return torch.load(local, map_location="cpu", weights_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not (safe) pickles
         raise WeightsError(f"{path}: {not_what} ({_refusal(e)})") from None
 
@@ -106,34 +108,22 @@ def read_tensors(files: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
         yield from (_read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path))
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """`write(temporary path)` beside `path`, then rename: readers see the old file or the whole new one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], fmt: str = "pt") -> None:
     """An atomic safetensors file (parent folders created); `fmt` is its "format" metadata."""
     from safetensors.numpy import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": fmt}))
+    storage.makedirs(os.path.dirname(storage.absolute(path)))
+    storage.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": fmt}))
 
 
 def write_model_folder(folder: str, config: dict, tensors: dict[str, np.ndarray],
                        stem: str = DIFFUSERS_WEIGHTS) -> None:
     """Write config.json and `<stem>.safetensors` as diffusers/transformers do; each file appears atomically."""
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
-    atomic_write(os.path.join(folder, "config.json"), write_config)
+    storage.atomic_write(os.path.join(folder, "config.json"), write_config)
     write_safetensors(os.path.join(folder, f"{stem}.safetensors"), tensors)

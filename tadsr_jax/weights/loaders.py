@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tadsr_jax import storage
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -83,7 +84,7 @@ def load_schedule(folder: str) -> NoiseSchedule:
     """A diffusers `scheduler/` folder (scheduler_config.json) -> NoiseSchedule."""
     path = os.path.join(folder, "scheduler_config.json")
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable scheduler config ({e})") from None
@@ -107,12 +108,14 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32) -> CLIPTextModel:
 
 
 def load_tokenizer(folder: str) -> "CLIPTokenizer":
-    """transformers' CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt)."""
+    """transformers' CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt); a URL's folder is read from
+    a temporary local copy, as transformers would take the URL for a Hub repository."""
     from transformers import CLIPTokenizer
 
-    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+    if not storage.isfile(os.path.join(folder, "vocab.json")):
         raise WeightsError(f"{folder}: no vocab.json (expected a CLIP tokenizer folder)")
-    return CLIPTokenizer.from_pretrained(folder)
+    with storage.local_copy(folder) as local:
+        return CLIPTokenizer.from_pretrained(local)
 
 
 @dataclasses.dataclass
@@ -129,10 +132,10 @@ class Networks:
 def load_networks(folder: str, *, dtype=jnp.float32) -> Networks:
     """unet/, time_vae/ (or a stock vae/, whose encoder then starts without time conditioning), text_encoder/,
     tokenizer/ and scheduler/ of `folder`."""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise WeightsError(f"{folder}: pretrained model folder does not exist")
     vae_folder = os.path.join(folder, "time_vae")
-    if not os.path.isdir(vae_folder):
+    if not storage.isdir(vae_folder):
         vae_folder = os.path.join(folder, "vae")
     return Networks(
         unet=load_unet(os.path.join(folder, "unet"), dtype=dtype),

@@ -9,7 +9,6 @@ safetensors file that `load_lpips` reads without PyTorch.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tadsr_jax import storage
 from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
 from tadsr_jax.weights.files import read_tensors, torch_load, write_safetensors
@@ -24,7 +24,7 @@ from tadsr_jax.weights.files import read_tensors, torch_load, write_safetensors
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
     """A PyTorch state-dict file -> {key: float32 array}."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: file does not exist")
     try:
         import torch
@@ -61,7 +61,7 @@ def convert_lpips_weights(vgg16_path: str, lpips_path: str, out_path: str) -> No
 
 def load_lpips(path: str, *, dtype=jnp.float32) -> LPIPS:
     """The LPIPS-VGG model from a file written by `convert_lpips_weights`, weights in `dtype`."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: LPIPS weights file does not exist (see launch/convert.py --what=lpips)")
     return load_tensors(_abstract(dtype), read_tensors([path]), source=path, dtype=dtype)
 

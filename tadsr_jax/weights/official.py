@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tadsr_jax import storage
 from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.nn.lora import module_name
 from tadsr_jax.weights.convert import Path, WeightsError, jax_to_torch_layout, path_to_torch_key, torch_to_jax_layout
-from tadsr_jax.weights.files import atomic_write, torch_load, write_safetensors
+from tadsr_jax.weights.files import torch_load, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"
 SECTIONS = (UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION)
@@ -192,12 +192,12 @@ def save_reference_checkpoint(model: TADSR, path: str) -> None:
     """Write the reference's `tadsr.pkl` format (docs/method.md 2.4), atomically."""
     torch = _torch(f"{path}: writing the official TADSR .pkl needs PyTorch (pip install torch)")
     checkpoint = reference_checkpoint(model)
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    storage.atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def _read_reference(path: str) -> dict[str, Any]:
     torch = _torch(f"{path}: reading the official TADSR .pkl needs PyTorch (pip install torch)")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: no such file")
     checkpoint = torch_load(path, "not a TADSR checkpoint")
     if not isinstance(checkpoint, dict):
@@ -271,14 +271,14 @@ def save_generator(model: TADSR, path: str, metadata: dict | None = None) -> Non
         with open(tmp, "w") as f:
             f.write(manifest_text + "\n")
 
-    atomic_write(path + ".json", write_manifest)
+    storage.atomic_write(path + ".json", write_manifest)
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: manifest missing (save_generator writes it next to the weights file)")
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             manifest = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable manifest ({_first_line(e)})") from None
@@ -299,10 +299,11 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise WeightsError(f"{path}: no such file")
     try:
-        return load_file(path)
+        with storage.local_copy(path) as local:
+            return load_file(local)
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
 

@@ -1,11 +1,13 @@
-"""python launch/compile.py --config=configs/tadsr_sd21.py --topology=v5p:2x2x1 [--config.KEY=VALUE ...]
+"""python launch/compile.py --config=configs/tadsr_sd21.py --topology=v5p:2x2x1 [--what=train,sr] [--config.K=V ...]
 
 Compiles the train step of a config for a Cloud TPU slice without one attached (needs libtpu:
-`pip install -e ".[tpu]"`), from abstract weights (no files are read), and prints per chip what XLA says of it:
-HBM needed against the chip's (arguments, outputs, temporaries), FLOPs (XLA's and our model count), XLA's step-time
-estimate beside the roofline bound, images/s per chip, MFU and the collectives. Every time figure is XLA's
-estimate, not a measurement. The last line is the report as JSON. Compiling the SD-2.1 step takes ~20 minutes and
-~15 GiB of host memory on a 2-core machine.
+`pip install -e ".[tpu]"`), from abstract weights (no files are read), and the SR program of launch/sr.py on one
+chip of that slice for each of --sr_sizes (networks in config.sr.dtype: pass --config.sr.dtype=bfloat16 to see
+accelerator serving), and prints per chip what XLA says of each: HBM needed against the chip's (arguments,
+outputs, temporaries), FLOPs (XLA's and our model count), XLA's time estimate beside the roofline bound, images/s
+per chip, MFU and the collectives; for the train step also the activations its backward pass keeps, by source.
+Every time figure is an estimate, not a measurement. The last line is the report as JSON. Compiling the SD-2.1
+step takes ~20 minutes and ~15 GiB of host memory on a 2-core machine; its SR program ~2 minutes.
 """
 
 import json
@@ -18,7 +20,18 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x2, v5p:2x2x4, v6e:4x4, v5e:16x16.")
+_WHAT = flags.DEFINE_list("what", ["train", "sr"], "Programs to compile: train (the train step), sr (launch/sr.py's).")
+_SR_SIZES = flags.DEFINE_list("sr_sizes", ["512"], "Working-image sides (pixels) of the SR programs.")
+_SR_BATCH = flags.DEFINE_integer("sr_batch", None, "Images per SR call (default: the config's sr.batch_size).")
+_ACTIVATIONS = flags.DEFINE_integer("activations", 8, "List this many of the train step's largest saved "
+                                    "activations per chip (0: none).")
 flags.mark_flags_as_required(["config", "topology"])
+
+GiB = 2**30
+
+
+def _host_peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv):
@@ -26,23 +39,49 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from tadsr_jax.train import aot
 
+    config, result = _CONFIG.value, {"topology": _TOPOLOGY.value}
     try:
+        unknown = set(_WHAT.value) - {"train", "sr"}
+        if unknown:
+            raise ValueError(f"--what: unknown program(s) {', '.join(sorted(unknown))} (train, sr)")
+        sizes = [int(size) for size in _SR_SIZES.value]
         devices = aot.topology_devices(_TOPOLOGY.value)
         chip = aot.CHIPS.get(devices[0].device_kind)
         if chip is None:
             raise ValueError(f"--topology={_TOPOLOGY.value}: no chip figures for {devices[0].device_kind!r} "
                              f"(known: {', '.join(aot.CHIPS)})")
-        start = time.perf_counter()
-        step = aot.compile_train_step(_CONFIG.value, devices)
-        report = aot.step_report(step, chip)
+        if "train" in _WHAT.value:
+            start = time.perf_counter()
+            report = aot.report(aot.compile_train_step(config, devices), chip)
+            report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
+            print(aot.format_report(report), file=sys.stderr)
+            if _ACTIVATIONS.value:
+                per_chip = max(1, config.train.batch_size // len(devices))
+                kept = aot.saved_activations(config, devices[0].platform, per_chip)
+                report["saved_activations_gib"] = sum(e["bytes"] for e in kept) / GiB
+                report["largest_saved_activations"] = kept[:_ACTIVATIONS.value]
+                print(f"activations kept for the backward pass ({per_chip} image(s) per chip): "
+                      f"{report['saved_activations_gib']:.2f} GiB, largest:", file=sys.stderr)
+                for e in kept[:_ACTIVATIONS.value]:
+                    print(f"  {e['bytes'] / GiB:7.3f} GiB {e['dtype']:>4} x{e['count']:<4d} {e['source']}",
+                          file=sys.stderr)
+            result["train"] = report
+        if "sr" in _WHAT.value:
+            batch = _SR_BATCH.value or config.sr.batch_size
+            result["sr"] = []
+            for size in sizes:
+                start = time.perf_counter()
+                report = aot.report(aot.compile_sr(config, devices[0], size=size, batch=batch,
+                                                   dtype=config.sr.dtype), chip)
+                report["dtype"] = config.sr.dtype
+                report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
+                print(f"SR at {size}x{size}, {config.sr.dtype}:", file=sys.stderr)
+                print(aot.format_report(report, what="call"), file=sys.stderr)
+                result["sr"].append(report)
     except ValueError as e:
         print(f"compile: error: {e}", file=sys.stderr)
         return 2
-    report["topology"] = _TOPOLOGY.value
-    report["compile_s"] = time.perf_counter() - start
-    report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(aot.format_report(report), file=sys.stderr)
-    print(json.dumps(report))
+    print(json.dumps(result))
     return 0
 
 

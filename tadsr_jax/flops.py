@@ -8,7 +8,8 @@ from typing import Any
 
 def matmul_flops(traced: Any) -> float:
     """FLOPs of the matmuls and convolutions of a traced JAX function (a `jax.stages.Traced` or a jaxpr):
-    2 per multiply-add, a scan's body times its length, the larger branch of a cond.
+    2 per multiply-add, a scan's body times its length, a Pallas kernel's body times its grid, a shard_map's body
+    times its devices, the larger branch of a cond.
 
     The model-FLOP convention of MFU figures and of torch's FlopCounterMode: elementwise work is not counted.
     Counted on the jaxpr because XLA's cost analysis counts a loop body once whatever its trip count, and
@@ -34,6 +35,10 @@ def matmul_flops(traced: Any) -> float:
                      if hasattr(value, "eqns")]
             if name == "cond":
                 total += max(inner, default=0.0)
+            elif name == "pallas_call":  # a kernel's body runs once per grid point
+                total += sum(inner) * math.prod(eqn.params["grid_mapping"].grid)
+            elif name == "shard_map":  # the body sees one device's shard, and every device runs it
+                total += sum(inner) * eqn.params["mesh"].size
             else:
                 total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
     return total

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
+from tadsr_jax.flops import matmul_flops
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tadsr_jax.nn.attention import (
     Attention,
@@ -134,3 +135,9 @@ def test_set_implementation_reaches_every_attention_layer():
     set_implementation(unet, "auto", platform="tpu")
     layers = [node for _, node in nnx.iter_graph(unet) if isinstance(node, Attention)]
     assert layers and {layer.implementation for layer in layers} == {"flash"}
+
+
+def test_flops_of_the_flash_kernel_are_counted_in_full():
+    """MFU's numerator counts a Pallas kernel's body once per grid point: 2 matmuls of 2*T*S*D per head."""
+    q = jnp.ones((2, 256, 3, 64), jnp.float32)
+    assert matmul_flops(jax.make_jaxpr(flash_attention)(q, q, q)) == 2 * 2 * 3 * (2 * 256 * 256 * 64)

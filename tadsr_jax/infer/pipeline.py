@@ -174,7 +174,7 @@ class Upscaler:
 
             return jax.vmap(one)(lq, context, timesteps, keys)
 
-        self._forward = jax.jit(forward)
+        self.forward = jax.jit(forward)  # (params, lq, input_ids, timesteps, keys) -> SR images
 
         # The strip-wise path for large images: the VAE runs on the host (vae_tiling), the UNet one jitted tile at
         # a time (one program for every large image, and a progress bar).
@@ -211,14 +211,14 @@ class Upscaler:
     def trace(self, lq: np.ndarray, prompts: Sequence[str], timesteps: Sequence[int]) -> jax.stages.Traced:
         """The jitted forward traced for these inputs (lowered and compiled by `__call__`; benchmarks count
         its FLOPs)."""
-        return self._forward.trace(self.params, *self._inputs(lq, prompts, timesteps))
+        return self.forward.trace(self.params, *self._inputs(lq, prompts, timesteps))
 
     def _compiled(self, lq: jax.Array, ids: jax.Array, t: jax.Array, keys: jax.Array) -> jax.stages.Compiled:
         shape = lq.shape
         if shape not in self.compiled:
             logging.info("compiling SR for batch %d at %dx%d (once per shape)", shape[0], shape[1], shape[2])
             start = time.perf_counter()
-            self.compiled[shape] = self._forward.trace(self.params, lq, ids, t, keys).lower().compile()
+            self.compiled[shape] = self.forward.trace(self.params, lq, ids, t, keys).lower().compile()
             self.compile_seconds += time.perf_counter() - start
         return self.compiled[shape]
 

@@ -12,6 +12,7 @@ XLA's time estimate the roofline bound, since XLA's estimate is not always usabl
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import io
@@ -31,12 +32,15 @@ from jax.ad_checkpoint import print_saved_residuals
 from tadsr_jax import parallel
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.flops import matmul_flops
+from tadsr_jax.infer.model import SRModel
+from tadsr_jax.infer.pipeline import SRSettings, Upscaler
 from tadsr_jax.method.tadsr import LossConfig, generator_loss
 from tadsr_jax.models.architectures import SD21_TEXT_ENCODER, SD21_UNET, SD21_VAE
 from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tadsr_jax.models.vae import AutoencoderKL, VAEConfig
+from tadsr_jax.nn.attention import set_implementation as set_attention_implementation
 from tadsr_jax.train.step import init_state, make_model, optimizer, split_model, step_program
 
 GiB = 2**30
@@ -108,19 +112,21 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
 
 
 @dataclasses.dataclass
-class CompiledStep:
+class CompiledProgram:
+    """A compiled program and what the report needs beside XLA's own analyses."""
+
     compiled: jax.stages.Compiled
-    model_flops: float  # per step, the whole global batch (our count on the jaxpr)
+    model_flops: float  # per call, all chips: the model's FLOPs (no recomputation), the MFU numerator
+    executed_flops: float  # per call, all chips, as compiled (remat and flash attention recompute some)
     num_devices: int
     num_hosts: int
     mesh_shape: dict[str, int]
-    global_batch: int
-    crop_size: int
+    global_batch: int  # images per call
+    crop_size: int  # their side, pixels
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledStep:
-    """Build the train step of `config` for `devices` (a mesh from `config.mesh`) and compile it."""
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+def _train_step_trace(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                      mesh: jax.sharding.Mesh) -> jax.stages.Traced:
     model, text_cfg = abstract_model(config, devices[0].platform)
     graphdef, generator, fake_score, frozen, rest = split_model(model)
     state = jax.eval_shape(functools.partial(init_state, tx=optimizer(config.train), seed=config.seed),
@@ -137,10 +143,62 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     args = (_with_sharding(state, program.state_sharding), _with_sharding(frozen, program.frozen_sharding),
             _with_sharding(rest, program.rest_sharding), {"lq": images, "hq": images, "input_ids": tokens},
             neg_context)
-    traced = program.step_fn.trace(*args)
-    return CompiledStep(compiled=traced.lower().compile(), model_flops=matmul_flops(traced),
-                        num_devices=len(devices), num_hosts=len({d.process_index for d in devices}),
-                        mesh_shape=dict(mesh.shape), global_batch=batch, crop_size=size)
+    return program.step_fn.trace(*args)
+
+
+def _without_recomputation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with no remat and XLA's attention: the same model, its FLOPs counted once (MFU's convention)."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.remat = ml_collections.ConfigDict({name: "none" for name in config.model.remat})
+        config.model.attention = "xla"
+    return config
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledProgram:
+    """Build the train step of `config` for `devices` (a mesh from `config.mesh`) and compile it."""
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    traced = _train_step_trace(config, devices, mesh)
+    return CompiledProgram(
+        compiled=traced.lower().compile(),
+        model_flops=matmul_flops(_train_step_trace(_without_recomputation(config), devices, mesh)),
+        executed_flops=matmul_flops(traced), num_devices=len(devices),
+        num_hosts=len({d.process_index for d in devices}), mesh_shape=dict(mesh.shape),
+        global_batch=config.train.batch_size, crop_size=config.data.crop_size)
+
+
+def compile_sr(config: ml_collections.ConfigDict, device: jax.Device, *, size: int, batch: int,
+               dtype: str) -> CompiledProgram:
+    """The SR program of `launch/sr.py` (`Upscaler`, settings from `config.sr`) for `batch` working images of
+    `size` x `size` pixels, networks in `dtype`, on one chip."""
+    unet_cfg, vae_cfg, text_cfg = architectures(config)
+    jdtype = jnp.dtype(dtype)
+
+    def build():
+        rngs = nnx.Rngs(0)
+        unet = UNet2DConditionModel(unet_cfg, dtype=jdtype, rngs=rngs)
+        vae = AutoencoderKL(vae_cfg, time_aware=True, dtype=jdtype, rngs=rngs)
+        return unet, vae, CLIPTextModel(text_cfg, dtype=jdtype, rngs=rngs)
+
+    def trace(implementation: str) -> jax.stages.Traced:
+        unet, vae, text_encoder = nnx.eval_shape(build)
+        for net in (unet, vae):
+            set_attention_implementation(net, implementation, device.platform)
+        upscaler = Upscaler(SRModel(unet, vae, text_encoder, tokenizer=None, schedule=NoiseSchedule.stable_diffusion()),
+                            SRSettings.from_config(config.sr, batch_size=batch))
+        on_chip = jax.sharding.SingleDeviceSharding(device)
+        keys = jax.eval_shape(lambda: jnp.stack([jax.random.key(0)] * batch))
+        args = (upscaler.params,
+                jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+                jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32), keys)
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), args)
+        return upscaler.forward.trace(*args)
+
+    traced = trace(config.model.attention)
+    return CompiledProgram(compiled=traced.lower().compile(), model_flops=matmul_flops(trace("xla")),
+                           executed_flops=matmul_flops(traced), num_devices=1, num_hosts=1, mesh_shape={},
+                           global_batch=batch, crop_size=size)
 
 
 def saved_activations(config: ml_collections.ConfigDict, platform: str | None = None,
@@ -210,51 +268,58 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return {kind: {"count": ops[kind], "bytes": float(sizes[kind])} for kind in sorted(ops)}
 
 
-def step_report(step: CompiledStep, chip: ChipSpec) -> dict[str, Any]:
-    """Per-chip memory, FLOPs, time estimates, images/s and MFU of a compiled train step (all XLA's estimates)."""
-    memory = step.compiled.memory_analysis()
-    cost = step.compiled.cost_analysis()
+def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:
+    """Per-chip memory, FLOPs, time estimates, images/s and MFU of a compiled program (all XLA's estimates).
+
+    The roofline bound is max(FLOPs / peak, bytes accessed / HBM bandwidth) with our count of the FLOPs as
+    compiled: XLA's own count leaves out most of a Pallas kernel's work (it sees only the cost estimate the
+    kernel declares), and XLA's time estimate is unusable (negative) once a program holds one.
+    """
+    memory = program.compiled.memory_analysis()
+    cost = program.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
+    chips = program.num_devices
     xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    roofline = max(xla_flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
+    roofline = max(program.executed_flops / chips / chip.peak_flops, accessed / chip.hbm_bandwidth)
     xla_seconds = float(cost.get("optimal_seconds", -1.0))
     seconds, source = (xla_seconds, "xla") if xla_seconds > 0 else (roofline, "roofline")
+    per_chip = program.global_batch / chips
     return {
-        "chip": chip.name, "chips": step.num_devices, "hosts": step.num_hosts, "mesh": step.mesh_shape,
-        "global_batch": step.global_batch, "images_per_chip": step.global_batch / step.num_devices,
-        "crop_size": step.crop_size,
+        "chip": chip.name, "chips": chips, "hosts": program.num_hosts, "mesh": program.mesh_shape,
+        "global_batch": program.global_batch, "images_per_chip": per_chip, "crop_size": program.crop_size,
         "hbm_gib": chip.hbm_bytes / GiB,
         "arguments_gib": memory.argument_size_in_bytes / GiB, "outputs_gib": memory.output_size_in_bytes / GiB,
         "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
         "total_gib": total / GiB, "fits": total <= chip.hbm_bytes,
-        "model_tflop_per_step": step.model_flops / 1e12,
+        "model_tflop": program.model_flops / 1e12, "executed_tflop": program.executed_flops / 1e12,
         "xla_tflop_per_chip": xla_flops / 1e12, "bytes_accessed_per_chip_gb": accessed / 1e9,
-        "xla_estimate_s": xla_seconds, "roofline_s": roofline, "step_time_s": seconds, "step_time_from": source,
-        "images_per_s_per_chip": step.global_batch / step.num_devices / seconds,
-        "mfu": step.model_flops / (step.num_devices * chip.peak_flops * seconds),
-        "collectives": collectives(step.compiled.as_text()),
+        "xla_estimate_s": xla_seconds, "roofline_s": roofline, "time_s": seconds, "time_from": source,
+        "ms_per_image": 1e3 * seconds / per_chip, "images_per_s_per_chip": per_chip / seconds,
+        "mfu": program.model_flops / (chips * chip.peak_flops * seconds),
+        "collectives": collectives(program.compiled.as_text()),
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any], what: str = "step") -> str:
     """The report as a few readable lines (every time figure labelled as an estimate)."""
-    mesh = " x ".join(f"{name} {size}" for name, size in report["mesh"].items())
+    mesh = " x ".join(f"{name} {size}" for name, size in report["mesh"].items()) or "none"
     collectives = ", ".join(f"{kind} {c['count']} ({c['bytes'] / 1e9:.2f} GB)"
                             for kind, c in report["collectives"].items()) or "none"
     fits = "fits" if report["fits"] else "DOES NOT FIT"
     return "\n".join([
-        f"{report['chips']} {report['chip']} chips on {report['hosts']} host(s), mesh {mesh}; global batch "
+        f"{report['chips']} {report['chip']} chip(s) on {report['hosts']} host(s), mesh {mesh}; batch "
         f"{report['global_batch']} of {report['crop_size']}x{report['crop_size']} ({report['images_per_chip']:g} "
         "per chip)",
         f"HBM per chip: {report['total_gib']:.2f} of {report['hbm_gib']:.0f} GiB, {fits} (arguments "
         f"{report['arguments_gib']:.2f}, outputs {report['outputs_gib']:.2f}, aliased {report['aliased_gib']:.2f}, "
         f"temporaries {report['temporaries_gib']:.2f})",
-        f"FLOPs: model {report['model_tflop_per_step']:.2f} TFLOP per step (all chips); XLA "
-        f"{report['xla_tflop_per_chip']:.2f} TFLOP and {report['bytes_accessed_per_chip_gb']:.1f} GB accessed per chip",
-        f"step time (estimates): XLA {report['xla_estimate_s']:.4f} s, roofline {report['roofline_s']:.4f} s; "
-        f"using {report['step_time_from']}: {report['images_per_s_per_chip']:.2f} images/s per chip, "
-        f"MFU {100 * report['mfu']:.1f}%",
-        f"collectives per step: {collectives}",
+        f"FLOPs per {what} (all chips): model {report['model_tflop']:.2f} TFLOP, as compiled (with recomputation) "
+        f"{report['executed_tflop']:.2f}; XLA counts {report['xla_tflop_per_chip']:.2f} TFLOP and "
+        f"{report['bytes_accessed_per_chip_gb']:.1f} GB accessed per chip",
+        f"{what} time (estimates): XLA {report['xla_estimate_s']:.4f} s, roofline {report['roofline_s']:.4f} s; "
+        f"using {report['time_from']}: {report['ms_per_image']:.1f} ms per image, "
+        f"{report['images_per_s_per_chip']:.2f} images/s per chip, MFU {100 * report['mfu']:.1f}%",
+        f"collectives per {what}: {collectives}",
     ])

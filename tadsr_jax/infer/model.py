@@ -6,7 +6,7 @@ The timesteps the generator was trained at come with the weights where recorded 
 our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
 `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
 docs/method.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
-adapter overhead; only then is everything cast to the serving dtype.
+adapter overhead; only then is everything cast to the serving dtype, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -130,9 +130,14 @@ def merge_generator(model: TADSR) -> None:
 
 
 def cast(module: nnx.Module, dtype) -> None:
-    """Every parameter of `module` to `dtype`, in place (the models compute in their kernels' dtype)."""
-    state = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(lambda x: x.astype(dtype), state))
+    """Every parameter of `module` to `dtype`, in place (the models compute in their kernels' dtype).
+
+    One parameter at a time: each float32 array is released as soon as its copy exists, so casting holds the
+    network once plus one parameter, not twice (a whole-state cast peaked at float32 + bfloat16 copies).
+    """
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Param) and variable[...].dtype != dtype:
+            variable.set_value(variable[...].astype(dtype))
 
 
 def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *,

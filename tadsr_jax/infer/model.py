@@ -6,7 +6,8 @@ The timesteps the generator was trained at come with the weights where recorded 
 our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
 `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
 docs/method.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
-adapter overhead; only then is everything cast to the serving dtype, one parameter at a time.
+adapter overhead; only then is everything cast to the serving dtype, one parameter at a time. The text encoder has
+no adapter and is loaded in the serving dtype directly, so a bfloat16 load peaks below a float32 one.
 """
 
 from __future__ import annotations
@@ -67,9 +68,14 @@ class SRModel:
     trained_timesteps: list[int] | None = None  # [lowest, highest] trained student timestep, None: not recorded
 
 
-def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=()) -> tuple:
-    """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`."""
-    nets = load_networks(pretrained, dtype=jnp.float32)
+def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=(),
+                text_encoder_dtype=jnp.float32) -> tuple:
+    """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`.
+
+    The text encoder alone is in `text_encoder_dtype`: it carries no adapter, so it needs no float32 copy for a
+    merge, and serving loads it in its own dtype (a quarter of SD-2.1's weights: a lower bfloat16 peak).
+    """
+    nets = load_networks(pretrained, dtype=jnp.float32, text_encoder_dtype=text_encoder_dtype)
     model = TADSR(nets.unet, nets.vae, nets.text_encoder, None, rank=model_config.lora_rank,
                   alpha=model_config.lora_alpha, fake_score_groups=tuple(fake_score_groups),
                   rngs=nnx.Rngs(0))
@@ -147,7 +153,8 @@ def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: We
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
-    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups)
+    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups,
+                                             text_encoder_dtype=DTYPES[dtype])
     trained = load_generator_weights(model, source, config)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):

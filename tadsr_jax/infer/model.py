@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tadsr_jax import runtime
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
 from tadsr_jax.models.clip_text import CLIPTextModel
@@ -159,6 +160,7 @@ def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: We
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
         cast(network, DTYPES[dtype])
+    runtime.release_free_memory()
     return SRModel(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer,
                    schedule=schedule, trained_timesteps=trained)
 

@@ -129,10 +129,12 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
 
 
 def merge_generator(model: TADSR) -> None:
-    """Fold every generator adapter into its base kernel and make the student's conv_in the UNet's own."""
+    """Fold every generator adapter into its base kernel and make the student's conv_in the UNet's own; the fake
+    score's adapters (a workdir checkpoint's), which inference never runs, are dropped."""
     lora.merge_adapters(model.unet, GENERATOR_ADAPTERS)
     lora.merge_adapters(model.student_conv_in, ["default_encoder"])
     lora.merge_adapters(model.vae, [VAE_ADAPTER])
+    lora.remove_adapters(model.unet, model.fake_adapters)
     model.unet.conv_in = model.student_conv_in
 
 

@@ -10,7 +10,7 @@ in-process tests run meanwhile), and every child process dies with this one and 
 
 Runs (three train-step programs: 1 device, 8 devices in one process, 2 processes x 4 devices):
   one    1 device: 3 steps on the pipeline's first batches, then the NaN checks (tests/train_worker.py `steps
-         --nan_checks`)
+         --nan_checks`: at a log step, and between check points)
   eight  8 simulated devices, mesh data=4 x fsdp=2, frozen weights >= 1024 elements FSDP-split: the same 3 steps
   two    launch/train.py as 2 processes x 4 devices (coordinator on 127.0.0.1, gloo), mesh 4 x 2, 3 steps and a
          sample image, on a fresh workdir: process 0 writes the tiny stand-in and the training images there
@@ -586,6 +586,18 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
     assert "non-finite loss at step 3" in got["error"] and "last good checkpoint: step 2" in got["error"]
     assert got["checkpoint_entries"] == ["2"] and got["latest_step"] == 2
     assert got["restored_step"] == 2 and got["restored_finite"] and got["restored_trained"]
+    # Again with the NaNs between check points (no log step before the end, a checkpoint every 4 steps), at steps
+    # 5 and 7: noticed at step 8, before its checkpoint, naming the first; the steps in between read nothing back
+    # from the devices (the loop used to read every step's `finite` flag, waiting for the step to finish).
+    error = got["late_error"]
+    assert error is not None and "non-finite loss at step 5 (generator nan" in error, error
+    assert "stopped at step 8" in error and "last good checkpoint: step 4" in error, error
+    assert got["late_checkpoint_entries"] == ["4"]
+    assert got["late_restored_step"] == 4 and got["late_restored_finite"]
+    reads = {int(step): count for step, count in got["late_reads"].items()}
+    assert sorted(reads) == list(range(1, 9))
+    assert [reads[step] for step in (1, 2, 3, 5, 6, 7)] == [0] * 6, reads
+    assert reads[4] > 0 and reads[8] > 0, reads  # the checks themselves are counted
 
 
 def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted):

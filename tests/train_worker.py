@@ -11,11 +11,15 @@
         the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
         With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
         must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
-        NaN batch at step 3 after the step-2 checkpoint; writes what happened to OUT.nan.json.
+        NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
+        check points (counting the host's reads of device values per step); writes what happened to
+        OUT.nan.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import runpy
@@ -142,10 +146,10 @@ def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None
 
 
 class _NaNAt:
-    """Wraps a grain iterator (and its checkpointing) and puts a NaN into the batch of step `bad_step`."""
+    """Wraps a grain iterator (and its checkpointing) and puts a NaN into the batches of `bad_steps`."""
 
-    def __init__(self, inner, bad_step: int):
-        self.inner, self.bad_step, self.calls = inner, bad_step, 0
+    def __init__(self, inner, bad_steps: set[int]):
+        self.inner, self.bad_steps, self.calls = inner, bad_steps, 0
 
     def __iter__(self):
         return self
@@ -153,7 +157,7 @@ class _NaNAt:
     def __next__(self):
         batch = dict(next(self.inner))
         self.calls += 1
-        if self.calls == self.bad_step:
+        if self.calls in self.bad_steps:
             batch["lq"] = batch["lq"].copy()
             batch["lq"][0, 0, 0, 0] = float("nan")
         return batch
@@ -166,6 +170,50 @@ class _NaNAt:
 
     def start_prefetch(self) -> None:
         self.inner.start_prefetch()
+
+
+class _HostReads:
+    """Counts, per train step, the main thread's reads of jax.Array values on the host: `reads[k]` are those after
+    step k is dispatched and before step k + 1 is. bool(), float(), .item() go through ArrayImpl._value; on the
+    CPU, np.asarray and np.array read through the buffer protocol instead, so those two are counted too."""
+
+    def __init__(self, step_fn):
+        self.step_fn, self.step, self.reads = step_fn, 0, {}
+
+    def __call__(self, *args):
+        self.step += 1
+        self.reads[self.step] = 0
+        return self.step_fn(*args)
+
+    def _count(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and self.step:
+            self.reads[self.step] += 1
+
+    @contextlib.contextmanager
+    def counting(self):
+        import numpy as np
+        from jax._src.array import ArrayImpl
+
+        value, asarray, array = ArrayImpl._value, np.asarray, np.array
+
+        def counted_value(x):
+            self._count()
+            return value.fget(x)
+
+        def counted(read):
+            def wrapper(x, *args, **kwargs):
+                if isinstance(x, jax.Array):
+                    self._count()
+                return read(x, *args, **kwargs)
+            return wrapper
+
+        ArrayImpl._value, np.asarray, np.array = property(counted_value), counted(asarray), counted(array)
+        try:
+            yield self
+        finally:
+            ArrayImpl._value, np.asarray, np.array = value, asarray, array
 
 
 def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: str) -> None:
@@ -204,7 +252,7 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     shardings = jax.tree.map(lambda x: x.sharding, trainer.state)
     fresh = lambda: dataclasses.replace(trainer, state=jax.device_put(initial, shardings))
     real_iterator, real_build = loop.make_train_iterator, loop.build
-    loop.make_train_iterator = lambda *args, **kwargs: _NaNAt(real_iterator(*args, **kwargs), bad_step=3)
+    loop.make_train_iterator = lambda *args, **kwargs: _NaNAt(real_iterator(*args, **kwargs), bad_steps={3})
     loop.build = lambda config, workdir: fresh()
     train_dir = os.path.join(workdir, "nan_run")
     try:
@@ -226,6 +274,31 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     initial_flat = flat_state(initial)
     result["restored_trained"] = any(not np.array_equal(v, initial_flat[k])
                                      for k, v in restored.items() if k.startswith("generator/"))
+
+    # 3. A NaN between check points: nothing logged before the end, a checkpoint every 4 steps, NaN batches at
+    # steps 5 and 7 (6 is finite). Checked at step 8 only, the error names step 5, and nothing is read back from
+    # the devices after the steps in between.
+    late = copy.deepcopy(config)
+    late.train.steps, late.train.log_every, late.train.checkpoint_every = 8, 100, 4
+    counter = _HostReads(trainer.step_fn)
+    loop.make_train_iterator = lambda *args, **kwargs: _NaNAt(real_iterator(*args, **kwargs), bad_steps={5, 7})
+    loop.build = lambda config, workdir: dataclasses.replace(fresh(), step_fn=counter)
+    late_dir = os.path.join(workdir, "nan_late")
+    try:
+        with counter.counting():
+            loop.train(late, late_dir)
+        result["late_error"] = None
+    except loop.TrainingError as e:
+        result["late_error"] = str(e)
+    finally:
+        loop.make_train_iterator, loop.build = real_iterator, real_build
+    result["late_reads"] = counter.reads
+    result["late_checkpoint_entries"] = sorted(os.listdir(os.path.join(late_dir, "checkpoints")))
+    checkpointer = Checkpointer(late_dir, keep=3, async_save=False)
+    restored = flat_state(checkpointer.restore(abstract_like(fresh().state), data, 4))
+    checkpointer.close()
+    result["late_restored_step"] = int(restored["step"])
+    result["late_restored_finite"] = all(bool(np.all(np.isfinite(v))) for k, v in restored.items() if k != "key")
     with open(out, "w") as f:
         json.dump(result, f)
 

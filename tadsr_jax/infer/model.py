@@ -6,7 +6,8 @@ The timesteps the generator was trained at come with the weights where recorded 
 our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
 `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
 docs/method.md 2.2) and the student's conv_in replaces the UNet's, so inference runs plain SD networks with no
-adapter overhead; only then is everything cast to the serving dtype.
+adapter overhead; only then is everything cast to the serving dtype, one parameter at a time. The text encoder has
+no adapter and is loaded in the serving dtype directly, so a bfloat16 load peaks below a float32 one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tadsr_jax import storage
+from tadsr_jax import runtime, storage
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
 from tadsr_jax.models.clip_text import CLIPTextModel
@@ -67,9 +68,14 @@ class SRModel:
     trained_timesteps: list[int] | None = None  # [lowest, highest] trained student timestep, None: not recorded
 
 
-def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=()) -> tuple:
-    """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`."""
-    nets = load_networks(pretrained, dtype=jnp.float32)
+def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=(),
+                text_encoder_dtype=jnp.float32) -> tuple:
+    """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`.
+
+    The text encoder alone is in `text_encoder_dtype`: it carries no adapter, so it needs no float32 copy for a
+    merge, and serving loads it in its own dtype (a quarter of SD-2.1's weights: a lower bfloat16 peak).
+    """
+    nets = load_networks(pretrained, dtype=jnp.float32, text_encoder_dtype=text_encoder_dtype)
     model = TADSR(nets.unet, nets.vae, nets.text_encoder, None, rank=model_config.lora_rank,
                   alpha=model_config.lora_alpha, fake_score_groups=tuple(fake_score_groups),
                   rngs=nnx.Rngs(0))
@@ -122,17 +128,24 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
 
 
 def merge_generator(model: TADSR) -> None:
-    """Fold every generator adapter into its base kernel and make the student's conv_in the UNet's own."""
+    """Fold every generator adapter into its base kernel and make the student's conv_in the UNet's own; the fake
+    score's adapters (a workdir checkpoint's), which inference never runs, are dropped."""
     lora.merge_adapters(model.unet, GENERATOR_ADAPTERS)
     lora.merge_adapters(model.student_conv_in, ["default_encoder"])
     lora.merge_adapters(model.vae, [VAE_ADAPTER])
+    lora.remove_adapters(model.unet, model.fake_adapters)
     model.unet.conv_in = model.student_conv_in
 
 
 def cast(module: nnx.Module, dtype) -> None:
-    """Every parameter of `module` to `dtype`, in place (the models compute in their kernels' dtype)."""
-    state = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(lambda x: x.astype(dtype), state))
+    """Every parameter of `module` to `dtype`, in place (the models compute in their kernels' dtype).
+
+    One parameter at a time: each float32 array is released as soon as its copy exists, so casting holds the
+    network once plus one parameter, not twice (a whole-state cast peaked at float32 + bfloat16 copies).
+    """
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Param) and variable[...].dtype != dtype:
+            variable.set_value(variable[...].astype(dtype))
 
 
 def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *,
@@ -142,11 +155,13 @@ def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: We
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
-    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups)
+    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups,
+                                             text_encoder_dtype=DTYPES[dtype])
     trained = load_generator_weights(model, source, config)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
         cast(network, DTYPES[dtype])
+    runtime.release_free_memory()
     return SRModel(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer,
                    schedule=schedule, trained_timesteps=trained)
 

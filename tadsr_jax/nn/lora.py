@@ -114,3 +114,12 @@ def merge_adapters(model: nnx.Module, names: Sequence[str]) -> int:
                 merged += 1
         host.active_adapters = tuple(n for n in host.active_adapters if n not in names)
     return merged
+
+
+def remove_adapters(model: nnx.Module, names: Sequence[str]) -> None:
+    """Delete the named adapters without merging them (e.g. the fake score's, which inference never runs)."""
+    for host in lora_hosts(model).values():
+        for name in names:
+            if name in host.lora:
+                del host.lora[name]
+        host.active_adapters = tuple(n for n in host.active_adapters if n not in names)

@@ -1,5 +1,8 @@
 """The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
 
+Steps are dispatched without reading anything back from the devices: a non-finite loss is recorded on the devices
+(`_first_failure`) and noticed at the next log, sample or checkpoint step, before anything is logged or saved.
+
 One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`). The workdir
 may be a URL (gs://...; see `tadsr_jax.storage`); TensorBoard events go there through tensorboardX, which needs
 google-cloud-storage for gs://.
@@ -7,6 +10,7 @@ google-cloud-storage for gs://.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -43,6 +47,11 @@ from tadsr_jax.train.step import (
 from tadsr_jax.train.tiny_sd import resolve_pretrained
 from tadsr_jax.weights.loaders import load_networks
 from tadsr_jax.weights.lpips import load_lpips, random_lpips
+
+# Steps dispatched ahead of the newest finished one. The loop reads nothing back from the device between log,
+# sample and checkpoint steps; this bound keeps the batches of queued steps from piling up on the devices while
+# the devices always have the next step queued.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class TrainingError(RuntimeError):
@@ -212,21 +221,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     metrics, last_saved, window_start, window_steps = {}, start, time.perf_counter(), 0
+    failure, in_flight = None, collections.deque()
     progress = _progress(start, cfg.steps)
     try:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(data)
             state, step_metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
+            failure = _first_failure(failure, step_metrics, step)
             if step < cfg.steps:
                 data.fill()  # the next batches' host work and copies overlap this step
+            in_flight.append(failure["step"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
             window_steps += 1
-            if not bool(step_metrics["finite"]):
-                values = host_metrics(step_metrics)
-                raise TrainingError(f"non-finite loss at step {step} (generator {values['loss/generator']}, "
-                                    f"fake score {values['loss/fake_score']}); stopped, parameters not updated; "
-                                    f"last good checkpoint: step {last_saved}")
             progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            stopping = stop["signal"] is not None  # read once: a SIGTERM now must not save unchecked
+            log = step % cfg.log_every == 0 or step == cfg.steps
+            sample = bool(cfg.sample_every) and step % cfg.sample_every == 0
+            save = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
+            if log or sample or save:
+                _raise_on_failure(failure, step, last_saved)
+            if log:
                 metrics = host_metrics(step_metrics)
                 elapsed = time.perf_counter() - window_start
                 metrics["step_time_s"] = elapsed / window_steps
@@ -234,16 +249,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logger.scalars(step, metrics)
                 progress.set_postfix(loss=f"{metrics['loss/generator']:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if sample:
                 t = parallel.global_batch({"t": np.full(batch["lq"].shape[0] // jax.process_count(),
                                                         cfg.sample_timestep, np.int32)}, trainer.batch_sharding)["t"]
                 sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, t, jax.random.key(0))
                 logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
                              os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["signal"]:
+            if save:
                 checkpointer.save(step, state, data, force=True, metadata=saved_with)
                 last_saved = step
-            if stop["signal"]:
+            if stopping:
                 logging.warning("SIGTERM: saved step %d, exiting", step)
                 break
     finally:
@@ -255,6 +270,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if stop["signal"] and last_saved < cfg.steps:
         raise Interrupted(f"stopped by SIGTERM at step {last_saved} of {cfg.steps} (saved; rerun to resume)")
     return metrics
+
+
+@jax.jit
+def _first_failure(failure: dict[str, jax.Array] | None, metrics: dict[str, jax.Array],
+                   step: int) -> dict[str, jax.Array]:
+    """The first non-finite step so far (`step` 0: none yet) and its losses, after this step's `metrics`.
+
+    Computed on the devices, so that no step waits for the previous one to be read back; the loop looks at it
+    only before it logs, samples or saves. Steps after a non-finite one still run (the step leaves the state
+    unchanged only for the non-finite step itself), but nothing is logged or saved from them.
+    """
+    now = {"step": jnp.where(metrics["finite"], 0, step), "loss/generator": metrics["loss/generator"],
+           "loss/fake_score": metrics["loss/fake_score"]}
+    if failure is None:
+        return now
+    return jax.tree.map(lambda first, new: jnp.where(failure["step"] > 0, first, new), failure, now)
+
+
+def _raise_on_failure(failure: dict[str, jax.Array], step: int, last_saved: int) -> None:
+    """TrainingError naming the first non-finite step and its losses, if there was one."""
+    values = host_metrics(failure)
+    if values["step"]:
+        raise TrainingError(f"non-finite loss at step {int(values['step'])} (generator {values['loss/generator']}, "
+                            f"fake score {values['loss/fake_score']}); stopped at step {step}, nothing saved "
+                            f"since; last good checkpoint: step {last_saved}")
 
 
 def _progress(start: int, total: int):

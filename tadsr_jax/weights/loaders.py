@@ -129,9 +129,9 @@ class Networks:
     schedule: NoiseSchedule
 
 
-def load_networks(folder: str, *, dtype=jnp.float32) -> Networks:
+def load_networks(folder: str, *, dtype=jnp.float32, text_encoder_dtype=None) -> Networks:
     """unet/, time_vae/ (or a stock vae/, whose encoder then starts without time conditioning), text_encoder/,
-    tokenizer/ and scheduler/ of `folder`."""
+    tokenizer/ and scheduler/ of `folder`; the text encoder in `text_encoder_dtype` if given, else `dtype`."""
     if not storage.isdir(folder):
         raise WeightsError(f"{folder}: pretrained model folder does not exist")
     vae_folder = os.path.join(folder, "time_vae")
@@ -140,6 +140,6 @@ def load_networks(folder: str, *, dtype=jnp.float32) -> Networks:
     return Networks(
         unet=load_unet(os.path.join(folder, "unet"), dtype=dtype),
         vae=load_vae(vae_folder, time_aware=True, dtype=dtype),
-        text_encoder=load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype),
+        text_encoder=load_text_encoder(os.path.join(folder, "text_encoder"), dtype=text_encoder_dtype or dtype),
         tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
         schedule=load_schedule(os.path.join(folder, "scheduler")))

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tadsr_jax import metrics, storage
-from tadsr_jax.infer.images import ImageError, list_images, read_rgb
+from tadsr_jax.images import ImageError, list_images, read_rgb
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,34 @@ def test_realesrgan_eval_lq_is_seeded_per_image(eval_folder):
     assert not np.array_equal(_shard(config).lq[first.mask], first.lq[first.mask])
 
 
+def test_lpips_and_dists_are_scored_when_their_weights_are_configured(eval_folder, monkeypatch):
+    """Wiring only (the metrics are evaluate.py's Scorer, tested in tests/test_evaluate.py): the configured files
+    are loaded and their networks score the outputs; a stand-in sampler (0.8 x LQ) replaces the generator."""
+    from tadsr_jax import evaluation, parallel
+    from tadsr_jax.weights.dists import random_dists
+    from tadsr_jax.weights.lpips import random_lpips
+
+    config = _config()
+    config.data.eval.path = eval_folder
+    config.lpips.path, config.dists.path = "lpips.safetensors", "dists.safetensors"
+    nets, loaded = {"lpips": random_lpips(0), "dists": random_dists(0)}, []
+    monkeypatch.setattr(evaluation, "load_metric_net", lambda kind, path: loaded.append((kind, path)) or nets[kind])
+    sample_fn = jax.jit(lambda state, frozen, rest, batch, timesteps, key: 0.8 * batch["lq"])
+    tokenize = lambda prompts: np.zeros((len(prompts), 4), np.int32)
+    validator = validation.create(config, sample_fn, parallel.batch_sharding(parallel.make_mesh()), tokenize)
+    assert loaded == [("lpips", "lpips.safetensors"), ("dists", "dists.safetensors")]
+    means = validator({}, {}, {})
+    assert list(means) == [config.train.sample_timestep]  # eval_timesteps empty: the sample timestep
+    scorer = evaluation.Scorer(["psnr", "ssim", "lpips", "dists"], **nets)
+    mask = validator.shard.mask
+    scores = [scorer(sr.astype(np.float32) / 255, validator.shard.hq[k].astype(np.float32) / 255)
+              for k, sr in enumerate(validator.outputs({}, {}, {}, config.train.sample_timestep))]
+    for name, mean in means[config.train.sample_timestep].items():
+        expected = np.mean(np.concatenate([s[name][m] for s, m in zip(scores, mask)]))
+        assert expected > 0 and abs(mean - expected) <= 1e-12 * expected, name  # the same float64 sums: measured 0
+    assert list(means[config.train.sample_timestep]) == ["psnr", "ssim", "lpips", "dists"]
+
+
 def test_eval_every_without_a_set_is_one_line_before_anything_loads(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}",

@@ -82,7 +82,7 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collecti
     return [(f"data.mixture.{name}", entry) for name, entry in config.mixture.items()]
 
 
-def make_eval_source(config: ml_collections.ConfigDict):
+def make_eval_source(config: ml_collections.ConfigDict) -> PairedListSource | HRFolderSource | TfdsSource:
     """The validation set `config.data.eval` as a random-access source of records (checked: files listed and
     opened, as for training)."""
     entry = config.eval

@@ -1,7 +1,9 @@
-"""The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
+"""The training loop: build, resume, step, log, sample, checkpoint, validate (validation.py); stops cleanly on
+SIGTERM or a NaN.
 
 Steps are dispatched without reading anything back from the devices: a non-finite loss is recorded on the devices
-(`_first_failure`) and noticed at the next log, sample or checkpoint step, before anything is logged or saved.
+(`_first_failure`) and noticed at the next log, sample, checkpoint or validation step, before anything is logged or
+saved.
 
 One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`). The workdir
 may be a URL (gs://...; see `tadsr_jax.storage`); TensorBoard events go there through tensorboardX, which needs

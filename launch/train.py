@@ -3,8 +3,8 @@
 Rerunning the same command resumes from the latest checkpoint in DIR that passes its integrity check. One run
 per DIR: a second is refused, naming the first. Exit status: 0 when training reached train.steps, 75
 (EX_TEMPFAIL) when SIGTERM stopped it earlier (a checkpoint is saved: requeue/rerun to resume), 1 on an
-error. Multi-host: pass --coordinator_address, --num_processes and --process_id (GPU clusters), or nothing on
-TPU pods and under SLURM (auto-detected).
+error, 2 on a bad setting (one line naming the key). Multi-host: pass --coordinator_address, --num_processes
+and --process_id (GPU clusters), or nothing on TPU pods and under SLURM (auto-detected).
 """
 
 import sys
@@ -39,6 +39,8 @@ def main(argv):
     except (TrainingError, WeightsError, CheckpointError, WorkdirLocked, parallel.SharedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except ValueError as e:  # a bad setting, e.g. train.eval_every without data.eval.path
+        cli.usage_error(str(e))
 
 
 if __name__ == "__main__":

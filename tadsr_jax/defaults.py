@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.lpips = ml_collections.ConfigDict()
     config.lpips.path = ""  # safetensors from `launch/convert.py --what=lpips`
     config.lpips.random_seed = -1  # >= 0: a seeded random VGG stand-in (offline tiny configs only)
+    # DISTS weights (`launch/convert.py --what=dists`): validation (train.eval_every) then reports DISTS too; LPIPS
+    # when lpips.path is set.
+    config.dists = ml_collections.ConfigDict()
+    config.dists.path = ""
 
     config.loss = ml_collections.ConfigDict()
     config.loss.l2 = 1.0
@@ -69,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.sample_every = 1000
     config.train.sample_timestep = 500
+    config.train.eval_every = 0  # steps between validations on data.eval (and at the last step); 0: off
+    config.train.eval_timesteps = ()  # student timesteps validated; empty: (sample_timestep,)
 
     config.data = data_config()
     config.mesh = mesh_config()

@@ -230,3 +230,18 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
     if rows:
         process_rows(next(iter(rows.values())) * jax.process_count())
     return {name: jax.make_array_from_process_local_data(sharding, a) for name, a in arrays.items()}
+
+
+def process_sum(values: np.ndarray) -> np.ndarray:
+    """Each process's float64 `values` (one shape everywhere) summed over the processes, in float64 on every host.
+
+    The float64 bits travel as uint32 pairs: JAX without x64 would round them to float32 (1e-4 dB on a sum of 100
+    PSNRs). The sum runs in process order, the same on every host.
+    """
+    values = np.ascontiguousarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(values.view(np.uint32)))
+    return np.ascontiguousarray(gathered).view(np.float64).sum(axis=0)

@@ -4,6 +4,7 @@
     python tests/parallel_worker.py train OUT_PREFIX --data=D --fsdp=F \\
         [--coordinator=HOST:PORT --num_processes=N --process_id=I]
     python tests/parallel_worker.py write_once FOLDER --coordinator=HOST:PORT --num_processes=N --process_id=I
+    python tests/parallel_worker.py validate OUT_PREFIX --images=FOLDER [--coordinator=... --num_processes=N ...]
 
 `unit` checks the mesh and sharding rules on the simulated devices and writes what it saw as JSON.
 `train` runs STEPS of a toy LoRA train step (frozen FSDP-sharded base weight, replicated LoRA trainables,
@@ -12,6 +13,10 @@ each global batch through `parallel.global_batch`, and writes OUT_PREFIX.npz (tr
 losses) and OUT_PREFIX.json (shardings seen).
 `write_once` has every process ask for FOLDER/shared.txt through `parallel.write_once` (its writer takes
 WRITE_S and names the process that ran it) and copy what it then reads to FOLDER/read_by_<process>.txt.
+`validate` runs validation during training (tadsr_jax/train/validation.py) on the images of FOLDER, global batches
+of VALIDATION_BATCH, Real-ESRGAN LQs, with a stand-in sampler (the LQ plus noise scaled by t, drawn from the batch's
+key over the global batch), and writes OUT_PREFIX.json (means, image counts, a `process_sum` of values float32
+cannot hold) and OUT_PREFIX.npz (this process's rows: the uint8 outputs at each timestep, HR crops and mask).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ MIN_SIZE = 8192
 GLOBAL_BATCH = 16
 STEPS = 3
 WRITE_S = 2.0
+VALIDATION_BATCH = 2
+VALIDATION_TIMESTEPS = (100, 300)
 
 
 def _error(fn) -> str:
@@ -192,21 +199,51 @@ def write_once(folder: str) -> None:
         f.write(text)
 
 
+def validate(out: str, images: str) -> None:
+    from configs.tiny import get_config
+    from tadsr_jax.train import validation
+
+    config = get_config()
+    config.train.batch_size, config.train.eval_timesteps = VALIDATION_BATCH, VALIDATION_TIMESTEPS
+    config.data.eval.path, config.data.degradation = images, "realesrgan"
+    mesh = parallel.make_mesh()
+    rows, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    def sample(state, frozen, rest, batch, timesteps, key):
+        noise = jax.random.normal(key, batch["lq"].shape)
+        return jnp.clip(batch["lq"] + noise * timesteps[:, None, None, None] / 1000.0, -1.0, 1.0)
+
+    sample_fn = jax.jit(sample, in_shardings=(repl, repl, repl, rows, rows, repl), out_shardings=repl)
+    tokenize = lambda prompts: np.array([[len(p)] * 4 for p in prompts], np.int32)
+    validator = validation.create(config, sample_fn, rows, tokenize)
+    means = validator({}, {}, {})
+    outputs = {f"sr_t{t}": np.stack(list(validator.outputs({}, {}, {}, t))) for t in VALIDATION_TIMESTEPS}
+    exact = parallel.process_sum(np.array([1.0 + jax.process_index() * 2.0**-40, 2.0]))
+    with open(out + ".json", "w") as f:
+        json.dump({"means": {str(t): m for t, m in means.items()}, "images": validator.images,
+                   "local_images": int(validator.shard.mask.sum()), "process_sum": exact.tolist(),
+                   "compiled_samplers": sample_fn._cache_size()}, f)
+    np.savez(out + ".npz", hq=validator.shard.hq, mask=validator.shard.mask, **outputs)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["unit", "train", "write_once"])
+    parser.add_argument("mode", choices=["unit", "train", "write_once", "validate"])
     parser.add_argument("out")
     parser.add_argument("--data", type=int, default=-1)
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--coordinator")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
+    parser.add_argument("--images")
     args = parser.parse_args(argv)
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.mode == "unit":
         unit(args.out)
     elif args.mode == "write_once":
         write_once(args.out)
+    elif args.mode == "validate":
+        validate(args.out, args.images)
     else:
         train(args.out, args.data, args.fsdp)
 

@@ -67,6 +67,11 @@ def data_config() -> ml_collections.ConfigDict:
     config.read_threads = 8  # decoding threads (in each worker process when num_workers > 0)
     config.prefetch = 2  # batches buffered ahead (per worker when num_workers > 0)
     config.device_prefetch = 2  # batches copied to the devices ahead of the train step
+    # The held-out set of validation during training (train.eval_every): one source as above, not a mixture; empty
+    # path: none. Centre crops of crop_size, no flip; LRs listed (or tfds') or made by `degradation`, seeded per
+    # image so that every validation sees the same ones.
+    config.eval = source_config(source="hr_folder")
+    del config.eval.weight
     return config
 
 
@@ -75,6 +80,17 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collecti
     if config.source != "mixture":
         return [("data", config)]
     return [(f"data.mixture.{name}", entry) for name, entry in config.mixture.items()]
+
+
+def make_eval_source(config: ml_collections.ConfigDict) -> PairedListSource | HRFolderSource | TfdsSource:
+    """The validation set `config.data.eval` as a random-access source of records (checked: files listed and
+    opened, as for training)."""
+    entry = config.eval
+    if entry.source not in SOURCES:
+        raise ValueError(f"data.eval.source must be one of {sorted(SOURCES)}, got {entry.source!r}")
+    if not entry.path:
+        raise ValueError("data.eval.path is empty: set it to the held-out list file, image folder or tfds name")
+    return SOURCES[entry.source](entry)
 
 
 def _degradation(config: ml_collections.ConfigDict) -> Degradation:
@@ -86,6 +102,12 @@ def _degradation(config: ml_collections.ConfigDict) -> Degradation:
 def make_transform(config: ml_collections.ConfigDict) -> MakeTrainPair:
     """The per-example work of `config.data`: crop, flip and the LR."""
     return MakeTrainPair(config.crop_size, config.scale, config.flip, config.synthetic_prob, _degradation(config))
+
+
+def make_eval_transform(config: ml_collections.ConfigDict) -> MakeTrainPair:
+    """The per-example work of the validation set: the central crop, no flip, and the LR listed with the record or
+    made by the training's degradation (no random bicubic replacement of listed LRs)."""
+    return MakeTrainPair(config.crop_size, config.scale, False, 0.0, _degradation(config), centre=True)
 
 
 class _ProcessRows(grain.MapDataset):

@@ -93,15 +93,18 @@ class MakeTrainPair(grain.transforms.RandomMap):
     Paired records: the LR is resized to the HR size with LANCZOS, or, with probability `synthetic_prob`, replaced
     by `bicubic_degrade` of the HR crop (the reference's 1 %). Records without an LR get `degrade` of the HR crop.
     Both images are cropped with the same random window and flipped together; a synthetic LR is made from the final
-    (cropped, flipped) HR, as the reference's online Real-ESRGAN dataset does.
+    (cropped, flipped) HR, as the reference's online Real-ESRGAN dataset does. With `centre` the window is the
+    central one (validation sets: the rng then only drives the degradation).
     """
 
-    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float, degrade: Degradation):
+    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float, degrade: Degradation,
+                 centre: bool = False):
         self.crop_size = crop_size
         self.scale = scale
         self.flip = flip
         self.synthetic_prob = synthetic_prob
         self.degrade = degrade
+        self.centre = centre
 
     def random_map(self, record: Record, rng: np.random.Generator) -> dict | None:
         hr = _load(record.hr)
@@ -118,8 +121,11 @@ class MakeTrainPair(grain.transforms.RandomMap):
         size = cover_size(hr.size, self.crop_size)
         if size != hr.size:
             images = [image.resize(size, Image.BICUBIC) for image in images]
-        left = int(rng.integers(0, size[0] - self.crop_size + 1))
-        top = int(rng.integers(0, size[1] - self.crop_size + 1))
+        if self.centre:
+            left, top = (size[0] - self.crop_size) // 2, (size[1] - self.crop_size) // 2
+        else:
+            left = int(rng.integers(0, size[0] - self.crop_size + 1))
+            top = int(rng.integers(0, size[1] - self.crop_size + 1))
         images = [image.crop((left, top, left + self.crop_size, top + self.crop_size)) for image in images]
         if self.flip and rng.random() < 0.5:
             images = [image.transpose(Image.FLIP_LEFT_RIGHT) for image in images]

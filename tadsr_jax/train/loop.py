@@ -1,7 +1,9 @@
-"""The training loop: build, resume, step, log, sample, checkpoint; stops cleanly on SIGTERM or a NaN.
+"""The training loop: build, resume, step, log, sample, checkpoint, validate (validation.py); stops cleanly on
+SIGTERM or a NaN.
 
 Steps are dispatched without reading anything back from the devices: a non-finite loss is recorded on the devices
-(`_first_failure`) and noticed at the next log, sample or checkpoint step, before anything is logged or saved.
+(`_first_failure`) and noticed at the next log, sample, checkpoint or validation step, before anything is logged or
+saved.
 
 One run per workdir (`lock.hold`); resuming skips damaged checkpoints (`Checkpointer.restore_latest`). The workdir
 may be a URL (gs://...; see `tadsr_jax.storage`); TensorBoard events go there through tensorboardX, which needs
@@ -33,7 +35,7 @@ from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
 from tadsr_jax.models.clip_text import tokenize
-from tadsr_jax.train import lock
+from tadsr_jax.train import lock, validation
 from tadsr_jax.train.step import (
     TrainState,
     host_metrics,
@@ -129,9 +131,7 @@ class _Tokenizer:
 
 def _grid(batch: dict[str, jax.Array], sr: jax.Array, rows: int = 4) -> np.ndarray:
     """LQ | SR | HR rows as uint8."""
-    to_uint8 = lambda x: np.asarray(np.round((np.clip(np.asarray(x[:rows], np.float32), -1, 1) + 1) * 127.5),
-                                    np.uint8)
-    lq, sr, hq = (to_uint8(v) for v in (batch["lq"], sr, batch["hq"]))
+    lq, sr, hq = (validation.to_uint8(v[:rows]) for v in (batch["lq"], sr, batch["hq"]))
     return np.concatenate([np.concatenate([a, b, c], axis=1) for a, b, c in zip(lq, sr, hq)], axis=0)
 
 
@@ -152,6 +152,12 @@ class _Logger:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         logging.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in values.items()}))
+
+    def text(self, step: int, name: str, text: str) -> None:
+        if not self.active:
+            return
+        self.writer.add_text(name, text, step)
+        logging.info("step %d: %s\n%s", step, name, text)
 
     def image(self, step: int, name: str, image: np.ndarray, path: str) -> None:
         if not self.active:
@@ -180,9 +186,11 @@ def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_col
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train to `config.train.steps`, resuming from the latest checkpoint in `workdir`; returns last metrics.
 
-    Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early.
+    Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early,
+    ValueError on a bad setting (naming its key).
     """
     _check_tensorboard(workdir)
+    validation.check_config(config)
     storage.makedirs(workdir)
     with lock.hold(workdir) as note:
         if note:
@@ -205,6 +213,8 @@ def _check_tensorboard(workdir: str) -> None:
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer = build(config, workdir)
     cfg = config.train
+    validator = (validation.create(config, trainer.sample_fn, trainer.batch_sharding, trainer.tokenize)
+                 if cfg.eval_every else None)
     host_batches = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size,
                                        seed=config.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count(), tokenize=trainer.tokenize)
@@ -239,7 +249,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             log = step % cfg.log_every == 0 or step == cfg.steps
             sample = bool(cfg.sample_every) and step % cfg.sample_every == 0
             save = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
-            if log or sample or save:
+            evaluate = validator is not None and (step % cfg.eval_every == 0 or step == cfg.steps) and not stopping
+            if log or sample or save or evaluate:
                 _raise_on_failure(failure, step, last_saved)
             if log:
                 metrics = host_metrics(step_metrics)
@@ -250,14 +261,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 progress.set_postfix(loss=f"{metrics['loss/generator']:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
             if sample:
-                t = parallel.global_batch({"t": np.full(batch["lq"].shape[0] // jax.process_count(),
-                                                        cfg.sample_timestep, np.int32)}, trainer.batch_sharding)["t"]
+                t = validation.global_timesteps(cfg.sample_timestep, trainer.batch_sharding, batch["lq"].shape[0])
                 sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, t, jax.random.key(0))
                 logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
                              os.path.join(workdir, "samples", f"step_{step:08d}.png"))
             if save:
                 checkpointer.save(step, state, data, force=True, metadata=saved_with)
                 last_saved = step
+            if evaluate:
+                scalars, table = validation.summary(validator(state, trainer.frozen, trainer.rest),
+                                                    config.data.eval.path, validator.images)
+                logger.scalars(step, scalars)
+                logger.text(step, "eval/table", table)
             if stopping:
                 logging.warning("SIGTERM: saved step %d, exiting", step)
                 break

@@ -106,7 +106,7 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
         upscaler(lq, [PROMPT], [TIMESTEP])  # compiles
         compile_s = upscaler.compile_seconds - compile_before
         flops = matmul_flops(upscaler.trace(lq, [PROMPT], [TIMESTEP]))
-        timing = common.time_calls(lambda: upscaler(lq, [PROMPT], [TIMESTEP]), steps=steps, warmup=warmup)
+        timing = common.time_calls(lambda lq=lq: upscaler(lq, [PROMPT], [TIMESTEP]), steps=steps, warmup=warmup)
         per_size[str(size)] = {"timing": timing.as_dict(), "compile_s": compile_s, "flops": flops,
                                "peak_rss_bytes": peak_rss_bytes()}
     return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_matmul_peak(dtype),
@@ -153,7 +153,7 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
     per_size = {}
     for size in _sizes(sizes):
         lq = torch.tensor(make_image(size)).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
-        timing = common.time_calls(lambda: super_resolve(lq), steps=steps, warmup=warmup, sync=lambda x: x)
+        timing = common.time_calls(lambda lq=lq: super_resolve(lq), steps=steps, warmup=warmup, sync=lambda x: x)
         per_size[str(size)] = {"timing": timing.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
     return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_torch_matmul_peak(dtype),
             "threads": torch.get_num_threads()}

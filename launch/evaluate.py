@@ -47,7 +47,7 @@ def _timesteps() -> list[int]:
     try:
         return [int(t) for t in _SWEEP.value]
     except ValueError:
-        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(_SWEEP.value)}")
+        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(_SWEEP.value)}") from None
 
 
 def _run(log) -> tuple[dict, bool]:

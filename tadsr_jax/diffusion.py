@@ -25,7 +25,7 @@ class NoiseSchedule:
     alphas_cumprod: jax.Array
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseSchedule":
+    def from_config(cls, config: dict) -> NoiseSchedule:
         """From a diffusers scheduler_config.json dict (only the beta schedule matters here)."""
         kind = config.get("beta_schedule", "linear")
         if config.get("trained_betas") is not None or kind not in _BETA_SCHEDULES:
@@ -39,7 +39,7 @@ class NoiseSchedule:
         return cls(jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
 
     @classmethod
-    def stable_diffusion(cls) -> "NoiseSchedule":
+    def stable_diffusion(cls) -> NoiseSchedule:
         """SD's schedule: scaled_linear, 0.00085 -> 0.012, 1000 steps."""
         return cls.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                 "num_train_timesteps": 1000})

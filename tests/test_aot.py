@@ -12,6 +12,8 @@ from tadsr_jax.nn.attention import Attention, set_implementation
 from tadsr_jax.train import aot
 from tadsr_jax.train.step import split_model
 
+pytestmark = pytest.mark.slow  # compiles for a TPU slice
+
 TOPOLOGY = "v5e:2x4"  # 8 chips on 2 hosts
 
 

@@ -270,6 +270,7 @@ def test_holder_renews_its_lease(tmp_path):
     holder.release()
 
 
+@pytest.mark.slow
 def test_train_launcher_refuses_a_locked_workdir(tmp_path):
     """Before loading anything: one line naming the holder, exit status 1."""
     holder = lock.WorkdirLock(str(tmp_path))

@@ -144,6 +144,7 @@ def test_transformers_torch_advice_only_with_verbose(verbose):
     assert ("PyTorch was not found" in run.stderr) == verbose, run.stderr
 
 
+@pytest.mark.slow
 def test_launcher_is_quiet_unless_verbose(tmp_path):
     """train.py stops at a missing SD folder after JAX has started: without JAX_PLATFORMS (as users run it), JAX
     probes for a TPU and logs the failure at INFO."""
@@ -165,6 +166,7 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
     assert re.search(r"^I\d{4} [^\n]* xla_bridge.py:\d+\] ", loud.stderr, re.M), loud.stderr
 
 
+@pytest.mark.slow
 def test_demo_says_what_it_does_before_the_slow_part(tmp_path):
     """The demo announces training (stand-in model, compilation) before it starts; here the SD folder is missing,
     so it stops right after, with one error line."""

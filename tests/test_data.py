@@ -69,8 +69,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 def _find_window(patch: np.ndarray, image: np.ndarray) -> tuple[int, int, bool]:
     """(top, left, flipped) of the unique CROP window of `image` equal to `patch` (possibly mirrored)."""
     windows = sliding_window_view(image, (CROP, CROP, 3))[:, :, 0]
-    hits = [(int(t), int(l), flipped) for flipped in (False, True)
-            for t, l in np.argwhere((windows == (patch[:, ::-1] if flipped else patch)).all(axis=(2, 3, 4)))]
+    hits = [(int(top), int(left), flipped) for flipped in (False, True)
+            for top, left in np.argwhere((windows == (patch[:, ::-1] if flipped else patch)).all(axis=(2, 3, 4)))]
     assert len(hits) == 1, f"expected one matching crop window, found {hits}"
     return hits[0]
 

@@ -180,6 +180,7 @@ def test_initialize_dispatch(monkeypatch, env, tpu_vm, flags, expected_call):
 
 # --------------------------------------------------------------------------------- simulated devices
 
+@pytest.mark.slow
 def test_rules_on_8_devices(tmp_path):
     _run_workers([["unit", str(tmp_path / "unit.json")]], 8, tmp_path)
     got = json.loads((tmp_path / "unit.json").read_text())
@@ -202,6 +203,7 @@ def test_rules_on_8_devices(tmp_path):
     assert got["err_batch_scalar"] == "batch entry 'x' is a scalar; every entry needs a leading batch axis"
 
 
+@pytest.mark.slow
 def test_train_step_on_8_devices_matches_1_device(tmp_path, one_device):
     ref, ref_meta = one_device
     assert ref_meta["frozen_kernel_spec"] == "P()" and ref_meta["device_count"] == 1
@@ -216,6 +218,7 @@ def test_train_step_on_8_devices_matches_1_device(tmp_path, one_device):
     _assert_same_training(got, ref)
 
 
+@pytest.mark.slow
 def test_two_processes_match_1_device(tmp_path, one_device):
     ref, _ = one_device
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
@@ -240,6 +243,7 @@ def test_write_once_in_one_process(tmp_path):
     assert parallel.write_once(path, write) == path and calls == [path]  # already there: not written again
 
 
+@pytest.mark.slow
 def test_write_once_process_0_writes_while_the_other_waits(tmp_path):
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     host_args = [f"--coordinator={address}", "--num_processes=2"]
@@ -248,6 +252,7 @@ def test_write_once_process_0_writes_while_the_other_waits(tmp_path):
     assert {(tmp_path / f"read_by_{i}.txt").read_text() for i in range(2)} == {"written by process 0"}
 
 
+@pytest.mark.slow
 def test_validation_over_two_processes_equals_one(tmp_path):
     """tadsr_jax/train/validation.py on 3 images in global batches of 2 (the last one padded): process 0 scores
     images 0 and 2, process 1 image 1 and a blank row; the means, weighted by those counts, equal one process's."""

@@ -287,7 +287,7 @@ def _bad_inputs(folder) -> dict[str, str]:
 def _converted_inputs(folder) -> list[str]:
     """Files that are converted with a note: 16-bit, RGBA, palette, grayscale, CMYK."""
     rgb = Image.fromarray(sample("chelsea", (32, 32)))
-    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(folder / "deep.png")
+    Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257).save(folder / "deep.png")
     rgb.convert("RGBA").save(folder / "alpha.png")
     rgb.convert("P").save(folder / "palette.png")
     rgb.convert("L").save(folder / "gray.png")
@@ -295,6 +295,7 @@ def _converted_inputs(folder) -> list[str]:
     return ["deep", "alpha", "palette", "gray", "cmyk"]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     inputs = tmp_path / "in"
     inputs.mkdir()

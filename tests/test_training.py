@@ -46,6 +46,8 @@ import pytest
 from PIL import Image
 from train_worker import flat_state
 
+pytestmark = pytest.mark.slow  # real launch/train.py runs, several processes
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("train_worker.py")
 # Backend (LLVM) optimisation only: compiles several times faster; identical for every run compared here.

@@ -175,6 +175,7 @@ def trained(eval_folder, tmp_path_factory):
     return config, workdir, seen["trainer"], seen["state"]
 
 
+@pytest.mark.slow
 def test_logged_scores_equal_evaluate_py_on_pngs_of_the_outputs(trained, tmp_path):
     config, workdir, trainer, final_state = trained
     scalars, texts = _events(workdir)

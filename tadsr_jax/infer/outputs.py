@@ -70,7 +70,7 @@ def _clashes(plan: dict[str, list[str]]) -> list[str]:
         for target in targets:
             writers.setdefault(_real(target), []).append(path)
     groups: dict[tuple[str, ...], list[str]] = {}
-    for path, targets in plan.items():
+    for targets in plan.values():
         for target in targets:
             group = tuple(writers[_real(target)])
             if len(group) > 1 and target not in groups.get(group, []):

@@ -68,7 +68,7 @@ class UNetConfig:
     sample_size: int = 64
 
     @classmethod
-    def from_dict(cls, config: dict) -> "UNetConfig":
+    def from_dict(cls, config: dict) -> UNetConfig:
         """From a diffusers `unet/config.json` dict; unsupported options raise one clear ValueError."""
         for key, allowed in _UNSUPPORTED_UNLESS.items():
             if config.get(key, allowed) != allowed:

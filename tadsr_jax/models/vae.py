@@ -47,7 +47,7 @@ class VAEConfig:
     sample_size: int = 32
 
     @classmethod
-    def from_dict(cls, config: dict) -> "VAEConfig":
+    def from_dict(cls, config: dict) -> VAEConfig:
         """From a diffusers `vae/` (or TADSR `time_vae/`) config.json dict."""
         if config.get("act_fn", "silu") != "silu":
             raise ValueError(f"VAE config: act_fn={config['act_fn']!r} is not supported (only 'silu')")
@@ -196,7 +196,7 @@ class DiagonalGaussian:
     logvar: jax.Array
 
     @classmethod
-    def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
+    def from_moments(cls, moments: jax.Array) -> DiagonalGaussian:
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         return cls(mean, jnp.clip(logvar, -30.0, 20.0))
 

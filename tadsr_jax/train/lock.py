@@ -39,7 +39,7 @@ class WorkdirLocked(RuntimeError):
 
 def _holder_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def _pid_alive(pid: int) -> bool:

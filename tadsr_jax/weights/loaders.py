@@ -108,7 +108,7 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32) -> CLIPTextModel:
                         ignore=[r".*position_ids"], dtype=dtype)
 
 
-def load_tokenizer(folder: str) -> "CLIPTokenizer":
+def load_tokenizer(folder: str) -> CLIPTokenizer:
     """transformers' CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt); a URL's folder is read from
     a temporary local copy, as transformers would take the URL for a Hub repository."""
     from transformers import CLIPTokenizer
@@ -126,7 +126,7 @@ class Networks:
     unet: UNet2DConditionModel
     vae: AutoencoderKL  # time-aware
     text_encoder: CLIPTextModel
-    tokenizer: "CLIPTokenizer"
+    tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
 
 

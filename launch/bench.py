@@ -7,12 +7,16 @@ small table and, as the last line, one JSON object (`ours_s`, `torch_s`, `speedu
 persistent compilation cache is deliberately not enabled.
 """
 
+import os
 import sys
 from collections.abc import Callable
 
 from absl import flags
 
 from tadsr_jax import cli
+
+# The benchmarks and their PyTorch references live beside the package (benchmarks/), not in it.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WHAT = flags.DEFINE_string("what", "train", "What to measure: one of data, sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
@@ -25,20 +29,20 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are
 
 
 def _train():
-    from tadsr_jax.benchmarks import train
+    from benchmarks import train
 
     return train.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
 
 
 def _sr():
-    from tadsr_jax.benchmarks import sr
+    from benchmarks import sr
 
     return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value,
                   dtypes=tuple(_SR_DTYPES.value), sizes=tuple(int(s) for s in _SR_SIZES.value))
 
 
 def _data():
-    from tadsr_jax.benchmarks import data
+    from benchmarks import data
 
     return data.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
 
@@ -51,7 +55,7 @@ def main(argv: list[str]) -> int:
     handler = HANDLERS.get(_WHAT.value)
     if handler is None:
         cli.usage_error(f"--what must be one of {', '.join(sorted(HANDLERS))} (got {_WHAT.value!r})")
-    from tadsr_jax.benchmarks.common import BenchmarkError, print_report
+    from benchmarks.common import BenchmarkError, print_report
 
     try:
         print_report(handler())

@@ -131,7 +131,7 @@ def main(argv):
     del argv
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
-    from tadsr_jax.infer.images import ImageError
+    from tadsr_jax.images import ImageError
     from tadsr_jax.metrics import PyiqaUnavailable
     from tadsr_jax.weights.convert import WeightsError
 

@@ -27,7 +27,7 @@ def main(argv):
     runtime.set_xla_cpu_flags()
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     runtime.enable_compilation_cache()
-    from tadsr_jax.train.checkpoint import CheckpointError
+    from tadsr_jax.checkpoints import CheckpointError
     from tadsr_jax.train.lock import WorkdirLocked
     from tadsr_jax.train.loop import Interrupted, TrainingError, train
 

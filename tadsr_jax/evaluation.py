@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tadsr_jax import metrics, storage
-from tadsr_jax.infer.images import ImageError, list_images, read_rgb, write_png_atomic
+from tadsr_jax.images import ImageError, list_images, read_rgb, write_png_atomic
 
 
 @dataclasses.dataclass(frozen=True)

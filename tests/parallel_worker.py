@@ -31,7 +31,7 @@ from flax import nnx
 from tadsr_jax import parallel
 from tadsr_jax.nn.layers import Linear
 from tadsr_jax.nn.lora import LoRAParam, add_adapter, set_active_adapters
-from tadsr_jax.weights.convert import BASE_PARAMS
+from tadsr_jax.nn.naming import BASE_PARAMS
 
 MIN_SIZE = 8192
 GLOBAL_BATCH = 16

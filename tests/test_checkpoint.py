@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tadsr_jax.checkpoints import DIGESTS, QUARANTINE, Checkpointer, CheckpointError, abstract_like
 from tadsr_jax.train import lock
-from tadsr_jax.train.checkpoint import DIGESTS, QUARANTINE, Checkpointer, CheckpointError, abstract_like
 from tadsr_jax.train.step import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,22 @@ def test_saved_steps_carry_digests_and_metadata_and_restore_exactly(three_steps)
     assert step == 3
     assert_state_equal(state, make_state(3))
     assert next(data) == 30  # the data iterator continues where step 3 left it
+
+
+def test_a_reader_restores_the_generator_alone(three_steps):
+    """Inference reads only the generator: no optimizer state is described, built or read."""
+    want = make_state(3).generator
+    abstract = {"generator": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)}
+    checkpointer = Checkpointer(str(three_steps), keep=3, async_save=False)
+    step, state = checkpointer.restore_latest(abstract, partial=True)
+    checkpointer.close()
+    assert step == 3 and set(state) == {"generator"}
+    assert_state_equal(state["generator"], want)
+    # Without `partial` the same request is refused: the saved state holds more than the generator.
+    checkpointer = Checkpointer(str(three_steps), keep=3, async_save=False)
+    with pytest.raises(CheckpointError, match="does not restore"):
+        checkpointer.restore_latest(abstract)
+    checkpointer.close()
 
 
 def test_digests_are_written_as_soon_as_the_asynchronous_save_is_done(tmp_path):

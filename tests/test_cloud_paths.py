@@ -272,7 +272,7 @@ def test_missing_bucket_data_is_the_local_error(bucket):
 
 def test_sr_inputs_outputs_and_evaluation_folders_on_a_bucket(bucket, tmp_path):
     from tadsr_jax import evaluation
-    from tadsr_jax.infer.images import ImageError, list_images, read_rgb, write_png_atomic
+    from tadsr_jax.images import ImageError, list_images, read_rgb, write_png_atomic
     from tadsr_jax.infer.outputs import plan_outputs
 
     rng = np.random.default_rng(0)
@@ -326,7 +326,7 @@ def test_workdir_lock_on_a_bucket(bucket, monkeypatch):
 
 
 def test_checkpoint_digests_on_a_bucket(bucket):
-    from tadsr_jax.train.checkpoint import verify, write_digests
+    from tadsr_jax.checkpoints import verify, write_digests
 
     step = f"{bucket}/workdir/checkpoints/7"
     for name, data in (("state/a", b"123"), ("data/b", b"4567")):

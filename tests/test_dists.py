@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from skimage import data
 from torch_utils import randomize_
 
-from tadsr_jax.benchmarks.torch_reference import vgg16_stand_in
+from benchmarks.torch_reference import vgg16_stand_in
 from tadsr_jax.models.dists import CHANNELS, L2Pool2d
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.dists import convert_dists_weights, load_dists, random_dists

@@ -12,7 +12,7 @@ import tifffile
 from PIL import ExifTags, Image, ImageFile
 from skimage import data
 
-from tadsr_jax.infer.images import ImageError, list_images, output_path, read_rgb, write_png_atomic
+from tadsr_jax.images import ImageError, list_images, output_path, read_rgb, write_png_atomic
 
 # 96 x 128 (H x W) of the astronaut: not square, so a transpose changes the shape.
 PHOTO = np.ascontiguousarray(data.astronaut()[40:136, 180:308])

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from skimage import data
 from torch_utils import randomize_, rel_err
 
-from tadsr_jax.benchmarks.torch_reference import lpips_torch
+from benchmarks.torch_reference import lpips_torch
 from tadsr_jax.models.lpips import MaxPool2d
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.lpips import convert_lpips_weights, load_lpips, random_lpips

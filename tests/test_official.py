@@ -21,13 +21,13 @@ from flax import nnx
 from peft import LoraConfig
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, rel_err
 
+from benchmarks.torch_reference import time_aware_moments
 from configs.tiny import get_config
-from tadsr_jax.benchmarks.torch_reference import time_aware_moments
+from tadsr_jax.method import official
 from tadsr_jax.method.lora_targets import unet_lora_groups, vae_encoder_lora_targets
 from tadsr_jax.method.tadsr import GENERATOR, GENERATOR_ADAPTERS, TADSR
 from tadsr_jax.nn import lora
 from tadsr_jax.train.tiny_sd import write_tiny_sd
-from tadsr_jax.weights import official
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.loaders import load_networks
 

@@ -21,11 +21,11 @@ from tadsr_jax.infer.colorfix import color_fix
 from tadsr_jax.infer.model import SRModel, WeightsSource, build_tadsr, cast, load_sr_model, merge_generator
 from tadsr_jax.infer.pipeline import SRSettings, Upscaler, prepare
 from tadsr_jax.infer.tiling import gaussian_weights, tile_starts, tiled_call
+from tadsr_jax.method import official
 from tadsr_jax.method.generator import generate
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS
 from tadsr_jax.nn import lora
 from tadsr_jax.train.tiny_sd import write_tiny_sd
-from tadsr_jax.weights import official
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = tiny.get_config()

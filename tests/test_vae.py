@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
-from tadsr_jax.benchmarks.torch_reference import time_aware_moments
+from benchmarks.torch_reference import time_aware_moments
 from tadsr_jax.weights.loaders import load_vae
 
 TINY = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,

@@ -222,8 +222,8 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     import numpy as np
 
     from tadsr_jax import parallel
+    from tadsr_jax.checkpoints import Checkpointer, abstract_like
     from tadsr_jax.train import loop
-    from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
     from tadsr_jax.train.step import host_metrics
 
     result = {}

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tadsr_jax import storage
-from tadsr_jax.infer.images import IMAGE_EXTENSIONS
+from tadsr_jax.images import IMAGE_EXTENSIONS, read_captions
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,6 @@ class PairedListSource(_RecordSource):
         super().__init__(list_path, _keep_readable(parse_paired_list(list_path)))
         if not self.records:
             raise ValueError(f"no readable HR/LR image pair in list {list_path}")
-
-
-def read_captions(captions_path: str) -> dict[str, str]:
-    """Reads `relative/file/name<TAB>caption` lines; malformed lines are skipped with a warning."""
-    captions = {}
-    with storage.open_file(captions_path) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            name, tab, caption = line.partition("\t")
-            if not tab:
-                logger.warning("%s:%d: skipping caption line without a TAB", captions_path, number)
-                continue
-            captions[os.path.normpath(name)] = caption.strip()
-    return captions
 
 
 def list_images(folder: str) -> list[str]:

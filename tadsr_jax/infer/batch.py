@@ -11,8 +11,8 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
+from tadsr_jax.images import ImageError, LoadedImage, read_rgb, write_png_atomic
 from tadsr_jax.infer.contact_sheet import contact_sheet
-from tadsr_jax.infer.images import ImageError, LoadedImage, read_rgb, write_png_atomic
 from tadsr_jax.infer.pipeline import Upscaler, bicubic_upscale, padded_shape, working_size
 
 

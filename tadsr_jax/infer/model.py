@@ -1,7 +1,7 @@
 """The super-resolution network: SD weights plus a trained TADSR generator, LoRA merged, in the serving dtype.
 
 Generator weights come from one of three places: the reference release (`tadsr.pkl`, docs/method.md 2.4), our
-safetensors export (`tadsr_jax.weights.official.save_generator`), or a training workdir's latest checkpoint.
+safetensors export (`tadsr_jax.method.official.save_generator`), or a training workdir's latest checkpoint.
 The timesteps the generator was trained at come with the weights where recorded (a workdir's checkpoints and
 our exports; the reference's tadsr.pkl has none), so that a run asked for others can say so. They are loaded onto a
 `TADSR` model in float32, its LoRA factors are folded into the kernels (W + scale B A,
@@ -20,8 +20,9 @@ import ml_collections
 from flax import nnx
 
 from tadsr_jax import runtime, storage
+from tadsr_jax.checkpoints import Checkpointer, CheckpointError
 from tadsr_jax.diffusion import NoiseSchedule
-from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
+from tadsr_jax.method.tadsr import GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
 from tadsr_jax.models.clip_text import CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel
 from tadsr_jax.models.vae import AutoencoderKL
@@ -86,7 +87,7 @@ def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_colle
     """Fill `model`'s generator (LoRA factors, student conv_in, VAE time layers) from `source`, in place;
     returns the [lowest, highest] timestep it was trained at where the source records it."""
     if source.tadsr_ckpt or source.generator:
-        from tadsr_jax.weights import official
+        from tadsr_jax.method import official
 
         path = source.tadsr_ckpt or source.generator
         if not storage.isfile(path):
@@ -104,23 +105,19 @@ def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_colle
 
 
 def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> tuple[nnx.State, list | None]:
-    """The generator state of `workdir`'s newest intact training checkpoint (one device, float32) and the
-    timesteps it was trained at (None for checkpoints saved before they were recorded)."""
-    from tadsr_jax.train.checkpoint import Checkpointer, CheckpointError
-    from tadsr_jax.train.step import init_state, optimizer
-
-    generator = nnx.state(model, GENERATOR)  # init_state casts it to float32, as training does
-    tx = optimizer(config.train)
+    """The generator state of `workdir`'s newest intact training checkpoint (one device, float32, as training
+    keeps it) and the timesteps it was trained at (None for checkpoints saved before they were recorded). Only the
+    generator is read: no optimizer is built and the fake score and optimizer states stay on disk."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(
-        lambda g, f: init_state(g, f, tx, 0), generator, nnx.state(model, FAKE_SCORE)))
+    abstract = {"generator": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device),
+                                          nnx.state(model, GENERATOR))}
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     try:
-        restored = checkpointer.restore_latest(abstract)
+        restored = checkpointer.restore_latest(abstract, partial=True)
         if restored is None:
             raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
         step, state = restored
-        return state.generator, checkpointer.metadata(step).get("trained_timesteps")
+        return state["generator"], checkpointer.metadata(step).get("trained_timesteps")
     except CheckpointError as e:
         raise WeightsError(str(e)) from None
     finally:
@@ -168,7 +165,7 @@ def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: We
 
 def export_generator(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, out: str) -> str:
     """Write the generator of `source` to `out`: the reference format for `.pkl`, our export for `.safetensors`."""
-    from tadsr_jax.weights import official
+    from tadsr_jax.method import official
 
     if not out.endswith((".pkl", ".safetensors")):
         raise ValueError(f"{out}: the output must end in .pkl (reference format) or .safetensors (ours)")

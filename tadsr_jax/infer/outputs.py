@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 
 from tadsr_jax import storage
-from tadsr_jax.infer.images import output_path
+from tadsr_jax.images import output_path
 
 
 class OutputError(ValueError):

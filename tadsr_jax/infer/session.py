@@ -10,9 +10,8 @@ from typing import TextIO
 import ml_collections
 
 from tadsr_jax import storage
-from tadsr_jax.data.sources import read_captions
+from tadsr_jax.images import list_images, read_captions
 from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
-from tadsr_jax.infer.images import list_images
 from tadsr_jax.infer.model import WeightsSource, load_sr_model
 from tadsr_jax.infer.outputs import plan_outputs, sweep_suffixes
 from tadsr_jax.infer.pipeline import SRSettings, Upscaler

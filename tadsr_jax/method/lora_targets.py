@@ -10,7 +10,7 @@ from __future__ import annotations
 from flax import nnx
 
 from tadsr_jax.nn.lora import lora_hosts
-from tadsr_jax.weights.convert import BASE_PARAMS, path_to_torch_key
+from tadsr_jax.nn.naming import BASE_PARAMS, path_to_torch_key
 
 UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")

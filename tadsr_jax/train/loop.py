@@ -28,12 +28,12 @@ from flax import nnx
 from PIL import Image
 
 from tadsr_jax import parallel, storage
+from tadsr_jax.checkpoints import Checkpointer, abstract_like
 from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
 from tadsr_jax.models.clip_text import tokenize
 from tadsr_jax.train import lock
-from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
 from tadsr_jax.train.step import (
     TrainState,
     host_metrics,

@@ -17,12 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tadsr_jax.nn.lora import LoRAParam
+from tadsr_jax.nn.naming import BASE_PARAMS, Path, path_to_torch_key
 
-# The frozen base weights: every Param that is not a LoRA factor.
-BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
-
-Path = tuple[str | int, ...]
 RenameRule = tuple[str, str]
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
@@ -53,13 +49,6 @@ def jax_to_torch_layout(array: np.ndarray) -> np.ndarray:
     if array.ndim == 4:
         return array.transpose(3, 2, 0, 1)
     return array
-
-
-def path_to_torch_key(path: Path) -> str:
-    """Inverse of the key mapping, for the parameters of our modules."""
-    *module, leaf = path
-    leaf = "bias" if leaf == "bias" else "weight"
-    return ".".join(str(p) for p in (*module, leaf))
 
 
 def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,

@@ -19,7 +19,8 @@ from flax import nnx
 
 from tadsr_jax import storage
 from tadsr_jax.models.dists import CHANNELS, DISTS
-from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
+from tadsr_jax.nn.naming import path_to_torch_key
+from tadsr_jax.weights.convert import WeightsError, load_tensors
 from tadsr_jax.weights.files import read_tensors, write_safetensors
 from tadsr_jax.weights.lpips import _read_pth
 

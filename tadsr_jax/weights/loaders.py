@@ -21,7 +21,8 @@ from tadsr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tadsr_jax.models.vae import TIME_EMBED_CHANNELS, AutoencoderKL, VAEConfig, time_sinusoid_dim
 from tadsr_jax.nn import TimestepEmbedding
-from tadsr_jax.weights.convert import WeightsError, load_tensors, path_to_torch_key
+from tadsr_jax.nn.naming import path_to_torch_key
+from tadsr_jax.weights.convert import WeightsError, load_tensors
 from tadsr_jax.weights.files import TRANSFORMERS_BIN, TRANSFORMERS_SAFETENSORS, read_config, read_tensors, weight_files
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ posterior sample, one UNet call, the student x0 rule, VAE decoder, clamp.
 
 Each (side, dtype) runs in its own subprocess, one after the other, the resolutions in the given order;
 peak memory is the process's peak resident set size after each resolution.
-`python -m tadsr_jax.benchmarks.sr --side=ours|torch|prepare ...` is the worker entry point.
+`python -m benchmarks.sr --side=ours|torch|prepare ...` is the worker entry point.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import sys
 import time
 from typing import Any
 
-from tadsr_jax.benchmarks import common
+from benchmarks import common
 from tadsr_jax.flops import matmul_flops
 
-WORKER = "tadsr_jax.benchmarks.sr"
+WORKER = "benchmarks.sr"
 FORMAT = 1  # bump when the weights folder's contents change
 RESOLUTIONS = (256, 512)  # default output sides
 TIMESTEP = 500
@@ -122,7 +122,7 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from tadsr_jax.benchmarks.torch_reference import load_time_vae, time_aware_moments
+    from benchmarks.torch_reference import load_time_vae, time_aware_moments
 
     torch_dtype = getattr(torch, dtype)
     start = time.perf_counter()

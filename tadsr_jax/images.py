@@ -1,4 +1,4 @@
-"""Image files in and out of the SR tool: list the inputs, read each as 8-bit RGB, write PNGs atomically.
+"""Image files in and out: list them, read each as 8-bit RGB, write PNGs atomically; caption files.
 
 A bad input raises `ImageError`, whose message is the single line "<path>: <problem>", so that the caller can
 report it and go on with the other files. Whatever can be converted to 8-bit RGB is, and each conversion comes
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tadsr_jax import storage
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -188,3 +191,19 @@ def _new_file_mode() -> int:
 def output_path(input_path: str, output_dir: str, suffix: str = "") -> str:
     """`<output_dir>/<input stem><suffix>.png`, e.g. photo.jpg -> out/photo.png."""
     return os.path.join(output_dir, f"{Path(input_path).stem}{suffix}.png")
+
+
+def read_captions(captions_path: str) -> dict[str, str]:
+    """Reads `relative/file/name<TAB>caption` lines; malformed lines are skipped with a warning."""
+    captions = {}
+    with storage.open_file(captions_path) as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            name, tab, caption = line.partition("\t")
+            if not tab:
+                logger.warning("%s:%d: skipping caption line without a TAB", captions_path, number)
+                continue
+            captions[os.path.normpath(name)] = caption.strip()
+    return captions

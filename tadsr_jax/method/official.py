@@ -31,7 +31,8 @@ from flax import nnx
 from tadsr_jax import storage
 from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.nn.lora import module_name
-from tadsr_jax.weights.convert import Path, WeightsError, jax_to_torch_layout, path_to_torch_key, torch_to_jax_layout
+from tadsr_jax.nn.naming import Path, path_to_torch_key
+from tadsr_jax.weights.convert import WeightsError, jax_to_torch_layout, torch_to_jax_layout
 from tadsr_jax.weights.files import torch_load, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"

@@ -15,7 +15,7 @@ in the diffusers/transformers layout. Both sides load that folder:
   clip, AdamW; then fake-score loss, backward, clip, AdamW.
 
 Each side runs in its own subprocess, one after the other (`run`); the weights folder is written by a
-third. `python -m tadsr_jax.benchmarks.train --side=ours|torch|prepare ...` is that worker entry point.
+third. `python -m benchmarks.train --side=ours|torch|prepare ...` is that worker entry point.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import tempfile
 import time
 from typing import Any
 
-from tadsr_jax.benchmarks import common
+from benchmarks import common
 from tadsr_jax.flops import matmul_flops
 
-WORKER = "tadsr_jax.benchmarks.train"
+WORKER = "benchmarks.train"
 FORMAT = 1  # bump when the weights folder's contents change
 
 HR_SIZE = 128
@@ -213,7 +213,7 @@ def _torch_lpips(path: str):
     """lpips.LPIPS(net='vgg') (torchvision-free, see torch_reference) loaded with our random LPIPS weights."""
     from safetensors.torch import load_file
 
-    from tadsr_jax.benchmarks.torch_reference import lpips_torch
+    from benchmarks.torch_reference import lpips_torch
 
     model = lpips_torch()
     tensors = load_file(path)
@@ -316,7 +316,7 @@ class _TorchTADSR:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from tadsr_jax.benchmarks.torch_reference import load_time_vae
+        from benchmarks.torch_reference import load_time_vae
 
         torch.manual_seed(seed)
         with open(os.path.join(folder, META_FILE)) as f:
@@ -377,7 +377,7 @@ class _TorchTADSR:
 
     def _encode(self, x, t):
         """docs/method.md 1.1 on diffusers' stock encoder modules -> (mean, logvar)."""
-        from tadsr_jax.benchmarks.torch_reference import time_aware_moments
+        from benchmarks.torch_reference import time_aware_moments
 
         return time_aware_moments(self.vae, self.time, x, t)
 

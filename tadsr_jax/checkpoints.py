@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and each process's data-iterator position, verified at restore.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, sha256.json}. `state` is the TrainState (trainable
-parameters, both optimizer states, step, PRNG key); the frozen base is never saved. `data` holds every
+Layout: <workdir>/checkpoints/<step>/{state, data, sha256.json}. `state` is the train state (training saves its
+trainable parameters, both optimizer states, step and PRNG key; never the frozen base), any pytree here, and a
+reader may restore part of it (inference takes the generator alone, without building an optimizer). `data` holds every
 process's grain iterator state, so a resumed run continues the same example stream. Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never leaves a half-written checkpoint.
 
@@ -25,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import grain
 import jax
@@ -32,7 +34,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from tadsr_jax import storage
-from tadsr_jax.train.step import TrainState
 
 DIGESTS = "sha256.json"
 QUARANTINE = "checkpoints_damaged"
@@ -113,7 +114,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_iterator, *, force: bool = False,
+    def save(self, step: int, state: Any, data_iterator, *, force: bool = False,
              metadata: Mapping | None = None) -> bool:
         """Start saving `step` (asynchronously); `metadata` (JSON) is stored with it, see `metadata`."""
         self.wait()  # Orbax would wait for the previous save here anyway
@@ -139,7 +140,7 @@ class Checkpointer:
         """The `metadata` saved with `step` (empty for steps saved without)."""
         return dict(self._manager.metadata(step).custom_metadata or {})
 
-    def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
+    def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
         """The state at `step` (default: latest), laid out like `abstract_state` (shapes and shardings), after
         checking its digests; a given data iterator is moved to the saved position in place."""
         step = self._manager.latest_step() if step is None else step
@@ -153,18 +154,23 @@ class Checkpointer:
             raise CheckpointError(f"{self._step_dir(step)}: damaged: {problem}")
         return self._restore(step, abstract_state, data_iterator)
 
-    def _restore(self, step: int, abstract_state: TrainState, data_iterator) -> TrainState:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+    def _restore(self, step: int, abstract_state: Any, data_iterator, partial: bool = False) -> Any:
+        if partial:  # only the subtrees `abstract_state` names
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)}
+        else:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_latest(self, abstract_state: TrainState, data_iterator=None, *,
-                       quarantine: bool = False) -> tuple[int, TrainState] | None:
+    def restore_latest(self, abstract_state: Any, data_iterator=None, *, quarantine: bool = False,
+                       partial: bool = False) -> tuple[int, Any] | None:
         """(step, state) of the newest step that passes its digest check and restores; None without checkpoints.
 
         Each skipped step gets one warning line saying why. With `quarantine` (training, which saves those
-        step numbers again), the skipped steps are then moved into <workdir>/checkpoints_damaged/. A verified
+        step numbers again), the skipped steps are then moved into <workdir>/checkpoints_damaged/. With `partial`,
+        `abstract_state` may name a part of the saved state (e.g. {"generator": ...}), and only that is read. A verified
         step that does not restore (e.g. a config that changed the model) raises CheckpointError, as does
         finding no step that restores (nothing is moved then).
         """
@@ -179,7 +185,7 @@ class Checkpointer:
                                 "was written): restoring it unverified", step, DIGESTS)
             if not problem:
                 try:
-                    state = self._restore(step, abstract_state, data_iterator)
+                    state = self._restore(step, abstract_state, data_iterator, partial)
                 except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
                     if verified:
                         raise CheckpointError(f"{self._step_dir(step)}: does not restore into this model "
@@ -229,6 +235,6 @@ class Checkpointer:
         self._manager.close()
 
 
-def abstract_like(state: TrainState) -> TrainState:
+def abstract_like(state: Any) -> Any:
     """Shapes, dtypes and shardings of `state`, to restore into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

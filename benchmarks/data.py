@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from tadsr_jax.benchmarks.common import Report, progress, weights_folder, write_folder
+from benchmarks.common import Report, progress, weights_folder, write_folder
 
 CROP = 512
 SIDE = 512

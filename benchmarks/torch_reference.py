@@ -1,8 +1,8 @@
 """PyTorch re-statements shared by the parity tests and the train benchmark (imports torch: not for users).
 
-- `lpips_vgg()`: the `lpips` package's LPIPS(net='vgg') built without torchvision, which does not import beside
-  the pinned torch: a stand-in `torchvision.models.vgg16()` with torchvision's `features` layout and random
-  convolutions; the package's own linear heads.
+- `lpips_torch(net)`: the `lpips` package's LPIPS(net='vgg' or 'alex') built without torchvision, which does not
+  import beside the pinned torch: a stand-in `torchvision.models` whose `vgg16()` and `alexnet()` have
+  torchvision's `features` layouts and random convolutions; the package's own linear heads.
 - `load_time_vae()`: a `time_vae/` folder as diffusers' stock AutoencoderKL plus the time tensors;
   `time_aware_moments()`: docs/method.md 1.1, the time-aware VAE encoder, on those stock encoder modules.
 """
@@ -16,34 +16,51 @@ import types
 import torch
 import torch.nn.functional as F
 
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# torchvision's `features` layouts: (out channels, kernel, stride, padding) per convolution (each followed by an
+# in-place ReLU), ("M", kernel, stride) per max-pool.
+VGG16_CFG = ((64, 3, 1, 1), (64, 3, 1, 1), ("M", 2, 2), (128, 3, 1, 1), (128, 3, 1, 1), ("M", 2, 2),
+             *[(256, 3, 1, 1)] * 3, ("M", 2, 2), *[(512, 3, 1, 1)] * 3, ("M", 2, 2), *[(512, 3, 1, 1)] * 3,
+             ("M", 2, 2))
+ALEXNET_CFG = ((64, 11, 4, 2), ("M", 3, 2), (192, 5, 1, 2), ("M", 3, 2), (384, 3, 1, 1), (256, 3, 1, 1),
+               (256, 3, 1, 1), ("M", 3, 2))
 
 
-def _vgg16_stand_in(pretrained: bool = False, weights=None, **kwargs) -> types.SimpleNamespace:
-    """torchvision.models.vgg16 without weights: only `.features`, laid out exactly as torchvision's."""
-    if pretrained or weights is not None:
-        raise ValueError("the torchvision stand-in has no pretrained weights")
-    layers, channels = [], 3
-    for item in VGG16_CFG:
-        if item == "M":
-            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [torch.nn.Conv2d(channels, item, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
-            channels = item
-    return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+def _features_stand_in(layout):
+    """A torchvision.models constructor without weights: only `.features`, laid out exactly as torchvision's."""
+
+    def build(pretrained: bool = False, weights=None, **kwargs) -> types.SimpleNamespace:
+        if pretrained or weights is not None:
+            raise ValueError("the torchvision stand-in has no pretrained weights")
+        layers, channels = [], 3
+        for item in layout:
+            if item[0] == "M":
+                layers.append(torch.nn.MaxPool2d(kernel_size=item[1], stride=item[2]))
+            else:
+                out, kernel, stride, padding = item
+                layers += [torch.nn.Conv2d(channels, out, kernel_size=kernel, stride=stride, padding=padding),
+                           torch.nn.ReLU(inplace=True)]
+                channels = out
+        return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+
+    return build
 
 
-def lpips_vgg() -> torch.nn.Module:
-    """lpips.LPIPS(net='vgg', version='0.1') with the package's heads and a (PyTorch-default) random VGG trunk."""
+vgg16_stand_in = _features_stand_in(VGG16_CFG)  # torchvision.models.vgg16, random (also DISTS' trunk)
+alexnet_stand_in = _features_stand_in(ALEXNET_CFG)  # torchvision.models.alexnet, random
+
+
+def lpips_torch(net: str = "vgg") -> torch.nn.Module:
+    """lpips.LPIPS(net=net, version='0.1'), net 'vgg' or 'alex', with the package's heads and a (PyTorch-default)
+    random trunk."""
     fake_tv, fake_models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
-    fake_models.vgg16 = _vgg16_stand_in
+    fake_models.vgg16, fake_models.alexnet = vgg16_stand_in, alexnet_stand_in
     fake_tv.models = fake_models
     saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
     sys.modules.update({"torchvision": fake_tv, "torchvision.models": fake_models})
     try:
         import lpips
 
-        return lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        return lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
     finally:
         for name, module in saved.items():
             if module is None:

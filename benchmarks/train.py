@@ -213,9 +213,9 @@ def _torch_lpips(path: str):
     """lpips.LPIPS(net='vgg') (torchvision-free, see torch_reference) loaded with our random LPIPS weights."""
     from safetensors.torch import load_file
 
-    from benchmarks.torch_reference import lpips_vgg
+    from benchmarks.torch_reference import lpips_torch
 
-    model = lpips_vgg()
+    model = lpips_torch()
     tensors = load_file(path)
     state = {}
     for s in range(1, 6):

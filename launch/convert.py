@@ -1,12 +1,15 @@
 r"""python launch/convert.py --what=lpips --vgg16=vgg16-397923af.pth \
     --lpips_linear=<site-packages>/lpips/weights/v0.1/vgg.pth --out=lpips_vgg.safetensors
+python launch/convert.py --what=lpips_alex --alexnet=alexnet-owt-7be5be79.pth \
+    --lpips_linear=<site-packages>/lpips/weights/v0.1/alex.pth --out=lpips_alex.safetensors
 python launch/convert.py --what=dists --vgg16=vgg16-397923af.pth --dists_weights=<DISTS_pytorch>/weights.pt \
     --out=dists.safetensors
 python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \
     (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 
-Converts weight files: LPIPS and DISTS (PyTorch -> our safetensors) and TADSR generators between the reference's
-tadsr.pkl (reading or writing it needs torch), our safetensors export and a training workdir's checkpoint.
+Converts weight files: LPIPS (VGG, or AlexNet: the paper's) and DISTS (PyTorch -> our safetensors) and TADSR
+generators between the reference's tadsr.pkl (reading or writing it needs torch), our safetensors export and a
+training workdir's checkpoint.
 Each `--what` is one handler in HANDLERS (flags -> library call -> one line of output); errors are one line on
 stderr and exit status 1 (2 for a usage error).
 """
@@ -18,9 +21,12 @@ from absl import flags
 
 from tadsr_jax import cli
 
-_WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips.")
+_WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips, lpips_alex.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips, dists: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
-_LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips: the lpips package's weights/v0.1/vgg.pth.")
+_ALEXNET = flags.DEFINE_string("alexnet", None, "lpips_alex: torchvision's AlexNet ImageNet weights "
+                               "(alexnet-owt-*.pth).")
+_LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips, lpips_alex: the lpips package's "
+                                    "weights/v0.1/vgg.pth or alex.pth.")
 _DISTS_WEIGHTS = flags.DEFINE_string("dists_weights", None, "dists: DISTS_pytorch's weights.pt (alpha, beta).")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _CONFIG = cli.define_config(help_text="generator: the experiment config (SD folder, LoRA rank).")
@@ -41,6 +47,14 @@ def _convert_lpips() -> str:
     _require(vgg16=_VGG16.value, lpips_linear=_LPIPS_LINEAR.value, out=_OUT.value)
     convert_lpips_weights(_VGG16.value, _LPIPS_LINEAR.value, _OUT.value)
     return f"wrote {_OUT.value} (LPIPS VGG16 v0.1)"
+
+
+def _convert_lpips_alex() -> str:
+    from tadsr_jax.weights.lpips import convert_lpips_weights
+
+    _require(alexnet=_ALEXNET.value, lpips_linear=_LPIPS_LINEAR.value, out=_OUT.value)
+    convert_lpips_weights(_ALEXNET.value, _LPIPS_LINEAR.value, _OUT.value, net="alex")
+    return f"wrote {_OUT.value} (LPIPS AlexNet v0.1)"
 
 
 def _convert_dists() -> str:
@@ -64,7 +78,7 @@ def _convert_generator() -> str:
 
 
 HANDLERS: dict[str, Callable[[], str]] = {"dists": _convert_dists, "generator": _convert_generator,
-                                          "lpips": _convert_lpips}
+                                          "lpips": _convert_lpips, "lpips_alex": _convert_lpips_alex}
 
 
 def main(argv: list[str]) -> int:

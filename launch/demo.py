@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
     from tadsr_jax.data.samples import HELD_OUT_SAMPLES, sample_image
     from tadsr_jax.images import write_png_atomic
     from tadsr_jax.infer.model import WeightsSource, load_sr_model
-    from tadsr_jax.infer.pipeline import SCALE, SRSettings, Upscaler, bicubic_x4
+    from tadsr_jax.infer.pipeline import SRSettings, Upscaler, bicubic_upscale
     from tadsr_jax.infer.session import pretrained_folder
     from tadsr_jax.train import loop
 
@@ -46,22 +46,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
     _say(log, f"training to step {config.train.steps} in {workdir}{model_note}; the bar starts moving once the "
               "train step is compiled")
     train_metrics = loop.train(config, workdir)
-    _say(log, f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{SCALE} at t={config.sr.timestep} "
+    settings = SRSettings.from_config(config.sr)
+    scale = settings.scale
+    _say(log, f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{scale} at t={config.sr.timestep} "
               "(compiling the SR program first)")
     model = load_sr_model(config, pretrained_folder(config, workdir), WeightsSource(workdir=workdir),
                           dtype=config.sr.dtype)
-    upscaler = Upscaler(model, SRSettings.from_config(config.sr))
+    upscaler = Upscaler(model, settings)
 
+    hr_size -= hr_size % scale  # HR = scale x LQ exactly
     hr = [np.asarray(sample_image(name, hr_size)) for name in HELD_OUT_SAMPLES]
-    lq = [np.asarray(Image.fromarray(im).resize((hr_size // SCALE,) * 2, Image.BICUBIC)) for im in hr]
-    bicubic = [bicubic_x4(im) for im in lq]
+    lq = [np.asarray(Image.fromarray(im).resize((hr_size // scale,) * 2, Image.BICUBIC)) for im in hr]
+    bicubic = [bicubic_upscale(im, scale) for im in lq]
     sr = upscaler.super_resolve(lq, [config.sr.prompt] * len(lq))
 
     out_dir = os.path.join(workdir, "demo")
     storage.makedirs(out_dir)
     psnr_bicubic, psnr_sr = [], []
     for name, hr_im, lq_im, bic, sr_im in zip(HELD_OUT_SAMPLES, hr, lq, bicubic, sr):
-        lq_big = np.repeat(np.repeat(lq_im, SCALE, axis=0), SCALE, axis=1)
+        lq_big = np.repeat(np.repeat(lq_im, scale, axis=0), scale, axis=1)
         write_png_atomic(os.path.join(out_dir, f"{name}.png"), np.concatenate([lq_big, bic, sr_im, hr_im], axis=1))
         psnr_bicubic.append(psnr(bic, hr_im))
         psnr_sr.append(psnr(sr_im, hr_im))

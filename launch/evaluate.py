@@ -1,16 +1,18 @@
 """python launch/evaluate.py --sr=DIR[,DIR...] [--hr=DIR] [--names=A,B] [--dataset=RealSR] [--crop=512]
-    [--metrics=psnr,ssim,lpips,dists,clipiqa,musiq,maniqa,topiq,niqe] [--lpips=FILE] [--dists=FILE] [--output=DIR]
+    [--metrics=psnr,ssim,lpips,lpips_alex,dists,fid,clipiqa,musiq,maniqa,topiq,qalign,niqe] [--lpips=FILE]
+    [--lpips_alex=FILE] [--dists=FILE] [--output=DIR]
 python launch/evaluate.py --sweep=100,200,...,900 --lq=DIR --hr=DIR --output=DIR --config=CONFIG
     [--workdir=DIR | --tadsr_ckpt=FILE | --generator=FILE] [--seed=42] [--prompt=TEXT]   (SR at each t, then scores)
 python launch/evaluate.py --sweep=100,...,900 --sr=SWEEP_OUTPUT_DIR --hr=DIR      (outputs of launch/sr.py --sweep)
 
 Scores SR outputs against HR references matched by file name (or, with --sr alone, no-reference metrics), writes
 <output>/metrics.json and a markdown table laid out like the paper's Table 1 (<output>/metrics.md; one column per
---sr folder). With --sweep, one column per timestep plus <output>/sweep.png (each metric against t, the paper's
-Fig. 6). Columns are compared on the same images only: those scored in every column (one line per column lists
-what it left out; the table's last row and each column's `images` in the JSON give the count). Unmatched and
-unreadable files get one line each; the exit status is 1 if any file failed. The last line printed is the metrics
-JSON (the means over the images).
+--sr folder; docs/metrics.md says what each metric needs). With --sweep, one column per timestep plus
+<output>/sweep.png (each metric against t, the paper's Fig. 6). Columns are compared on the same images only:
+those scored in every column (one line per column lists what it left out; the table's last row and each column's
+`images` in the JSON give the count); FID is computed on those images too. Unmatched and unreadable files get one
+line each; the exit status is 1 if any file failed. The last line printed is the metrics JSON (the means over the
+images).
 """
 
 import json
@@ -27,9 +29,12 @@ _NAMES = flags.DEFINE_list("names", None, "Column labels of the --sr folders (de
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset label of the table (default: the HR folder's name).")
 _CROP = flags.DEFINE_integer("crop", 0, "Centre-crop SR and HR to this square side before scoring (0: whole).",
                              lower_bound=0)
-_METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: psnr, ssim, plus lpips/dists when their weights "
-                             "are given; with --sr alone: clipiqa, musiq, maniqa, topiq through pyiqa).")
-_LPIPS = flags.DEFINE_string("lpips", "", "LPIPS-VGG weights (launch/convert.py --what=lpips).")
+_METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: psnr, ssim, plus lpips/lpips_alex/dists when their "
+                             "weights are given; with --sr alone: clipiqa, musiq, maniqa, topiq through pyiqa). "
+                             "fid, qalign and the no-reference ones need pyiqa.")
+_LPIPS = flags.DEFINE_string("lpips", "", "LPIPS-VGG weights (launch/convert.py --what=lpips); not the paper's LPIPS.")
+_LPIPS_ALEX = flags.DEFINE_string("lpips_alex", "", "LPIPS-AlexNet weights, the paper's LPIPS (launch/convert.py "
+                                  "--what=lpips_alex).")
 _DISTS = flags.DEFINE_string("dists", "", "DISTS weights (launch/convert.py --what=dists).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Same-shape images scored per call.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", None, "Report folder (default: the first --sr folder).")
@@ -75,10 +80,12 @@ def _run(log) -> tuple[dict, bool]:
     for folder in [*sr_dirs, *([_HR.value] if _HR.value else [])]:
         if not storage.isdir(folder):
             raise ValueError(f"{folder}: not a folder")
-    names = _METRICS.value or evaluation.default_metrics(reference=bool(_HR.value), lpips=bool(_LPIPS.value),
-                                                         dists=bool(_DISTS.value), log=log)
-    scorer = evaluation.Scorer(names, lpips=evaluation.load_metric_net("lpips", _LPIPS.value),
-                               dists=evaluation.load_metric_net("dists", _DISTS.value))
+    weights = {"lpips": _LPIPS.value, "lpips_alex": _LPIPS_ALEX.value, "dists": _DISTS.value}
+    names = _METRICS.value or evaluation.default_metrics(reference=bool(_HR.value),
+                                                         weights=[name for name, path in weights.items() if path],
+                                                         log=log)
+    scorer = evaluation.Scorer(names, **{name: evaluation.load_metric_net(name, path)
+                                         for name, path in weights.items()})
     output = _OUTPUT.value or sr_dirs[0]
     storage.makedirs(output)
     dataset = _DATASET.value or os.path.basename(os.path.normpath(_HR.value or sr_dirs[0]))
@@ -125,12 +132,12 @@ def main(argv):
     runtime.set_xla_cpu_flags()
     runtime.enable_compilation_cache()
     from tadsr_jax.images import ImageError
-    from tadsr_jax.metrics import NoReferenceMetricsUnavailable
+    from tadsr_jax.metrics import PyiqaUnavailable
     from tadsr_jax.weights.convert import WeightsError
 
     try:
         summary, failed = _run(sys.stderr)
-    except (ImageError, WeightsError, NoReferenceMetricsUnavailable, ValueError, ImportError, OSError) as e:
+    except (ImageError, WeightsError, PyiqaUnavailable, ValueError, ImportError, OSError) as e:
         for line in str(e).splitlines():  # an OutputError has one line per problem
             print(f"evaluate: error: {line}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 """python launch/sr.py --config=CONFIG --input=FILE_OR_DIR --output=DIR [--workdir=DIR | --tadsr_ckpt=FILE |
     --generator=FILE] [--timestep=500 | --sweep=100,300,500,700,900] [--prompt=TEXT] [--captions=FILE]
-    [--seed=42] [--dtype=float32|bfloat16] [--color_fix=adain|wavelet|none] [--latent_tile=96 --latent_overlap=32]
-    [--vae_strip_above=1048576] [--batch_size=1]
+    [--scale=4] [--seed=42] [--dtype=float32|bfloat16] [--color_fix=adain|wavelet|none]
+    [--latent_tile=96 --latent_overlap=32] [--vae_strip_above=1048576] [--batch_size=1]
 
-x4 super-resolution of one image or every image of a directory (png, jpg, jpeg, webp, bmp, tif, tiff). The SD
-folder is --config.model.pretrained (for configs/tiny.py: the stand-in written into --workdir by training).
+xS super-resolution (S = --scale, default 4) of one image or every image of a directory (png, jpg, jpeg, webp,
+bmp, tif, tiff). The SD folder is --config.model.pretrained (for configs/tiny.py: the stand-in written into
+--workdir by training).
 Generator weights: the reference's tadsr.pkl (--tadsr_ckpt, needs torch), our export (--generator), or the
 latest checkpoint of a training workdir (--workdir). A bad input gets one line and the rest is processed; the
 exit status is 1 if any input failed. The last line printed is a JSON summary.
@@ -25,6 +26,8 @@ _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "The reference's released ta
 _GENERATOR = flags.DEFINE_string("generator", "", "Generator weights exported by launch/convert.py (safetensors).")
 _TIMESTEP = flags.DEFINE_integer("timestep", None, "The fidelity (low) / realism (high) knob, 1..999 "
                                  + cli.config_default("sr.timestep"))
+_SCALE = flags.DEFINE_integer("scale", None, "Output size / input size, 1..8: the bicubic upscale in front of the "
+                               "model (the reference's --upscale) " + cli.config_default("sr.scale"))
 _SWEEP = flags.DEFINE_list("sweep", None, "Timesteps to run each image at (--batch_size per call), plus "
                            "a contact sheet (e.g. 100,300,500,700,900).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt for every image " + cli.config_default("sr.prompt"))
@@ -41,7 +44,7 @@ _LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", None, "UNet tile overla
                                        + cli.config_default("sr.latent_overlap"))
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Same-shape images per call "
                                    + cli.config_default("sr.batch_size"))
-_VAE_STRIP_ABOVE = flags.DEFINE_integer("vae_strip_above", None, "Working images (4x the input) with more pixels "
+_VAE_STRIP_ABOVE = flags.DEFINE_integer("vae_strip_above", None, "Working images (scale x the input) with more pixels "
                                         "run the VAE strip-wise, with bounded memory "
                                         + cli.config_default("sr.vae_strip_above"))
 flags.mark_flags_as_required(["config"])
@@ -66,8 +69,8 @@ def main(argv):
     from tadsr_jax.weights.convert import WeightsError
 
     try:
-        overrides = dict(timestep=_TIMESTEP.value, prompt=_PROMPT.value, seed=_SEED.value, dtype=_DTYPE.value,
-                         color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
+        overrides = dict(timestep=_TIMESTEP.value, scale=_SCALE.value, prompt=_PROMPT.value, seed=_SEED.value,
+                         dtype=_DTYPE.value, color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
                          latent_overlap=_LATENT_OVERLAP.value, batch_size=_BATCH_SIZE.value,
                          vae_strip_above=_VAE_STRIP_ABOVE.value)
         report = session.run(_CONFIG.value, _INPUT.value, _OUTPUT.value,

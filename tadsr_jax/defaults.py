@@ -86,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.sr.sample_posterior = True  # the reference samples the VAE posterior (seeded here)
     config.sr.seed = 42
     config.sr.dtype = "float32"  # or "bfloat16" (GPU/TPU serving)
-    config.sr.process_size = 512  # short sides below process_size / 4 are upscaled to it first
+    # Output = scale x input, 1..8: the bicubic upscale in front of the model (the reference's --upscale; the model
+    # works at the output resolution, and TADSR is trained and evaluated at 4).
+    config.sr.scale = 4
+    config.sr.process_size = 512  # short sides below process_size / scale are upscaled to it first
     config.sr.bucket = 64  # working images are padded to multiples of this (pixels): fewer compiled shapes
     config.sr.batch_size = 1
     config.sr.latent_tile = 96  # UNet tiles and their overlap, latent pixels

@@ -1,6 +1,8 @@
 """Evaluate folders of SR outputs as the paper does: match files to HR references by name, optional centre crops,
-full-reference (PSNR/SSIM on Y, LPIPS, DISTS) and no-reference (pyiqa) metrics, a JSON report, a markdown table
-laid out like the paper's Table 1, and the fidelity-realism sweep plot (metrics against the timestep).
+full-reference (PSNR/SSIM on Y, LPIPS-VGG, LPIPS-AlexNet, DISTS), no-reference (pyiqa) and per-folder (FID,
+pyiqa) metrics, a JSON report, a markdown table laid out like the paper's Table 1, and the fidelity-realism sweep
+plot (metrics against the timestep). docs/metrics.md lists every metric, what it needs and how it relates to
+pyiqa.
 
 Files are matched by stem: `<sr_dir>/<stem><suffix>.<ext>` with `<hr_dir>/<stem>.<ext>` (any image extension; a
 sweep's outputs carry the suffix `_t<T>`). A file that cannot be read, or whose size differs from its reference,
@@ -15,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from typing import TextIO
 
@@ -22,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tadsr_jax import metrics, storage
-from tadsr_jax.images import ImageError, list_images, read_rgb
+from tadsr_jax.images import ImageError, list_images, read_rgb, write_png_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +34,21 @@ class MetricInfo:
     higher_is_better: bool
     digits: int
     full_reference: bool
+    per_folder: bool = False  # one value for a set of images (FID), not a mean of per-image values
 
 
 METRICS: dict[str, MetricInfo] = {
     "psnr": MetricInfo("PSNR", True, 3, True),
     "ssim": MetricInfo("SSIM", True, 4, True),
-    "lpips": MetricInfo("LPIPS-VGG", False, 4, True),  # the paper's column is pyiqa's LPIPS-AlexNet
+    "lpips": MetricInfo("LPIPS-VGG", False, 4, True),  # not the paper's LPIPS: that is "lpips_alex"
+    "lpips_alex": MetricInfo("LPIPS-Alex (paper's LPIPS)", False, 4, True),
     "dists": MetricInfo("DISTS", False, 4, True),
+    "fid": MetricInfo("FID", False, 2, True, per_folder=True),
     "clipiqa": MetricInfo("CLIPIQA", True, 4, False),
     "musiq": MetricInfo("MUSIQ", True, 3, False),
     "maniqa": MetricInfo("MANIQA", True, 4, False),
     "topiq": MetricInfo("TOPIQ", True, 4, False),
+    "qalign": MetricInfo("Q-Align", True, 4, False),
     "niqe": MetricInfo("NIQE", False, 4, False),
 }
 
@@ -100,14 +107,14 @@ def center_crop(pixels: np.ndarray, size: int, path: str) -> np.ndarray:
 NO_REFERENCE_DEFAULT = ("clipiqa", "musiq", "maniqa", "topiq")
 
 
-def default_metrics(*, reference: bool, lpips: bool, dists: bool, log: TextIO = sys.stderr) -> list[str]:
-    """PSNR and SSIM, plus LPIPS/DISTS when their weights are given (a note says how otherwise); without
-    references, the paper's no-reference metrics."""
+def default_metrics(*, reference: bool, weights: Collection[str], log: TextIO = sys.stderr) -> list[str]:
+    """PSNR and SSIM, plus each of LPIPS-VGG/LPIPS-Alex/DISTS whose weights are given (`weights`: their metric
+    names; a note says how otherwise); without references, the paper's no-reference metrics."""
     if not reference:
         return list(NO_REFERENCE_DEFAULT)
     names = ["psnr", "ssim"]
-    for name, given in (("lpips", lpips), ("dists", dists)):
-        if given:
+    for name in metrics.NETWORK_METRICS:
+        if name in weights:
             names.append(name)
         else:
             print(f"note: {name} skipped: pass --{name}=FILE (made by launch/convert.py --what={name})", file=log)
@@ -115,45 +122,68 @@ def default_metrics(*, reference: bool, lpips: bool, dists: bool, log: TextIO = 
 
 
 def load_metric_net(kind: str, path: str):
-    """The LPIPS or DISTS network from a converted weights file, or None when `path` is empty."""
+    """The network of metric `kind` (one of metrics.NETWORK_METRICS) from a converted weights file, or None when
+    `path` is empty."""
     if not path:
         return None
-    if kind == "lpips":
+    if kind in ("lpips", "lpips_alex"):
         from tadsr_jax.weights.lpips import load_lpips
 
-        return load_lpips(path)
+        return load_lpips(path, net="alex" if kind == "lpips_alex" else "vgg")
     from tadsr_jax.weights.dists import load_dists
 
     return load_dists(path)
 
 
 class Scorer:
-    """The run's metrics on batches of same-shape images (float32 NHWC in [0, 1]): `scorer(sr, hr)` ->
-    {metric: (B,) float64}. Full-reference metrics in JAX (LPIPS and DISTS need their networks); no-reference
-    ones through pyiqa, which must be installed with its weights."""
+    """The run's metrics. Per image, on batches of same-shape images (float32 NHWC in [0, 1]): `scorer(sr, hr)` ->
+    {metric: (B,) float64} for `per_image_names`: full-reference metrics in JAX (LPIPS-VGG, LPIPS-Alex and DISTS
+    need their networks), no-reference ones through pyiqa. Per set of images (`folder_names`: FID, through pyiqa):
+    `scorer.score_folders(pairs, crop)` -> {metric: float}; `compare` calls it on the images it compares. pyiqa
+    must be installed with its weights for the metrics that go through it: asking for one without it is one
+    error line, here, before anything is scored."""
 
-    def __init__(self, names: Sequence[str], *, lpips=None, dists=None):
+    def __init__(self, names: Sequence[str], *, lpips=None, lpips_alex=None, dists=None):
         unknown = [n for n in names if n not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
-        for name, model in (("lpips", lpips), ("dists", dists)):
+        for name, model in (("lpips", lpips), ("lpips_alex", lpips_alex), ("dists", dists)):
             if name in names and model is None:
                 raise ValueError(f"{name} needs its weights: --{name}=FILE (made by launch/convert.py --what={name})")
         self.names = tuple(names)
-        full = [n for n in self.names if METRICS[n].full_reference]
-        no_reference = [n for n in self.names if not METRICS[n].full_reference]
-        self._full = metrics.FullReferenceMetrics(full, lpips=lpips, dists=dists) if full else None
+        self.folder_names = tuple(n for n in self.names if METRICS[n].per_folder)
+        self.per_image_names = tuple(n for n in self.names if not METRICS[n].per_folder)
+        full = [n for n in self.per_image_names if METRICS[n].full_reference]
+        no_reference = [n for n in self.per_image_names if not METRICS[n].full_reference]
+        self._full = (metrics.FullReferenceMetrics(full, lpips=lpips, lpips_alex=lpips_alex, dists=dists)
+                      if full else None)
         self._no_reference = metrics.NoReferenceMetrics(no_reference) if no_reference else None
+        self._folder = metrics.FolderMetrics(self.folder_names) if self.folder_names else None
 
     @property
-    def needs_reference(self) -> bool:
-        return self._full is not None
+    def reference_metrics(self) -> list[str]:
+        """The metrics that need references (`--hr`)."""
+        return [n for n in self.names if METRICS[n].full_reference]
 
     def __call__(self, sr: np.ndarray, hr: np.ndarray | None) -> dict[str, np.ndarray]:
         scores = self._full(sr, hr) if self._full is not None else {}
         if self._no_reference is not None:
             scores.update(self._no_reference(sr))
-        return {name: scores[name] for name in self.names}
+        return {name: scores[name] for name in self.per_image_names}
+
+    def score_folders(self, pairs: Sequence[Pair], crop: int = 0) -> dict[str, float]:
+        """The per-folder metrics of these pairs' SR images against their references, as read for per-image
+        scoring (centre-cropped with `crop`): written as PNGs to two temporary local folders (lossless: the
+        pixels are 8-bit), which pyiqa then reads. {} when no per-folder metric was asked for."""
+        if self._folder is None:
+            return {}
+        with tempfile.TemporaryDirectory(prefix="tadsr_fid_") as tmp:
+            sr_dir, hr_dir = os.path.join(tmp, "sr"), os.path.join(tmp, "hr")
+            for pair in pairs:
+                sr, hr = _read(pair, crop)
+                write_png_atomic(os.path.join(sr_dir, f"{pair.name}.png"), sr)
+                write_png_atomic(os.path.join(hr_dir, f"{pair.name}.png"), hr)
+            return self._folder(sr_dir, hr_dir)
 
 
 @dataclasses.dataclass
@@ -161,12 +191,14 @@ class Evaluation:
     per_image: dict[str, dict[str, float]]
     failed: list[str]  # one line each: "<path>: <problem>"
     matching: Matching
+    per_folder: dict[str, float] = dataclasses.field(default_factory=dict)  # FID, over the images `compare` chose
 
     def means(self, images: Collection[str] | None = None) -> dict[str, float]:
-        """Each metric's mean over `images` (default: every scored image)."""
+        """Each per-image metric's mean over `images` (default: every scored image), and the per-folder values."""
         scores = [self.per_image[name] for name in (self.per_image if images is None else images)]
-        names = {n for s in scores for n in s}
-        return {n: float(np.mean([s[n] for s in scores])) for n in METRICS if n in names}
+        values = {n: float(np.mean([s[n] for s in scores])) for n in {n for s in scores for n in s}}
+        values.update(self.per_folder)
+        return {n: values[n] for n in METRICS if n in values}
 
     def to_json(self, images: Collection[str] | None = None) -> dict:
         """The report of one column; `images`: those its mean is over (default: every scored image)."""
@@ -194,8 +226,10 @@ def _read(pair: Pair, crop: int) -> tuple[np.ndarray, np.ndarray | None]:
 def evaluate(matching: Matching, scorer: Scorer, *, crop: int = 0, batch_size: int = 8, log: TextIO = sys.stderr,
              desc: str = "evaluating") -> Evaluation:
     """Scores every pair; same-shape images are batched (one compiled metric program per shape and batch size)."""
-    if scorer.needs_reference and any(p.hr is None for p in matching.pairs):
-        raise ValueError("full-reference metrics need --hr")
+    needs_reference = scorer.reference_metrics
+    if needs_reference and any(p.hr is None for p in matching.pairs):
+        raise ValueError(f"{', '.join(needs_reference)} need{'s' if len(needs_reference) == 1 else ''} references: "
+                         "pass --hr")
     evaluation = Evaluation({}, [], matching)
     pending: dict[tuple[int, ...], list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
     bar = tqdm(total=len(matching.pairs), unit="img", desc=desc, file=log, disable=not matching.pairs)
@@ -248,8 +282,9 @@ class Comparison:
 def compare(matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0, batch_size: int = 8,
             log: TextIO = sys.stderr) -> Comparison:
     """Scores each column (label -> its SR outputs matched to references) on the images all columns have, then
-    averages over those scored in all of them: a table compares methods on the same images only. With several
-    columns, one line per column lists what it left out; ValueError when no image is common to all."""
+    averages over those scored in all of them: a table compares methods on the same images only. Per-folder
+    metrics (FID) are computed on those same images. With several columns, one line per column lists what it
+    left out; ValueError when no image is common to all."""
     common = set.intersection(*({p.name for p in m.pairs} for m in matchings.values()))
     if not common:
         raise ValueError(f"no image name is in every column ({', '.join(matchings)}): nothing to compare")
@@ -258,6 +293,8 @@ def compare(matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0,
         shared = dataclasses.replace(matching, pairs=[p for p in matching.pairs if p.name in common])
         columns[label] = evaluate(shared, scorer, crop=crop, batch_size=batch_size, log=log, desc=label)
     images = sorted(set.intersection(*(set(column.per_image) for column in columns.values())))
+    for column in columns.values():
+        column.per_folder = scorer.score_folders([p for p in column.matching.pairs if p.name in set(images)], crop)
     left_out = {label: sorted({p.name for p in m.pairs} - set(images)) for label, m in matchings.items()}
     if len(matchings) > 1:
         for label, names in left_out.items():

@@ -10,17 +10,18 @@ Full reference, in JAX (jitted; sr = super-resolved, hr = ground truth):
 - `lpips_distance(lpips_model, sr, hr)`: LPIPS of a `tadsr_jax.models.lpips.LPIPS` (it takes [-1, 1]; the
   [0, 1] -> [-1, 1] mapping is done here, as pyiqa's normalize=True does).
 - `dists_distance(dists_model, sr, hr)`: DISTS of a `tadsr_jax.models.dists.DISTS`.
-- `FullReferenceMetrics(names, lpips=None, dists=None)`, called per batch as `metrics(sr, hr)`, returns
-  {name: (B,) float64 numpy array} for names among `FULL_REFERENCE` ("psnr", "ssim", "lpips", "dists").
+- `FullReferenceMetrics(names, lpips=None, lpips_alex=None, dists=None)`, called per batch as `metrics(sr, hr)`,
+  returns {name: (B,) float64 numpy array} for names among `FULL_REFERENCE` ("psnr", "ssim", "lpips",
+  "lpips_alex", "dists"). "lpips" is LPIPS-VGG (pyiqa's 'lpips-vgg', the training loss's network); "lpips_alex"
+  is LPIPS-AlexNet, pyiqa's default 'lpips' and the LPIPS column of the paper (and of OSEDiff).
 
-No reference, through pyiqa itself (PyTorch, downloads its weights): `NoReferenceMetrics(names, device="cpu")`,
-called per batch as `nr(images)`, returns {name: (B,) float64 numpy array}, names among `NO_REFERENCE`
-(clipiqa, musiq, maniqa, niqe, topiq) or any pyiqa metric name; without an importable pyiqa they raise
-`NoReferenceMetricsUnavailable`.
-
-Deviation: pyiqa's 'lpips' (the one OSEDiff reports) is LPIPS-AlexNet; `lpips_distance` computes whichever
-LPIPS it is given, and this package's LPIPS is the VGG variant (pyiqa's 'lpips-vgg'), so its values are not
-comparable with published LPIPS columns.
+Through pyiqa itself (PyTorch, downloads its weights); without an importable pyiqa these raise
+`PyiqaUnavailable` with one line naming the metrics and the install command:
+- `NoReferenceMetrics(names, device="cpu")`, called per batch as `nr(images)`, returns {name: (B,) float64 numpy
+  array}, names among `NO_REFERENCE` (clipiqa, musiq, maniqa, niqe, topiq, qalign).
+- `FolderMetrics(names, device="cpu")`, called once per column as `fm(sr_dir, hr_dir)`, returns {name: float}:
+  metrics of a set of images rather than of one, names among `PER_FOLDER` (fid: the Frechet distance between
+  the Inception features of the two folders' images).
 """
 
 from __future__ import annotations
@@ -42,15 +43,18 @@ Y_OFFSET = 16.0
 PSNR_EPS = 1e-8
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_DATA_RANGE = 255.0  # pyiqa's SSIM works on rounded 8-bit Y levels
-FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
-# Short names -> the pyiqa metric OSEDiff / TADSR report (docs/method.md section 6).
+FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_alex", "dists")
+NETWORK_METRICS = ("lpips", "lpips_alex", "dists")  # the full-reference metrics that need a network's weights
+# Short names -> the pyiqa metric OSEDiff / TADSR report (docs/method.md section 6, docs/metrics.md).
 NO_REFERENCE = {"clipiqa": "clipiqa", "musiq": "musiq", "maniqa": "maniqa-pipal", "niqe": "niqe",
-                "topiq": "topiq_nr"}
+                "topiq": "topiq_nr", "qalign": "qalign"}
+PER_FOLDER = {"fid": "fid"}
 INSTALL_HINT = "pip install pyiqa==0.1.10 torch==2.13.0"
 
 
-class NoReferenceMetricsUnavailable(RuntimeError):
-    """pyiqa (with PyTorch) is not importable, so CLIPIQA / MUSIQ / MANIQA / NIQE / TOPIQ cannot be computed."""
+class PyiqaUnavailable(RuntimeError):
+    """pyiqa (with PyTorch) is not importable, so the metrics computed through it (NO_REFERENCE, PER_FOLDER)
+    cannot be."""
 
 
 def _float(x) -> jax.Array:
@@ -141,6 +145,10 @@ def _dists(graphdef, state, sr, hr) -> jax.Array:
     return nnx.merge(graphdef, state)(sr, hr)
 
 
+_NETWORK_FUNCTIONS = {"lpips": _lpips, "lpips_alex": _lpips, "dists": _dists}
+_LPIPS_TRUNKS = {"lpips": "vgg", "lpips_alex": "alex"}
+
+
 def lpips_distance(model: LPIPS, sr, hr) -> jax.Array:
     """LPIPS of images in [0, 1] (mapped to the model's [-1, 1]). (B,)"""
     sr, hr = _float(sr), _float(hr)
@@ -159,35 +167,46 @@ class FullReferenceMetrics:
     """The full-reference metrics of a run, per batch: `FullReferenceMetrics(["psnr", "ssim", "lpips"],
     lpips=load_lpips(path))(sr, hr)` -> {"psnr": (B,), "ssim": (B,), "lpips": (B,)} float64 numpy arrays.
 
-    "lpips" needs `lpips=` (an LPIPS model), "dists" needs `dists=` (a DISTS model); the models are split once.
+    Each of NETWORK_METRICS needs its model under its own name: `lpips=` an LPIPS-VGG, `lpips_alex=` an
+    LPIPS-AlexNet, `dists=` a DISTS model; the models are split once.
     """
 
-    def __init__(self, names: Sequence[str], *, lpips: LPIPS | None = None, dists: DISTS | None = None):
+    def __init__(self, names: Sequence[str], *, lpips: LPIPS | None = None, lpips_alex: LPIPS | None = None,
+                 dists: DISTS | None = None):
         self.names = tuple(names)
         unknown = [n for n in self.names if n not in FULL_REFERENCE]
         if unknown:
             raise ValueError(f"unknown full-reference metric {unknown[0]!r}; known: {', '.join(FULL_REFERENCE)}")
-        for name, model in (("lpips", lpips), ("dists", dists)):
-            if name in self.names and model is None:
+        models = {"lpips": lpips, "lpips_alex": lpips_alex, "dists": dists}
+        self._networks = {}
+        for name in NETWORK_METRICS:
+            if name not in self.names:
+                continue
+            model = models[name]
+            if model is None:
                 raise ValueError(f"metric {name!r} needs its model: FullReferenceMetrics(..., {name}=<model>)")
-        self._lpips = nnx.split(lpips) if "lpips" in self.names else None
-        self._dists = nnx.split(dists) if "dists" in self.names else None
+            if name in _LPIPS_TRUNKS and model.net != _LPIPS_TRUNKS[name]:
+                raise ValueError(f"metric {name!r} needs an LPIPS with the {_LPIPS_TRUNKS[name]!r} trunk, got "
+                                 f"{model.net!r}")
+            self._networks[name] = nnx.split(model)
 
     def __call__(self, sr, hr) -> dict[str, np.ndarray]:
         sr, hr = _float(sr), _float(hr)
         _check_pair(sr, hr)
         compute = {"psnr": lambda: psnr_y(sr, hr), "ssim": lambda: ssim_y(sr, hr),
-                   "lpips": lambda: _lpips(*self._lpips, sr, hr), "dists": lambda: _dists(*self._dists, sr, hr)}
+                   **{name: functools.partial(_NETWORK_FUNCTIONS[name], *split, sr, hr)
+                      for name, split in self._networks.items()}}
         return {name: np.asarray(compute[name](), np.float64) for name in self.names}
 
 
-def _import_pyiqa():
+def _import_pyiqa(names: Sequence[str]):
+    """pyiqa, or PyiqaUnavailable: one line naming `names` (the metrics that need it) and how to install it."""
     try:
         import pyiqa
     except Exception as e:  # ImportError, or torch/torchvision failing inside pyiqa's imports
         cause = (str(e).splitlines() or [""])[0]
-        raise NoReferenceMetricsUnavailable(f"no-reference metrics need pyiqa and its weights ({type(e).__name__}: "
-                                            f"{cause}): {INSTALL_HINT}") from None
+        raise PyiqaUnavailable(f"{', '.join(names)} need{'s' if len(names) == 1 else ''} pyiqa and its weights "
+                               f"({type(e).__name__}: {cause}): {INSTALL_HINT}") from None
     return pyiqa
 
 
@@ -196,11 +215,11 @@ class NoReferenceMetrics:
     {name: (B,) float64} for (B, H, W, 3) RGB images in [0, 1], scored one image at a time as OSEDiff does.
 
     Short names map through `NO_REFERENCE` (e.g. "maniqa" -> "maniqa-pipal"); other names go to pyiqa unchanged.
-    Raises NoReferenceMetricsUnavailable when pyiqa does not import.
+    Raises PyiqaUnavailable when pyiqa does not import.
     """
 
     def __init__(self, names: Sequence[str], device: str = "cpu"):
-        pyiqa = _import_pyiqa()
+        pyiqa = _import_pyiqa(names)
         self.names, self.device = tuple(names), device
         self._metrics = {name: pyiqa.create_metric(NO_REFERENCE.get(name, name), device=device) for name in names}
 
@@ -212,3 +231,22 @@ class NoReferenceMetrics:
             return {name: np.array([float(metric(image[None].to(self.device)).reshape(-1)[0]) for image in batch])
                     for name, metric in self._metrics.items()}
 
+
+
+class FolderMetrics:
+    """pyiqa metrics of a set of images against a reference set, created once: `FolderMetrics(["fid"])(sr_dir,
+    hr_dir)` -> {"fid": float}. pyiqa reads every image file directly in each folder, so the folders must be
+    local and hold exactly the images to compare (`evaluation.compare` writes them). Raises PyiqaUnavailable
+    when pyiqa does not import.
+    """
+
+    def __init__(self, names: Sequence[str], device: str = "cpu"):
+        unknown = [n for n in names if n not in PER_FOLDER]
+        if unknown:
+            raise ValueError(f"unknown per-folder metric {unknown[0]!r}; known: {', '.join(PER_FOLDER)}")
+        pyiqa = _import_pyiqa(names)
+        self.names = tuple(names)
+        self._metrics = {name: pyiqa.create_metric(PER_FOLDER[name], device=device) for name in names}
+
+    def __call__(self, sr_dir: str, hr_dir: str) -> dict[str, float]:
+        return {name: float(metric(sr_dir, hr_dir)) for name, metric in self._metrics.items()}

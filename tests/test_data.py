@@ -10,8 +10,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from tadsr_jax.data import data_config, make_train_iterator
+from tadsr_jax.data.degradation import RealESRGANDegradation
+from tadsr_jax.data.pipeline import make_transform
 from tadsr_jax.data.samples import SAMPLE_NAMES, sample_image, write_paired_list, write_sample_images
-from tadsr_jax.data.sources import HRFolderSource, PairedListSource
+from tadsr_jax.data.sources import HRFolderSource, PairedListSource, Record
 from tadsr_jax.data.transforms import read_rgb
 
 CROP = 32
@@ -82,8 +84,8 @@ def _covering(image: Image.Image) -> Image.Image:
     return image.resize((round(w * CROP / min(w, h)), round(h * CROP / min(w, h))), Image.BICUBIC)
 
 
-def _bicubic_lq(hq: np.ndarray) -> np.ndarray:
-    small = Image.fromarray(hq).resize((CROP // 4, CROP // 4), Image.BICUBIC)
+def _bicubic_lq(hq: np.ndarray, scale: int = 4) -> np.ndarray:
+    small = Image.fromarray(hq).resize((CROP // scale, CROP // scale), Image.BICUBIC)
     return np.asarray(small.resize((CROP, CROP), Image.BICUBIC))
 
 
@@ -454,6 +456,38 @@ def test_realesrgan_lr_is_degraded_and_deterministic(hr_folder):
         assert not np.array_equal(np.rint(lq), bicubic)
         psnrs.append(10 * np.log10(255.0 ** 2 / np.mean((lq - hq) ** 2)))
     assert 10 < np.median(psnrs) < 35, psnrs
+
+
+@pytest.mark.parametrize("source", ["hr_folder", "paired_list"])
+def test_data_scale_2_makes_bicubic_lrs_at_half_size(hr_folder, paired_list, source):
+    """data.scale end to end: the LQ is the HR crop bicubic-downscaled by 2 and upscaled back to the HR size (what
+    SR at sr.scale=2 feeds the model), not by 4. Paired lists take their bicubic LR from the HR too here."""
+    path = hr_folder[0] if source == "hr_folder" else paired_list
+    config = _config(source, path, scale=2, synthetic_prob=1.0)
+    batches = _take(make_train_iterator(config, global_batch_size=4, seed=0, process_index=0, process_count=1), 2)
+    for ex in _examples(batches):
+        hq, lq = _to_uint8(ex["hq"]), _to_uint8(ex["lq"])
+        np.testing.assert_array_equal(lq, _bicubic_lq(hq, 2))
+        assert not np.array_equal(lq, _bicubic_lq(hq, 4))
+
+
+def test_data_scale_reaches_the_realesrgan_degradation(hr_folder):
+    """The Real-ESRGAN LQ of a folder record at data.scale = 2 is RealESRGANDegradation(scale=2) of the HR crop,
+    with the rng in the state the transform leaves it (crop offsets drawn first; no flip), and not the scale-4 one."""
+    path = os.path.join(hr_folder[0], "a", f"{SAMPLE_NAMES[0]}.png")
+    config = _config("hr_folder", hr_folder[0], degradation="realesrgan", scale=2, flip=False)
+    example = make_transform(config).random_map(Record(hr=path, lr=None, prompt=""), np.random.default_rng(5))
+    lq = _to_uint8(example["lq"])
+
+    def expected(scale: int) -> np.ndarray:
+        rng = np.random.default_rng(5)
+        left, top = (int(rng.integers(0, SIZE - CROP + 1)) for _ in range(2))
+        hr = np.asarray(read_rgb(path))[top:top + CROP, left:left + CROP]
+        np.testing.assert_array_equal(hr, _to_uint8(example["hq"]))
+        return RealESRGANDegradation(config.realesrgan, scale)(hr, rng)
+
+    np.testing.assert_array_equal(lq, expected(2))
+    assert not np.array_equal(lq, expected(4))
 
 
 def test_device_prefetch_checkpoints_the_consumed_position(paired_list):

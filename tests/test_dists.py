@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from skimage import data
 from torch_utils import randomize_
 
-from benchmarks.torch_reference import _vgg16_stand_in
+from benchmarks.torch_reference import vgg16_stand_in
 from tadsr_jax.models.dists import CHANNELS, L2Pool2d
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.dists import convert_dists_weights, load_dists, random_dists
@@ -84,7 +84,7 @@ class TorchDISTS(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def torch_dists():
-    features = randomize_(_vgg16_stand_in().features, seed=11)
+    features = randomize_(vgg16_stand_in().features, seed=11)
     gen = torch.Generator().manual_seed(3)
     alpha, beta = (0.05 + torch.rand(1, sum(CHANNELS), 1, 1, generator=gen) for _ in range(2))
     return TorchDISTS(features, alpha, beta).eval()

@@ -1,18 +1,25 @@
 """Evaluation: file matching, centre crops, bad files, batched scores == the metric functions, the Table-1 layout,
 the sweep plot and the launcher end to end (JSON last line, reports, exit status)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
+import torch
+from flax import nnx
 from PIL import Image, ImageFilter
 from skimage import data
 
 from tadsr_jax import evaluation, metrics
-from tadsr_jax.weights.lpips import random_lpips
+from tadsr_jax.models.lpips import LPIPS
+from tadsr_jax.weights.convert import state_to_torch
+from tadsr_jax.weights.files import write_safetensors
+from tadsr_jax.weights.lpips import load_lpips, random_lpips
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,11 +97,84 @@ def test_centre_crop_scores_the_middle(folders):
     assert too_big.failed == [f"{sr / 'coffee.jpg'}: 48x48 is smaller than the 64x64 centre crop"]
 
 
+KNOWN = "psnr, ssim, lpips, lpips_alex, dists, fid, clipiqa, musiq, maniqa, topiq, qalign, niqe"
+
+
 def test_scorer_errors():
-    with pytest.raises(ValueError, match="unknown metric"):
-        evaluation.Scorer(["psnr", "fid"])
+    with pytest.raises(ValueError) as error:
+        evaluation.Scorer(["psnr", "foo", "lpipz"])
+    assert str(error.value) == f"unknown metric(s) foo, lpipz; known: {KNOWN}"
     with pytest.raises(ValueError, match=r"lpips needs its weights: --lpips=FILE"):
         evaluation.Scorer(["lpips"])
+    with pytest.raises(ValueError, match=r"lpips_alex needs its weights: --lpips_alex=FILE \(made by "
+                                         r"launch/convert.py --what=lpips_alex\)"):
+        evaluation.Scorer(["lpips_alex"])
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, check=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is not None,
+                    reason="pyiqa is installed: its absence cannot be seen for real here")
+def test_launcher_unknown_metric_and_fid_without_pyiqa_are_one_line(folders):
+    """Both refused before anything is scored, exit 2, one line; pyiqa is really absent from this environment."""
+    sr, hr = folders
+    unknown = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,foo")
+    assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
+        f"evaluate: error: unknown metric(s) foo; known: {KNOWN}"], unknown.stderr[-2000:]
+    fid = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,fid")
+    assert fid.returncode == 2 and fid.stderr.splitlines() == [
+        "evaluate: error: fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
+        "pip install pyiqa==0.1.10 torch==2.13.0"], fid.stderr[-2000:]
+
+
+def test_fid_and_qalign_plumbing_with_a_stand_in_pyiqa(folders, tmp_path, monkeypatch):
+    """PLUMBING ONLY, not a test of FID or Q-Align: a stand-in pyiqa records what it is given. FID is called once
+    per column with two local folders holding exactly the images the columns are compared on, centre-cropped as
+    for the per-image metrics and pixel-exact; Q-Align is scored per image. Both reach the means, the JSON and the
+    table."""
+    sr, hr = folders
+    b = tmp_path / "b"
+    b.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        (b / f"{name}.jpg").write_bytes((sr / f"{name}.jpg").read_bytes())
+    seen = []
+
+    def fid(sr_dir, hr_dir):
+        folders_read = []
+        for folder in (sr_dir, hr_dir):
+            files = sorted(os.listdir(folder))
+            folders_read.append({f: np.asarray(Image.open(os.path.join(folder, f))) for f in files})
+        seen.append((sr_dir, hr_dir, folders_read))
+        return 10.0 * len(seen)
+
+    def create_metric(name, device=None):
+        return fid if name == "fid" else (lambda x: x.mean(dim=(1, 2, 3), keepdim=True) * torch.tensor(4.0) + 1)
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    scorer = evaluation.Scorer(["psnr", "fid", "qalign"])
+    assert scorer.per_image_names == ("psnr", "qalign") and scorer.folder_names == ("fid",)
+    matchings = {"a": evaluation.match_files(str(sr), str(hr)), "b": evaluation.match_files(str(b), str(hr))}
+    comparison = evaluation.compare(matchings, scorer, crop=32)
+    assert comparison.images == ["astronaut", "coffee", "rocket"]
+    assert len(seen) == 2 and all(os.path.isabs(s) and os.path.isabs(h) and s != h for s, h, _ in seen)
+    for column, (_, _, (sr_read, hr_read)) in zip((sr, b), seen):
+        assert sorted(sr_read) == sorted(hr_read) == ["astronaut.png", "coffee.png", "rocket.png"]
+        for name in ("astronaut", "coffee", "rocket"):
+            want_sr = np.asarray(Image.open(column / f"{name}.jpg").convert("RGB"))[8:40, 8:40]
+            want_hr = np.asarray(Image.open(hr / f"{name}.png").convert("RGB"))[8:40, 8:40]
+            np.testing.assert_array_equal(sr_read[f"{name}.png"], want_sr)
+            np.testing.assert_array_equal(hr_read[f"{name}.png"], want_hr)
+    means = comparison.means()
+    assert means["a"]["fid"] == 10.0 and means["b"]["fid"] == 20.0 and list(means["a"]) == ["psnr", "fid", "qalign"]
+    astronaut = np.asarray(Image.open(sr / "astronaut.jpg").convert("RGB"))[8:40, 8:40].astype(np.float32) / 255
+    np.testing.assert_allclose(comparison.columns["a"].per_image["astronaut"]["qalign"],
+                               astronaut.mean() * 4 + 1, rtol=1e-6)
+    assert comparison.to_json()["b"]["mean"]["fid"] == 20.0
+    table = evaluation.markdown_table("Samples", means, {"a": 3, "b": 3}).splitlines()
+    assert "|  | FID↓ | **10.00** | 20.00 |" in table and any(row.startswith("|  | Q-Align↑ |") for row in table)
 
 
 def test_markdown_table_has_the_paper_layout():
@@ -137,6 +217,30 @@ def test_launcher_end_to_end(folders, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--metrics=psnr,lpips"], capture_output=True, text=True, cwd=REPO, timeout=300,
                          check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: lpips needs")
+
+
+def test_launcher_lpips_alex_is_the_papers_lpips_row(folders, tmp_path):
+    """--lpips_alex=FILE: by default beside PSNR/SSIM (notes for the LPIPS-VGG and DISTS left out), its means equal
+    the AlexNet LPIPS of the files, labelled as the paper's LPIPS in the table."""
+    sr, hr = folders
+    weights = str(tmp_path / "lpips_alex.safetensors")
+    write_safetensors(weights, state_to_torch(LPIPS(net="alex", rngs=nnx.Rngs(1))))
+    out = tmp_path / "report"
+    run = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", f"--output={out}", f"--lpips_alex={weights}", "--dataset=S")
+    assert run.returncode == 1, run.stderr[-2000:]  # broken and small fail, as in the end-to-end test
+    stderr = run.stderr.splitlines()
+    assert "note: lpips skipped: pass --lpips=FILE (made by launch/convert.py --what=lpips)" in stderr
+    assert "note: dists skipped: pass --dists=FILE (made by launch/convert.py --what=dists)" in stderr
+    assert not any("lpips_alex skipped" in line for line in stderr)
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"psnr", "ssim", "lpips_alex", "images", "failed"}
+    model = load_lpips(weights, net="alex")
+    pairs = [[np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255 for path in (sr / f"{n}.jpg",
+              hr / f"{n}.png")] for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    expected = np.mean([float(metrics.lpips_distance(model, a, b)[0]) for a, b in pairs])
+    np.testing.assert_allclose(summary["lpips_alex"], expected, rtol=1e-5)  # batched vs one by one, float32
+    table = (out / "metrics.md").read_text().splitlines()
+    assert any(row.startswith("|  | LPIPS-Alex (paper's LPIPS)↓ |") for row in table), table
 
 
 def test_columns_of_different_coverage_are_compared_on_the_images_scored_in_all(folders, tmp_path):

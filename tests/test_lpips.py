@@ -1,9 +1,10 @@
-"""LPIPS-VGG (v0.1) against the lpips package, on real images, with the package's real linear heads.
+"""LPIPS (v0.1), VGG and AlexNet trunks, against the lpips package, on real images, with the package's real
+linear heads.
 
 torchvision does not import beside this torch, so the lpips package gets a stand-in `torchvision.models`
-whose `vgg16()` has torchvision's `features` layout; its convolutions are randomised (no ImageNet weights
-can be downloaded), the heads are the ones shipped inside the lpips package. Distances are compared in
-float32; the input gradient in float64 (see its test for why).
+whose `vgg16()` and `alexnet()` have torchvision's `features` layouts; their convolutions are randomised (no
+ImageNet weights can be downloaded), the heads are the ones shipped inside the lpips package. Distances are
+compared in float32; the input gradient in float64 (see its test for why).
 """
 
 import copy
@@ -23,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from skimage import data
 from torch_utils import randomize_, rel_err
 
-from benchmarks.torch_reference import lpips_vgg
+from benchmarks.torch_reference import lpips_torch
 from tadsr_jax.models.lpips import MaxPool2d
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.lpips import convert_lpips_weights, load_lpips, random_lpips
@@ -31,40 +32,62 @@ from tadsr_jax.weights.lpips import convert_lpips_weights, load_lpips, random_lp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def torch_lpips():
-    """lpips.LPIPS(net='vgg') with the package's real heads and a seeded random VGG trunk."""
-    model = lpips_vgg()
+# torchvision `features` indices that hold convolutions, per trunk.
+CONV_INDICES = {"vgg": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28], "alex": [0, 3, 6, 8, 10]}
+
+
+def _torch_lpips(net: str) -> torch.nn.Module:
+    """lpips.LPIPS(net=net) with the package's real heads and a seeded random trunk."""
+    model = lpips_torch(net)
     randomize_(model.net, seed=7)  # weights N(0, 1/fan_in), biases N(0, 0.1^2)
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def weight_files(torch_lpips, tmp_path_factory):
-    """A torchvision-style vgg16.pth, an lpips-style vgg.pth and their conversion."""
-    folder = tmp_path_factory.mktemp("lpips")
+def _weight_files(torch_model: torch.nn.Module, net: str, folder) -> dict[str, str]:
+    """A torchvision-style trunk .pth, an lpips-style <net>.pth and their conversion."""
     features = {}
-    for s in (torch_lpips.net.slice1, torch_lpips.net.slice2, torch_lpips.net.slice3, torch_lpips.net.slice4,
-              torch_lpips.net.slice5):
-        features.update({f"features.{k}": v.clone() for k, v in s.state_dict().items()})
-    assert sorted({int(k.split(".")[1]) for k in features}) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    features["classifier.0.weight"] = torch.zeros(8, 4)  # torchvision's classifier must be dropped
-    heads = {k: v.clone() for k, v in torch_lpips.state_dict().items() if re.fullmatch(r"lin\d\..*", k)}
+    for s in range(1, 6):
+        features.update({f"features.{k}": v.clone() for k, v in getattr(torch_model.net, f"slice{s}").state_dict()
+                         .items()})
+    assert sorted({int(k.split(".")[1]) for k in features}) == CONV_INDICES[net]
+    features["classifier.1.weight"] = torch.zeros(8, 4)  # torchvision's classifier must be dropped
+    heads = {k: v.clone() for k, v in torch_model.state_dict().items() if re.fullmatch(r"lin\d\..*", k)}
     assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
-    shipped = torch.load(os.path.join(os.path.dirname(sys.modules[type(torch_lpips).__module__].__file__),
-                                      "weights", "v0.1", "vgg.pth"), map_location="cpu", weights_only=True)
+    shipped = torch.load(os.path.join(os.path.dirname(sys.modules[type(torch_model).__module__].__file__),
+                                      "weights", "v0.1", f"{net}.pth"), map_location="cpu", weights_only=True)
     for key, value in heads.items():  # the real, human-calibrated heads of the package
         torch.testing.assert_close(value, shipped[key], rtol=0, atol=0)
-    paths = {name: str(folder / name) for name in ("vgg16.pth", "vgg.pth", "lpips_vgg.safetensors")}
-    torch.save(features, paths["vgg16.pth"])
-    torch.save(heads, paths["vgg.pth"])
-    convert_lpips_weights(paths["vgg16.pth"], paths["vgg.pth"], paths["lpips_vgg.safetensors"])
+    paths = {name: str(folder / name) for name in ("trunk.pth", f"{net}.pth", f"lpips_{net}.safetensors")}
+    torch.save(features, paths["trunk.pth"])
+    torch.save(heads, paths[f"{net}.pth"])
+    convert_lpips_weights(paths["trunk.pth"], paths[f"{net}.pth"], paths[f"lpips_{net}.safetensors"], net=net)
     return paths
+
+
+@pytest.fixture(scope="module")
+def torch_lpips():
+    return _torch_lpips("vgg")
+
+
+@pytest.fixture(scope="module")
+def weight_files(torch_lpips, tmp_path_factory):
+    paths = _weight_files(torch_lpips, "vgg", tmp_path_factory.mktemp("lpips"))
+    return {"vgg16.pth": paths["trunk.pth"], **paths}
 
 
 @pytest.fixture(scope="module")
 def model(weight_files):
     return load_lpips(weight_files["lpips_vgg.safetensors"])
+
+
+@pytest.fixture(scope="module")
+def torch_lpips_alex():
+    return _torch_lpips("alex")
+
+
+@pytest.fixture(scope="module")
+def alex_weight_files(torch_lpips_alex, tmp_path_factory):
+    return _weight_files(torch_lpips_alex, "alex", tmp_path_factory.mktemp("lpips_alex"))
 
 
 # Unoptimised LLVM code generation: these functions run once or twice, so XLA:CPU's compile time dominates.
@@ -140,6 +163,28 @@ def test_distances_match_lpips_package(torch_lpips, model, pair):
     assert err <= 1e-4, (ours, theirs)  # measured 2.9e-7 (float32 VGG in two orders): 300x
 
 
+@pytest.mark.parametrize("pair", [0, 1], ids=["64x64", "48x80"])
+def test_alexnet_distances_match_lpips_package(torch_lpips_alex, alex_weight_files, pair):
+    """LPIPS-AlexNet (the package's default net, the paper's LPIPS) on identical random trunk weights."""
+    model = load_lpips(alex_weight_files["lpips_alex.safetensors"], net="alex")
+    x, y = _image_pairs()[pair]
+    with torch.no_grad():
+        theirs = torch_lpips_alex(torch.tensor(x), torch.tensor(y)).reshape(-1).numpy()
+    ours = np.asarray(distances(model, _nhwc(x), _nhwc(y)))
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    err = float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
+    print(f"LPIPS-Alex fp32 {x.shape}: distances {ours}, max per-pair rel err {err:.2e}")
+    assert err <= 1e-5, (ours, theirs)  # measured 5.4e-7 (64x64), 6.6e-7 (48x80): float32 in two orders, 15x
+
+
+def test_alexnet_and_vgg_files_are_not_interchangeable(weight_files, alex_weight_files):
+    with pytest.raises(WeightsError, match=r"features\.0\.weight"):
+        load_lpips(weight_files["lpips_vgg.safetensors"], net="alex")
+    with pytest.raises(WeightsError, match=r"lin1\.model\.1\.weight.*expects \(1, 1, 192, 1\)"):  # lin0: 64 in both
+        convert_lpips_weights(alex_weight_files["trunk.pth"], weight_files["vgg.pth"],
+                              alex_weight_files["lpips_alex.safetensors"] + ".x", net="alex")
+
+
 def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files):
     """d(sum of distances)/dx, in float64 on both sides.
 
@@ -165,13 +210,16 @@ def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files):
     assert grad_err <= 1e-4  # float64: measured 1.8e-14
 
 
-def test_max_pool_ties_route_the_gradient_like_torch():
-    """Of tied maxima (ReLU zeros, flat image regions) the first in the window takes the gradient; odd sizes floor."""
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 2)], ids=["vgg", "alexnet"])
+def test_max_pool_ties_route_the_gradient_like_torch(kernel, stride):
+    """Of tied maxima (ReLU zeros, flat image regions) the first in the window takes the gradient; partial windows
+    at the end are dropped (odd sizes floor); overlapping 3x3 windows share inputs."""
     x = np.random.default_rng(0).integers(0, 3, (2, 7, 9, 4)).astype(np.float32)
-    weights = np.arange(1, 1 + 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
-    ours, grad = jax.value_and_grad(lambda x: (MaxPool2d()(x) * weights).sum())(jnp.asarray(x))
+    out_h, out_w = (7 - kernel) // stride + 1, (9 - kernel) // stride + 1
+    weights = np.arange(1, 1 + 2 * out_h * out_w * 4, dtype=np.float32).reshape(2, out_h, out_w, 4)
+    ours, grad = jax.value_and_grad(lambda x: (MaxPool2d(kernel, stride)(x) * weights).sum())(jnp.asarray(x))
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    theirs = (torch.nn.functional.max_pool2d(tx, 2, 2) * torch.tensor(weights.transpose(0, 3, 1, 2))).sum()
+    theirs = (torch.nn.functional.max_pool2d(tx, kernel, stride) * torch.tensor(weights.transpose(0, 3, 1, 2))).sum()
     theirs.backward()
     assert float(ours) == theirs.detach().item()  # integer inputs and weights: every sum is exact in float32
     np.testing.assert_array_equal(np.asarray(grad).transpose(0, 3, 1, 2), tx.grad.numpy())
@@ -215,3 +263,15 @@ def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_convert_cli_writes_the_alexnet_file(alex_weight_files, tmp_path):
+    out = tmp_path / "lpips_alex.safetensors"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "convert.py"), "--what=lpips_alex",
+         f"--alexnet={alex_weight_files['trunk.pth']}", f"--lpips_linear={alex_weight_files['alex.pth']}",
+         f"--out={out}"], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"wrote {out} (LPIPS AlexNet v0.1)"
+    written, fixture = load_file(str(out)), load_file(alex_weight_files["lpips_alex.safetensors"])
+    assert sorted(written) == sorted(fixture) and all(np.array_equal(written[k], fixture[k]) for k in fixture)

@@ -1,6 +1,7 @@
 """PSNR / SSIM (pyiqa's Y-channel settings) against scikit-image and a PyTorch re-statement of pyiqa 0.1.10's
-formulas, on real photographs with realistic distortions; LPIPS / DISTS through the metrics API; the
-no-reference error without pyiqa.
+formulas, on real photographs with realistic distortions; LPIPS (VGG and AlexNet) / DISTS through the metrics API;
+the error line without pyiqa, and the call arguments with a stand-in pyiqa (plumbing only: no metric of pyiqa's is
+computed here).
 
 The pyiqa re-statement (`_torch_*` below) follows pyiqa 0.1.10: `to_y_channel(x, data_range, 'ycbcr')`
 (rgb2ycbcr by matmul, Y times data_range, rounded when data_range >= 255), `psnr` with data_range=1 and
@@ -8,6 +9,7 @@ eps=1e-8, `SSIM` on the rounded 8-bit Y cast to float64, fspecial(11, 1.5) store
 ReLU on the contrast-structure map.
 """
 
+import importlib.util
 import io
 import sys
 import types
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from PIL import Image
 from scipy import ndimage
 from skimage import data
@@ -25,14 +28,16 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from tadsr_jax.metrics import (
+    FolderMetrics,
     FullReferenceMetrics,
     NoReferenceMetrics,
-    NoReferenceMetricsUnavailable,
+    PyiqaUnavailable,
     dists_distance,
     lpips_distance,
     psnr_y,
     ssim_y,
 )
+from tadsr_jax.models.lpips import LPIPS
 from tadsr_jax.weights.dists import random_dists
 from tadsr_jax.weights.lpips import random_lpips
 
@@ -158,11 +163,26 @@ def test_full_reference_metrics_and_lpips_through_the_api():
     assert np.all(scores["lpips"] > 0) and np.all(scores["dists"] > 0)
 
 
+def test_lpips_alex_through_the_api_is_the_alexnet_model():
+    """"lpips_alex" computes the AlexNet-trunk LPIPS it is given, beside "lpips" (VGG); a VGG model passed as
+    lpips_alex is refused."""
+    sr, hr = (x[:, :32, :48] for x in WIDE)
+    vgg, alex = random_lpips(0), LPIPS(net="alex", rngs=nnx.Rngs(3))
+    scores = FullReferenceMetrics(["lpips", "lpips_alex"], lpips=vgg, lpips_alex=alex)(sr, hr)
+    np.testing.assert_allclose(scores["lpips_alex"], np.asarray(lpips_distance(alex, sr, hr)), rtol=1e-6)
+    np.testing.assert_allclose(scores["lpips"], np.asarray(lpips_distance(vgg, sr, hr)), rtol=1e-6)
+    assert not np.allclose(scores["lpips"], scores["lpips_alex"])
+    with pytest.raises(ValueError, match="metric 'lpips_alex' needs an LPIPS with the 'alex' trunk, got 'vgg'"):
+        FullReferenceMetrics(["lpips_alex"], lpips_alex=vgg)
+
+
 def test_api_errors_are_clear():
     with pytest.raises(ValueError, match="unknown full-reference metric 'fid'"):
         FullReferenceMetrics(["psnr", "fid"])
     with pytest.raises(ValueError, match="'lpips' needs its model"):
         FullReferenceMetrics(["lpips"])
+    with pytest.raises(ValueError, match="unknown per-folder metric 'psnr'; known: fid"):
+        FolderMetrics(["psnr"])
     sr, hr = SQUARE
     with pytest.raises(ValueError, match="one shape"):
         psnr_y(sr, hr[:, :, :90])
@@ -170,10 +190,35 @@ def test_api_errors_are_clear():
 
 def test_no_reference_metrics_without_pyiqa(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # makes `import pyiqa` raise ImportError
-    with pytest.raises(NoReferenceMetricsUnavailable) as info:
-        NoReferenceMetrics(["musiq"])
+    with pytest.raises(PyiqaUnavailable) as info:
+        NoReferenceMetrics(["musiq", "qalign"])
     message = str(info.value)
-    assert "\n" not in message and "pyiqa" in message and "pip install" in message, message
+    assert "\n" not in message and message.startswith("musiq, qalign need pyiqa") and "pip install" in message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is not None,
+                    reason="pyiqa is installed: its absence cannot be seen for real here")
+def test_fid_without_pyiqa_is_one_line_for_real():
+    """pyiqa is not installed in the test environment: the real import fails and the line says what to do."""
+    with pytest.raises(PyiqaUnavailable) as info:
+        FolderMetrics(["fid"])
+    assert str(info.value) == ("fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
+                               "pip install pyiqa==0.1.10 torch==2.13.0")
+
+
+def test_fid_plumbing_with_a_stand_in_pyiqa(monkeypatch, tmp_path):
+    """PLUMBING ONLY, not a test of FID: a stand-in pyiqa module records how FolderMetrics calls it (pyiqa's
+    metric name, the device, then the two folders as positional arguments) and returns a float."""
+    calls = []
+
+    def create_metric(name, device=None):
+        calls.append(("create", name, device))
+        return lambda first, second: calls.append(("call", first, second)) or torch.tensor(12.5, dtype=torch.float64)
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    scores = FolderMetrics(["fid"])(str(tmp_path / "sr"), str(tmp_path / "hr"))
+    assert calls == [("create", "fid", "cpu"), ("call", str(tmp_path / "sr"), str(tmp_path / "hr"))]
+    assert scores == {"fid": 12.5} and type(scores["fid"]) is float
 
 
 def test_no_reference_metrics_call_pyiqa_per_image(monkeypatch):
@@ -190,8 +235,8 @@ def test_no_reference_metrics_call_pyiqa_per_image(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
     images = SQUARE[0]
-    scores = NoReferenceMetrics(["maniqa", "topiq", "clipiqa"])(images)
-    assert created == [("maniqa-pipal", "cpu"), ("topiq_nr", "cpu"), ("clipiqa", "cpu")]
-    assert shapes == [(1, 3, 96, 96)] * 9
-    assert list(scores) == ["maniqa", "topiq", "clipiqa"]
+    scores = NoReferenceMetrics(["maniqa", "topiq", "clipiqa", "qalign"])(images)
+    assert created == [("maniqa-pipal", "cpu"), ("topiq_nr", "cpu"), ("clipiqa", "cpu"), ("qalign", "cpu")]
+    assert shapes == [(1, 3, 96, 96)] * 12
+    assert list(scores) == ["maniqa", "topiq", "clipiqa", "qalign"]
     np.testing.assert_allclose(scores["clipiqa"], images.mean(axis=(1, 2, 3)) + len("clipiqa"), rtol=1e-5)

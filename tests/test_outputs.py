@@ -109,6 +109,33 @@ def test_session_refuses_before_loading_the_model(tmp_path, monkeypatch, case):
     assert len(str(error.value).splitlines()) == 1, str(error.value)
 
 
+@pytest.mark.parametrize("scale", [0, 9])
+def test_an_out_of_range_scale_is_refused_before_the_model_loads(tmp_path, monkeypatch, scale):
+    def load_sr_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(session, "load_sr_model", load_sr_model)
+    config = tiny.get_config()
+    config.sr.scale = scale
+    _inputs(tmp_path / "in", "a.png")
+    with pytest.raises(ValueError) as error:
+        session.run(config, str(tmp_path / "in"), str(tmp_path / "out"), WeightsSource())
+    assert str(error.value) == f"scale must be an integer in 1..8, got {scale}"
+
+
+def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
+    folder, output = tmp_path / "in", tmp_path / "out"
+    _inputs(folder, "a.png")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(repo, "launch", "sr.py"),
+                          f"--config={os.path.join(repo, 'configs/tiny.py')}", f"--generator={tmp_path / 'none'}",
+                          f"--input={folder}", f"--output={output}", "--scale=9"],
+                         capture_output=True, text=True, cwd=repo, timeout=300, check=False)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.splitlines() == ["sr: error: scale must be an integer in 1..8, got 9"]
+    assert not output.exists()
+
+
 def test_launcher_refuses_with_one_line_per_problem_before_loading_weights(tmp_path):
     """The weights file does not exist: had the model been loaded first, that would be the error."""
     folder = tmp_path / "in"

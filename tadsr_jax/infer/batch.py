@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from tadsr_jax.images import ImageError, LoadedImage, read_rgb, write_png_atomic
 from tadsr_jax.infer.contact_sheet import contact_sheet
-from tadsr_jax.infer.pipeline import Upscaler, bicubic_x4, padded_shape, working_size
+from tadsr_jax.infer.pipeline import Upscaler, bicubic_upscale, padded_shape, working_size
 
 
 @dataclasses.dataclass
@@ -39,8 +39,8 @@ def _load(path: str, report: RunReport, log: TextIO) -> LoadedImage | None:
 
 def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_for: Callable[[str], str], *,
                         log: TextIO = sys.stderr) -> RunReport:
-    """Each readable input image -> its output path (`outputs`, from outputs.plan_outputs) at x4; same-shape
-    images share a batch.
+    """Each readable input image -> its output path (`outputs`, from outputs.plan_outputs) at x settings.scale;
+    same-shape images share a batch.
 
     Images are read as they come and held until their shape's batch is full (or the inputs end), so memory is
     bounded by the number of distinct shapes times the batch size, not by the number of files.
@@ -72,7 +72,8 @@ def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_f
         if image is None:
             bar.update(1)
             continue
-        shape = padded_shape(working_size(*image.pixels.shape[:2], settings.process_size), settings.bucket)
+        shape = padded_shape(working_size(*image.pixels.shape[:2], settings.process_size, settings.scale),
+                             settings.bucket)
         pending.setdefault(shape, []).append(image)
         if len(pending[shape]) == settings.batch_size:
             flush(shape)
@@ -96,7 +97,8 @@ def sweep_files(upscaler: Upscaler, outputs: Mapping[str, Sequence[str]], prompt
             bar.update(len(timesteps))
             continue
         start = time.perf_counter()
-        panels = [("input (bicubic x4)", bicubic_x4(image.pixels))]
+        scale = upscaler.settings.scale
+        panels = [(f"input (bicubic x{scale})", bicubic_upscale(image.pixels, scale))]
         for (t, out), target in zip(upscaler.sweep(image.pixels, prompt_for(path), timesteps), targets):
             _write(target, out, report, log)
             panels.append((f"t = {t}", out))

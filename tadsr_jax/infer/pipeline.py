@@ -1,10 +1,13 @@
-"""One-step x4 super-resolution of host images: preprocess, one jitted call per shape bucket, colour fix.
+"""One-step xS super-resolution of host images (S = `scale`, 4 by default): preprocess, one jitted call per shape
+bucket, colour fix.
 
-Preprocessing follows the reference (docs/method.md 5): an image whose short side is below process_size / 4 is
-first upscaled to it (bicubic), then everything is upscaled x4 (bicubic). Fixes and choices of ours:
+The model works at the output resolution: S is the factor of the bicubic upscale in front of it (the reference's
+`--upscale`). Preprocessing follows the reference (docs/method.md 5): an image whose short side is below
+process_size / S is first upscaled to it (bicubic), then everything is upscaled xS (bicubic). Fixes and choices
+of ours:
 - the working image is padded (reflect) to a multiple of `bucket` pixels instead of rescaled to a multiple of 8,
   so sizes share compiled programs, and the padding is cropped off again;
-- the output is exactly 4x the original size (the reference computes that resize and throws it away);
+- the output is exactly S x the original size (the reference computes that resize and throws it away);
 - every image gets its own posterior-noise key from the seed, so its output does not depend on which other
   images share its batch, and the same seed gives the same output;
 - outputs are rounded to 8 bits (the reference truncates), after the colour fix in float.
@@ -33,13 +36,14 @@ from tadsr_jax.infer.vae_tiling import StripwiseVAE
 from tadsr_jax.method.generator import generate
 from tadsr_jax.models.clip_text import tokenize
 
-SCALE = 4
+MAX_SCALE = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class SRSettings:
     timestep: int = 500  # the knob: low = fidelity, high = realism
-    process_size: int = 512  # images with a short side below process_size / 4 are upscaled to it first
+    scale: int = 4  # output = scale x input: the bicubic upscale in front of the model
+    process_size: int = 512  # images with a short side below process_size / scale are upscaled to it first
     bucket: int = 64  # working images are padded to multiples of this many pixels (a multiple of 8)
     batch_size: int = 1
     latent_tile: int = 96  # UNet tiles, latent pixels
@@ -52,13 +56,15 @@ class SRSettings:
     def __post_init__(self):
         if not 1 <= self.timestep <= 999:
             raise ValueError(f"timestep must be an integer in 1..999, got {self.timestep}")
+        if not (isinstance(self.scale, int) and 1 <= self.scale <= MAX_SCALE):
+            raise ValueError(f"scale must be an integer in 1..{MAX_SCALE}, got {self.scale!r}")
         if self.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {self.color_fix!r}")
         if self.bucket < 8 or self.bucket % 8:
             raise ValueError(f"bucket must be a positive multiple of 8 pixels, got {self.bucket}")
-        if self.batch_size < 1 or self.process_size < 4:
-            raise ValueError(f"need batch_size >= 1 and process_size >= 4, got {self.batch_size}, "
-                             f"{self.process_size}")
+        if self.batch_size < 1 or self.process_size < self.scale:
+            raise ValueError(f"need batch_size >= 1 and process_size >= scale ({self.scale}), got "
+                             f"{self.batch_size}, {self.process_size}")
         if not 0 <= self.latent_overlap < self.latent_tile:
             raise ValueError(f"need 0 <= latent_overlap < latent_tile, got {self.latent_overlap}, "
                              f"{self.latent_tile}")
@@ -73,10 +79,10 @@ class SRSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A working image: the x4 bicubic input in [-1, 1] (h, w, 3) and the size the output must have."""
+    """A working image: the xS bicubic input in [-1, 1] (h, w, 3) and the size the output must have."""
 
     lq: np.ndarray
-    output_size: tuple[int, int]  # (height, width): 4x the original
+    output_size: tuple[int, int]  # (height, width): S x the original
 
     @property
     def bucket_shape(self) -> tuple[int, int]:
@@ -91,32 +97,32 @@ def compiler_options() -> dict[str, str]:
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if jax.default_backend() == "cpu" else {}
 
 
-def working_size(height: int, width: int, process_size: int) -> tuple[int, int]:
+def working_size(height: int, width: int, process_size: int, scale: int) -> tuple[int, int]:
     """(height, width) of the working image of an input of that size: its short side raised to
-    process_size / 4 if below, then x4."""
-    short = process_size // SCALE
+    process_size / scale if below, then x scale."""
+    short = process_size // scale
     if min(height, width) < short:
         s = short / min(height, width)
         height, width = int(s * height), int(s * width)
-    return SCALE * height, SCALE * width
+    return scale * height, scale * width
 
 
-def prepare(pixels: np.ndarray, process_size: int) -> Prepared:
+def prepare(pixels: np.ndarray, process_size: int, scale: int) -> Prepared:
     """uint8 (H, W, 3) -> the working image of the reference's preprocessing (see module docstring)."""
     h0, w0 = pixels.shape[:2]
     image = Image.fromarray(pixels)
-    h, w = working_size(h0, w0, process_size)
-    if min(h0, w0) < process_size // SCALE:
-        image = image.resize((w // SCALE, h // SCALE), Image.BICUBIC)
+    h, w = working_size(h0, w0, process_size, scale)
+    if min(h0, w0) < process_size // scale:
+        image = image.resize((w // scale, h // scale), Image.BICUBIC)
     image = image.resize((w, h), Image.BICUBIC)
     lq = np.asarray(image, np.float32) / 127.5 - 1.0
-    return Prepared(lq=lq, output_size=(SCALE * h0, SCALE * w0))
+    return Prepared(lq=lq, output_size=(scale * h0, scale * w0))
 
 
-def bicubic_x4(pixels: np.ndarray) -> np.ndarray:
-    """The plain bicubic x4 upscale of uint8 (H, W, 3), the baseline SR is compared with."""
+def bicubic_upscale(pixels: np.ndarray, scale: int) -> np.ndarray:
+    """The plain bicubic x`scale` upscale of uint8 (H, W, 3), the baseline SR is compared with."""
     h, w = pixels.shape[:2]
-    return np.asarray(Image.fromarray(pixels).resize((SCALE * w, SCALE * h), Image.BICUBIC))
+    return np.asarray(Image.fromarray(pixels).resize((scale * w, scale * h), Image.BICUBIC))
 
 
 def padded_shape(shape: tuple[int, int], bucket: int) -> tuple[int, int]:
@@ -255,9 +261,9 @@ class Upscaler:
                      sample_posterior=self.settings.sample_posterior)[1] for i in range(lq.shape[0])])
 
     def super_resolve(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
-        """uint8 (H, W, 3) images -> uint8 (4H, 4W, 3), batched by padded shape."""
+        """uint8 (H, W, 3) images -> uint8 (SH, SW, 3) (S = settings.scale), batched by padded shape."""
         s = self.settings
-        prepared = [prepare(im, s.process_size) for im in images]
+        prepared = [prepare(im, s.process_size, s.scale) for im in images]
         outputs: list[np.ndarray | None] = [None] * len(images)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(prepared):
@@ -279,7 +285,7 @@ class Upscaler:
         its own, ran slower on a CPU than the calls one by one, and gave no progress until it ended.)
         """
         s = self.settings
-        p = prepare(image, s.process_size)
+        p = prepare(image, s.process_size, s.scale)
         lq = pad_to(p.lq, padded_shape(p.bucket_shape, s.bucket))
         for chunk in self._batches(list(timesteps)):
             filled = _filled(chunk, s.batch_size)

@@ -1,10 +1,10 @@
-"""LPIPS (VGG16, v0.1) weights: conversion of the two PyTorch files into one safetensors file, loading, and a
-random stand-in for offline configs.
+"""LPIPS (v0.1; VGG16 or AlexNet trunk) weights: conversion of the two PyTorch files into one safetensors file,
+loading, and a random stand-in for offline configs.
 
-The pretrained LPIPS-VGG needs two files: torchvision's ImageNet VGG16 (`vgg16-397923af.pth`, a state dict
-with `features.N.*` and `classifier.*`) and the lpips package's linear heads (`lpips/weights/v0.1/vgg.pth`,
-`lin{k}.model.1.weight`). `convert_lpips_weights` merges the kept tensors, in PyTorch layout, into one
-safetensors file that `load_lpips` reads without PyTorch.
+A pretrained LPIPS needs two files: torchvision's ImageNet trunk (`vgg16-397923af.pth` or `alexnet-owt-*.pth`,
+a state dict with `features.N.*` and `classifier.*`) and the lpips package's linear heads for that trunk
+(`lpips/weights/v0.1/vgg.pth` or `alex.pth`, `lin{k}.model.1.weight`). `convert_lpips_weights` merges the kept
+tensors, in PyTorch layout, into one safetensors file that `load_lpips` reads without PyTorch.
 """
 
 from __future__ import annotations
@@ -37,34 +37,41 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
     return {key: t.detach().float().numpy() for key, t in state.items() if isinstance(t, torch.Tensor)}
 
 
-def _abstract(dtype=jnp.float32) -> LPIPS:
-    return nnx.eval_shape(lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0)))
+# Per trunk: torchvision's model name and the `launch/convert.py --what` that writes its LPIPS file.
+TRUNK_NAMES = {"vgg": ("VGG16", "lpips"), "alex": ("AlexNet", "lpips_alex")}
 
 
-def convert_lpips_weights(vgg16_path: str, lpips_path: str, out_path: str) -> None:
-    """torchvision `vgg16-*.pth` + lpips `weights/v0.1/vgg.pth` -> one safetensors file (PyTorch layout).
+def _abstract(dtype=jnp.float32, net: str = "vgg") -> LPIPS:
+    return nnx.eval_shape(lambda: LPIPS(net=net, dtype=dtype, rngs=nnx.Rngs(0)))
 
-    Keeps `features.*` (VGG convolutions) and `lin*` (heads); drops `classifier.*` and the constant
+
+def convert_lpips_weights(trunk_path: str, lpips_path: str, out_path: str, *, net: str = "vgg") -> None:
+    """torchvision `vgg16-*.pth` (net="vgg") or `alexnet-owt-*.pth` (net="alex") + the lpips package's
+    `weights/v0.1/<net>.pth` -> one safetensors file (PyTorch layout).
+
+    Keeps `features.*` (the trunk's convolutions) and `lin*` (heads); drops `classifier.*` and the constant
     `scaling_layer.*` buffers. The result is checked against the model before it is written (atomically).
     Raises WeightsError on a missing/unreadable file or a missing/unexpected/mis-shaped tensor.
     """
-    vgg = {k: v for k, v in _read_pth(vgg16_path).items() if not k.startswith("classifier.")}
+    trunk_name = TRUNK_NAMES[net][0]
+    trunk = {k: v for k, v in _read_pth(trunk_path).items() if not k.startswith("classifier.")}
     heads = {k: v for k, v in _read_pth(lpips_path).items() if not k.startswith("scaling_layer.")}
-    if not any(k.startswith("features.") for k in vgg):
-        raise WeightsError(f"{vgg16_path}: no 'features.*' tensors; expected torchvision's VGG16 state dict")
+    if not any(k.startswith("features.") for k in trunk):
+        raise WeightsError(f"{trunk_path}: no 'features.*' tensors; expected torchvision's {trunk_name} state dict")
     if not any(k.startswith("lin") for k in heads):
-        raise WeightsError(f"{lpips_path}: no 'lin*' tensors; expected the lpips package's weights/v0.1/vgg.pth")
-    tensors = {**vgg, **heads}
-    load_tensors(_abstract(), tensors.items(), source=f"{vgg16_path} + {lpips_path}")  # validate only
+        raise WeightsError(f"{lpips_path}: no 'lin*' tensors; expected the lpips package's weights/v0.1/{net}.pth")
+    tensors = {**trunk, **heads}
+    load_tensors(_abstract(net=net), tensors.items(), source=f"{trunk_path} + {lpips_path}")  # validate only
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     write_safetensors(out_path, tensors)
 
 
-def load_lpips(path: str, *, dtype=jnp.float32) -> LPIPS:
-    """The LPIPS-VGG model from a file written by `convert_lpips_weights`, weights in `dtype`."""
+def load_lpips(path: str, *, net: str = "vgg", dtype=jnp.float32) -> LPIPS:
+    """The LPIPS model with trunk `net` from a file written by `convert_lpips_weights`, weights in `dtype`."""
     if not storage.isfile(path):
-        raise WeightsError(f"{path}: LPIPS weights file does not exist (see launch/convert.py --what=lpips)")
-    return load_tensors(_abstract(dtype), read_tensors([path]), source=path, dtype=dtype)
+        raise WeightsError(f"{path}: LPIPS weights file does not exist (see launch/convert.py "
+                           f"--what={TRUNK_NAMES[net][1]})")
+    return load_tensors(_abstract(dtype, net), read_tensors([path]), source=path, dtype=dtype)
 
 
 def random_lpips(seed: int, *, dtype=jnp.float32) -> LPIPS:

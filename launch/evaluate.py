@@ -48,17 +48,10 @@ _SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed " + cli.c
 _PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image " + cli.config_default("sr.prompt"))
 
 
-def _timesteps() -> list[int]:
-    try:
-        return [int(t) for t in _SWEEP.value]
-    except ValueError:
-        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(_SWEEP.value)}") from None
-
-
 def _run(log) -> tuple[dict, bool]:
     from tadsr_jax import evaluation
 
-    sweep = _timesteps() if _SWEEP.value else None
+    sweep = cli.sweep_timesteps(_SWEEP.value or None)
     if _LQ.value:
         if not sweep:
             raise ValueError("--lq is for --sweep; to score existing outputs pass --sr")

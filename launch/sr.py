@@ -50,15 +50,6 @@ _VAE_STRIP_ABOVE = flags.DEFINE_integer("vae_strip_above", None, "Working images
 flags.mark_flags_as_required(["config"])
 
 
-def _sweep_timesteps() -> list[int] | None:
-    if _SWEEP.value is None:
-        return None
-    try:
-        return [int(t) for t in _SWEEP.value]
-    except ValueError:
-        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(_SWEEP.value)}")
-
-
 def main(argv):
     del argv
     runtime.set_xla_cpu_flags()
@@ -76,7 +67,7 @@ def main(argv):
         report = session.run(_CONFIG.value, _INPUT.value, _OUTPUT.value,
                              WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value,
                                                    workdir=_WORKDIR.value),
-                             captions=_CAPTIONS.value, sweep=_sweep_timesteps(), **overrides)
+                             captions=_CAPTIONS.value, sweep=cli.sweep_timesteps(_SWEEP.value), **overrides)
     except (ImageError, WeightsError, ValueError, OSError) as e:
         for line in str(e).splitlines():  # an OutputError has one line per problem
             print(f"sr: error: {line}", file=sys.stderr)

@@ -46,6 +46,16 @@ def usage_error(message: str) -> NoReturn:
 
 # ------------------------------------------------------------------------------------------ config keys
 
+def sweep_timesteps(values: Sequence[str] | None) -> list[int] | None:
+    """--sweep's comma-separated timesteps as integers (None when the flag is not given); ValueError otherwise."""
+    if values is None:
+        return None
+    try:
+        return [int(t) for t in values]
+    except ValueError:
+        raise ValueError(f"--sweep takes integers 1..999 separated by commas, got {','.join(values)}") from None
+
+
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
     """Every dotted key of `config`, nested ConfigDicts and their fields alike."""
     for key, value in config.items():

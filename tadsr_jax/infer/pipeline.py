@@ -70,7 +70,7 @@ class SRSettings:
                              f"{self.latent_tile}")
 
     @classmethod
-    def from_config(cls, sr: ml_collections.ConfigDict, **overrides) -> "SRSettings":
+    def from_config(cls, sr: ml_collections.ConfigDict, **overrides) -> SRSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in sr.to_dict().items() if k in names}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -201,7 +201,7 @@ class Upscaler:
         self._encode_text = jax.jit(encode_text, compiler_options=compiler_options())
         self._unet_tile = jax.jit(unet_tile, compiler_options=compiler_options())
 
-    def replace(self, **changes) -> "Upscaler":
+    def replace(self, **changes) -> Upscaler:
         """The same model with other settings; compiled programs are shared unless the change needs new ones."""
         settings = dataclasses.replace(self.settings, **changes)
         traced = ("latent_tile", "latent_overlap", "sample_posterior")  # read while tracing

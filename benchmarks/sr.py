@@ -96,7 +96,7 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
     jax.config.update("jax_enable_compilation_cache", False)  # compilation is measured
     start = time.perf_counter()
     model = load_sr_model(base_config(), folder, WeightsSource(), dtype=dtype)
-    upscaler = Upscaler(model, SRSettings(timestep=TIMESTEP, seed=SEED))
+    upscaler = Upscaler(model, SRSettings.from_config(base_config().sr, timestep=TIMESTEP, seed=SEED))
     jax.block_until_ready(upscaler.params)
     load_s = time.perf_counter() - start
     per_size = {}

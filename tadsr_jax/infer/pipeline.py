@@ -41,17 +41,17 @@ MAX_SCALE = 8
 
 @dataclasses.dataclass(frozen=True)
 class SRSettings:
-    timestep: int = 500  # the knob: low = fidelity, high = realism
-    scale: int = 4  # output = scale x input: the bicubic upscale in front of the model
-    process_size: int = 512  # images with a short side below process_size / scale are upscaled to it first
-    bucket: int = 64  # working images are padded to multiples of this many pixels (a multiple of 8)
-    batch_size: int = 1
-    latent_tile: int = 96  # UNet tiles, latent pixels
-    latent_overlap: int = 32
-    vae_strip_above: int = 1024 * 1024  # working images with more pixels run the VAE strip-wise, one at a time
-    color_fix: str = "adain"
-    sample_posterior: bool = True
-    seed: int = 42
+    timestep: int  # the knob: low = fidelity, high = realism
+    scale: int  # output = scale x input: the bicubic upscale in front of the model
+    process_size: int  # images with a short side below process_size / scale are upscaled to it first
+    bucket: int  # working images are padded to multiples of this many pixels (a multiple of 8)
+    batch_size: int
+    latent_tile: int  # UNet tiles, latent pixels
+    latent_overlap: int
+    vae_strip_above: int  # working images with more pixels run the VAE strip-wise, one at a time
+    color_fix: str
+    sample_posterior: bool
+    seed: int
 
     def __post_init__(self):
         if not 1 <= self.timestep <= 999:

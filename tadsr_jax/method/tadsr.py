@@ -58,16 +58,17 @@ def fake_adapter(group: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and TA-VSD settings (docs/method.md 3.1-3.2)."""
+    """Loss weights and TA-VSD settings (docs/method.md 3.1-3.2), built from `config.loss` (whose defaults,
+    tadsr_jax/defaults.py, are the paper's)."""
 
-    l2: float = 1.0
-    lpips: float = 2.0
-    vsd: float = 1.0
-    fake: float = 1.0
-    teacher_scale: float = 0.5  # lambda: t_teacher = floor(lambda t + gamma)
-    teacher_shift: float = 0.0  # gamma
-    cfg_base: float = 7.5
-    cfg_per_step: float = 1.0 / 200.0
+    l2: float
+    lpips: float
+    vsd: float
+    fake: float
+    teacher_scale: float  # lambda: t_teacher = floor(lambda t + gamma)
+    teacher_shift: float  # gamma
+    cfg_base: float
+    cfg_per_step: float
 
 
 def _retype(layer: Linear | Conv2d, variable_type: type[nnx.Param]) -> None:

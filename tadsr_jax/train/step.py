@@ -37,18 +37,50 @@ class TrainState:
     key: jax.Array
 
 
+# The kinds of diffusers' `get_scheduler`, each after a linear warmup (but constant), decaying over the rest.
+_DECAYS: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+    "constant_with_warmup": lambda c, n: optax.constant_schedule(c.lr),
+    "linear": lambda c, n: optax.linear_schedule(c.lr, 0.0, n),
+    "cosine": lambda c, n: optax.cosine_decay_schedule(c.lr, n),
+    "cosine_with_restarts": lambda c, n: _cosine_with_hard_restarts(c.lr, c.lr_num_cycles, n),
+    "polynomial": lambda c, n: optax.polynomial_schedule(c.lr, c.lr_end, c.lr_power, n),
+}
+LR_SCHEDULES = ("constant", *_DECAYS)
+
+
+def _cosine_with_hard_restarts(lr: float, cycles: int, steps: int) -> optax.Schedule:
+    """`cycles` half cosines from lr to 0 over `steps`, then 0. Closed form: a cycle may end between two steps,
+    which optax's restart schedules (whole steps per cycle) cannot express."""
+
+    def schedule(count):
+        progress = count / steps
+        return jnp.where(progress < 1.0, 0.5 * lr * (1.0 + jnp.cos(jnp.pi * jnp.mod(cycles * progress, 1.0))), 0.0)
+
+    return schedule
+
+
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Constant (the reference) or cosine decay, each after an optional linear warmup."""
-    if config.lr_schedule == "constant":
-        main = optax.constant_schedule(config.lr)
-    elif config.lr_schedule == "cosine":
-        main = optax.cosine_decay_schedule(config.lr, max(config.steps - config.warmup_steps, 1))
-    else:
-        raise ValueError(f"train.lr_schedule: unknown schedule {config.lr_schedule!r} (constant, cosine)")
-    if not config.warmup_steps:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, config.warmup_steps), main],
-                                [config.warmup_steps])
+    """The learning rate of each optimizer update: diffusers' `get_scheduler(lr_schedule, num_warmup_steps=
+    warmup_steps, num_training_steps=steps, num_cycles=lr_num_cycles, power=lr_power)`, as the reference builds
+    it (polynomial's lr_end, which get_scheduler leaves at 1e-7, is `lr_end`). `config` is `config.train`."""
+    kind, warmup = config.lr_schedule, config.warmup_steps
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule: unknown schedule {kind!r} (known: {', '.join(LR_SCHEDULES)})")
+    if kind == "constant":
+        if warmup:
+            raise ValueError(f"train.warmup_steps={warmup} does nothing with train.lr_schedule='constant' (as in "
+                             f"diffusers' get_scheduler): use 'constant_with_warmup', or warmup_steps=0")
+        return optax.constant_schedule(config.lr)
+    if not 0 <= warmup < config.steps:
+        raise ValueError(f"train.warmup_steps must be in 0..{config.steps - 1} (train.steps - 1), got {warmup}")
+    if kind == "polynomial" and not config.lr_end < config.lr:
+        raise ValueError(f"train.lr_end ({config.lr_end:g}) must be below train.lr ({config.lr:g})")
+    if kind == "cosine_with_restarts" and config.lr_num_cycles < 1:
+        raise ValueError(f"train.lr_num_cycles must be at least 1, got {config.lr_num_cycles}")
+    decay = _DECAYS[kind](config, config.steps - warmup)
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -39,6 +39,8 @@ def main(argv):
     except (TrainingError, WeightsError, CheckpointError, WorkdirLocked, parallel.SharedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except ValueError as e:  # a setting that cannot work (step.check_config, the mesh)
+        cli.usage_error(str(e))
 
 
 if __name__ == "__main__":

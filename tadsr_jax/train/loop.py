@@ -36,6 +36,7 @@ from tadsr_jax.train import lock
 from tadsr_jax.train.checkpoint import Checkpointer, abstract_like
 from tadsr_jax.train.step import (
     TrainState,
+    check_config,
     host_metrics,
     init_state,
     make_model,
@@ -102,6 +103,7 @@ def _lpips(config: ml_collections.ConfigDict):
 def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     """Load the networks, attach the adapters, shard everything over the mesh and compile nothing yet."""
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_config(config, mesh.size)  # before the slow part
     nets = load_networks(resolve_pretrained(config.model, workdir), dtype=jnp.dtype(config.model.dtype))
     model = make_model(config, nets.unet, nets.vae, nets.text_encoder, _lpips(config))
     graphdef, generator, fake_score, frozen, rest = split_model(model)

@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.unet = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict()
     config.model.text_encoder = ml_collections.ConfigDict()
+    # Fine-tuning: start the generator (LoRA factors, student conv_in, VAE time layers) from the reference's
+    # tadsr.pkl, our .safetensors export (launch/convert.py --what=generator) or a training workdir's checkpoint,
+    # with fresh optimizer states at step 0. Empty: fresh adapters. A workdir with checkpoints resumes its own.
+    config.model.init_generator = ""
     config.model.lora_rank = 4
     config.model.lora_alpha = 8.0
     # The reference's fake score effectively trains only its mid-block LoRA; ("encoder", "decoder", "others")

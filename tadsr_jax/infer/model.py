@@ -13,47 +13,24 @@ no adapter and is loaded in the serving dtype directly, so a bfloat16 load peaks
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tadsr_jax import runtime, storage
+from tadsr_jax import runtime
 from tadsr_jax.diffusion import NoiseSchedule
-from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
+from tadsr_jax.method.tadsr import GENERATOR_ADAPTERS, TADSR, VAE_ADAPTER
 from tadsr_jax.models.clip_text import CLIPTextModel
 from tadsr_jax.models.unet import UNet2DConditionModel
 from tadsr_jax.models.vae import AutoencoderKL
 from tadsr_jax.nn import lora
-from tadsr_jax.weights.convert import WeightsError
+from tadsr_jax.weights import generator as generator_weights
+from tadsr_jax.weights.generator import WeightsSource
 from tadsr_jax.weights.loaders import load_networks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsSource:
-    """Where the generator comes from: at most one of the three fields (none: untrained adapters, whose merge
-    leaves the SD weights as they are; benchmarks and tests)."""
-
-    tadsr_ckpt: str = ""  # the reference's tadsr.pkl (needs torch)
-    generator: str = ""  # our safetensors export
-    workdir: str = ""  # a training workdir: its latest checkpoint
-
-    def __post_init__(self):
-        given = [name for name, value in dataclasses.asdict(self).items() if value]
-        if len(given) > 1:
-            raise ValueError(f"give one source of generator weights, got {', '.join(given)}")
-
-    @property
-    def given(self) -> bool:
-        return any(dataclasses.asdict(self).values())
-
-    def describe(self) -> str:
-        return (self.tadsr_ckpt and f"reference checkpoint {self.tadsr_ckpt}") or (
-            self.generator and f"generator export {self.generator}") or (
-            self.workdir and f"latest checkpoint of {self.workdir}") or "untrained adapters"
 
 
 @dataclasses.dataclass
@@ -83,48 +60,11 @@ def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fak
 
 
 def load_generator_weights(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> list[int] | None:
-    """Fill `model`'s generator (LoRA factors, student conv_in, VAE time layers) from `source`, in place;
-    returns the [lowest, highest] timestep it was trained at where the source records it."""
-    if source.tadsr_ckpt or source.generator:
-        from tadsr_jax.weights import official
+    """`weights.generator.load_generator_weights`, a workdir read as training saves it (with `config.train`)."""
+    from tadsr_jax.train.checkpoint import restore_generator
 
-        path = source.tadsr_ckpt or source.generator
-        if not storage.isfile(path):
-            raise WeightsError(f"{path}: no such file")
-        if source.tadsr_ckpt:
-            official.load_reference_checkpoint(model, path)
-            return None
-        metadata = official.load_generator(model, path).get("metadata")
-        return metadata.get("trained_timesteps") if isinstance(metadata, dict) else None
-    if source.workdir:
-        generator, trained = restore_generator(model, source.workdir, config)
-        nnx.update(model, generator)
-        return trained
-    return None
-
-
-def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> tuple[nnx.State, list | None]:
-    """The generator state of `workdir`'s newest intact training checkpoint (one device, float32) and the
-    timesteps it was trained at (None for checkpoints saved before they were recorded)."""
-    from tadsr_jax.train.checkpoint import Checkpointer, CheckpointError
-    from tadsr_jax.train.step import init_state, optimizer
-
-    generator = nnx.state(model, GENERATOR)  # init_state casts it to float32, as training does
-    tx = optimizer(config.train)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(
-        lambda g, f: init_state(g, f, tx, 0), generator, nnx.state(model, FAKE_SCORE)))
-    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
-    try:
-        restored = checkpointer.restore_latest(abstract)
-        if restored is None:
-            raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
-        step, state = restored
-        return state.generator, checkpointer.metadata(step).get("trained_timesteps")
-    except CheckpointError as e:
-        raise WeightsError(str(e)) from None
-    finally:
-        checkpointer.close()
+    return generator_weights.load_generator_weights(model, source,
+                                                    functools.partial(restore_generator, config=config))
 
 
 def merge_generator(model: TADSR) -> None:

@@ -28,11 +28,15 @@ from collections.abc import Mapping
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
 from tadsr_jax import storage
-from tadsr_jax.train.step import TrainState
+from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, TADSR
+from tadsr_jax.train.step import TrainState, init_state, optimizer
+from tadsr_jax.weights.convert import WeightsError
 
 DIGESTS = "sha256.json"
 QUARANTINE = "checkpoints_damaged"
@@ -229,6 +233,35 @@ class Checkpointer:
         self._manager.close()
 
 
+def has_saved_steps(workdir: str) -> bool:
+    """Whether `workdir` holds a saved step (intact or not): a run there resumes from it (or stops), never starts
+    anew. Orbax names a finished step's directory by its number."""
+    folder = os.path.join(workdir, "checkpoints")
+    return storage.isdir(folder) and any(name.isdigit() for name in storage.listdir(folder))
+
+
 def abstract_like(state: TrainState) -> TrainState:
     """Shapes, dtypes and shardings of `state`, to restore into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigDict) -> tuple[nnx.State, list | None]:
+    """The generator state of `workdir`'s newest intact training checkpoint (one device, float32) and the
+    timesteps it was trained at (None for checkpoints saved before they were recorded). `model` and `config.train`
+    must be those the workdir trained (adapters, fake-score groups): the whole train state is restored."""
+    generator = nnx.state(model, GENERATOR)  # init_state casts it to float32, as training does
+    tx = optimizer(config.train)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(
+        lambda g, f: init_state(g, f, tx, 0), generator, nnx.state(model, FAKE_SCORE)))
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+        if restored is None:
+            raise WeightsError(f"{workdir}: no training checkpoint (run launch/train.py with this workdir first)")
+        step, state = restored
+        return state.generator, checkpointer.metadata(step).get("trained_timesteps")
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
+    finally:
+        checkpointer.close()

@@ -39,7 +39,7 @@ def main(argv):
     except (TrainingError, WeightsError, CheckpointError, WorkdirLocked, parallel.SharedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except ValueError as e:  # a bad setting, e.g. train.eval_every without data.eval.path
+    except ValueError as e:  # a setting that cannot work (step.check_config, the mesh, validation)
         cli.usage_error(str(e))
 
 

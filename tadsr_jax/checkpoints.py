@@ -235,6 +235,14 @@ class Checkpointer:
         self._manager.close()
 
 
+def has_saved_steps(workdir: str) -> bool:
+    """Whether `workdir` holds a saved step (intact or not): a run there resumes from it (or stops), never starts
+    anew. Orbax names a finished step's directory by its number."""
+    folder = os.path.join(workdir, "checkpoints")
+    return storage.isdir(folder) and any(name.isdigit() for name in storage.listdir(folder))
+
+
 def abstract_like(state: Any) -> Any:
     """Shapes, dtypes and shardings of `state`, to restore into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+

@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.unet = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict()
     config.model.text_encoder = ml_collections.ConfigDict()
+    # Fine-tuning: start the generator (LoRA factors, student conv_in, VAE time layers) from the reference's
+    # tadsr.pkl, our .safetensors export (launch/convert.py --what=generator) or a training workdir's checkpoint,
+    # with fresh optimizer states at step 0. Empty: fresh adapters. A workdir with checkpoints resumes its own.
+    config.model.init_generator = ""
     config.model.lora_rank = 4
     config.model.lora_alpha = 8.0
     # The reference's fake score effectively trains only its mid-block LoRA; ("encoder", "decoder", "others")
@@ -56,9 +60,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.steps = 100_000
     config.train.batch_size = 16  # global
+    # Micro-batches per optimizer update (the reference's --gradient_accumulation_steps): each update's gradients
+    # are the mean over batch_size images, computed accumulate_steps micro-batches at a time (less memory).
+    config.train.accumulate_steps = 1
     config.train.lr = 5e-5
+    # diffusers' get_scheduler kinds (the reference's --lr_scheduler): constant, constant_with_warmup, linear, cosine,
+    # cosine_with_restarts, polynomial; counted in optimizer updates, decaying over train.steps.
     config.train.lr_schedule = "constant"
-    config.train.warmup_steps = 0
+    config.train.warmup_steps = 0  # linear warmup from 0 (every kind but constant, as in diffusers)
+    config.train.lr_num_cycles = 1  # cosine_with_restarts: hard restarts (cosine alone is one half cosine)
+    config.train.lr_power = 1.0  # polynomial: the decay's power
+    config.train.lr_end = 1e-7  # polynomial: the final learning rate (diffusers' default)
     config.train.b1 = 0.9
     config.train.b2 = 0.999
     config.train.eps = 1e-8

@@ -33,6 +33,18 @@ from tadsr_jax.weights.loaders import load_networks
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+@dataclasses.dataclass
+class SRModel:
+    """Plain SD networks with the generator merged in; `unet.conv_in` is the student's."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL  # time-aware encoder with its LoRA merged
+    text_encoder: CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    schedule: NoiseSchedule
+    trained_timesteps: list[int] | None = None  # [lowest, highest] trained student timestep, None: not recorded
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightsSource:
     """Where the generator comes from: at most one of the three fields (none: untrained adapters, whose merge
@@ -55,18 +67,6 @@ class WeightsSource:
         return (self.tadsr_ckpt and f"reference checkpoint {self.tadsr_ckpt}") or (
             self.generator and f"generator export {self.generator}") or (
             self.workdir and f"latest checkpoint of {self.workdir}") or "untrained adapters"
-
-
-@dataclasses.dataclass
-class SRModel:
-    """Plain SD networks with the generator merged in; `unet.conv_in` is the student's."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL  # time-aware encoder with its LoRA merged
-    text_encoder: CLIPTextModel
-    tokenizer: object  # transformers CLIPTokenizer
-    schedule: NoiseSchedule
-    trained_timesteps: list[int] | None = None  # [lowest, highest] trained student timestep, None: not recorded
 
 
 def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=(),
@@ -108,7 +108,7 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
     """The generator state of `workdir`'s newest intact training checkpoint (one device, float32, as training
     keeps it) and the timesteps it was trained at (None for checkpoints saved before they were recorded). Only the
     generator is read: no optimizer is built and the fake score and optimizer states stay on disk."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {"generator": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device),
                                           nnx.state(model, GENERATOR))}
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)

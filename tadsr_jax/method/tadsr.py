@@ -146,14 +146,15 @@ def generator_loss(model: TADSR, schedule: NoiseSchedule, batch: dict[str, jax.A
     """L2 (timestep-blurred) + LPIPS + TA-VSD for one batch; `student_t` (B,) are the generator timesteps.
 
     `batch` holds `lq`, `hq` (B,H,W,3) in [-1, 1] and `input_ids` (B, T); `neg_context` is the negative
-    prompt's embedding (1, T, D), used only by the teacher's classifier-free guidance.
+    prompt's embedding (1, T, D), used only by the teacher's classifier-free guidance. `key` is one key, or one per
+    row (B,): then each row's noise comes from its own key (`tadsr_jax.prng`).
 
     The frozen text encoder runs here, inside the jitted step, on token ids from the input pipeline: prompts
     differ per example, CLIP costs a few percent of the step, and the step stays a pure function of the batch
     (no host round trip, no embedding cache to keep consistent across hosts). The constant negative prompt is
     embedded once, outside.
     """
-    k_post, k_noise = jax.random.split(key)
+    k_post, k_noise = prng.split(key)
     context = jax.lax.stop_gradient(model.text_encoder(batch["input_ids"]))
     x0, images = model.student(schedule, batch["lq"], student_t, context, k_post)
     terms = {"l2": losses.blurred_mse(images, batch["hq"], student_t)}
@@ -186,10 +187,11 @@ def _ta_vsd(model: TADSR, schedule: NoiseSchedule, x0: jax.Array, context: jax.A
 
 def fake_score_loss(model: TADSR, schedule: NoiseSchedule, x0: jax.Array, context: jax.Array,
                     key: jax.Array) -> jax.Array:
-    """eps-prediction loss of the fake score on the detached generator latent, its own t ~ U{0..999}."""
-    k_t, k_noise = jax.random.split(key)
+    """eps-prediction loss of the fake score on the detached generator latent, its own t ~ U{0..999}; `key` as in
+    `generator_loss`."""
+    k_t, k_noise = prng.split(key)
     x0, context = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(context)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_timesteps)
+    t = prng.randint(k_t, (x0.shape[0],), 0, schedule.num_timesteps)
     noise = prng.normal(k_noise, x0.shape, jnp.float32)
     eps = model.fake_score(schedule.add_noise(x0, noise, t), t, context).astype(jnp.float32)
     return jnp.mean(jnp.square(eps - noise))

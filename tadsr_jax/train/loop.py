@@ -30,14 +30,17 @@ from flax import nnx
 from PIL import Image
 
 from tadsr_jax import parallel, storage
-from tadsr_jax.checkpoints import Checkpointer, abstract_like
+from tadsr_jax.checkpoints import Checkpointer, abstract_like, has_saved_steps
 from tadsr_jax.data.pipeline import make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
 from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
+from tadsr_jax.infer.model import WeightsSource, load_generator_weights
+from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
 from tadsr_jax.train import lock, validation
 from tadsr_jax.train.step import (
     TrainState,
+    check_config,
     host_metrics,
     init_state,
     make_model,
@@ -104,8 +107,15 @@ def _lpips(config: ml_collections.ConfigDict):
 def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     """Load the networks, attach the adapters, shard everything over the mesh and compile nothing yet."""
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_config(config, mesh.size)  # before the slow part
+    # Fine-tuning starts from model.init_generator; a resumed run restores its own generator (and never reads it).
+    init = None
+    if config.model.init_generator and not has_saved_steps(workdir):
+        init = init_generator_source(config.model.init_generator)
     nets = load_networks(resolve_pretrained(config.model, workdir), dtype=jnp.dtype(config.model.dtype))
     model = make_model(config, nets.unet, nets.vae, nets.text_encoder, _lpips(config))
+    if init:
+        load_init_generator(model, init, config)
     graphdef, generator, fake_score, frozen, rest = split_model(model)
     state = init_state(generator, fake_score, optimizer(config.train), config.seed)
     program = step_program(config, graphdef, nets.schedule, mesh, state, frozen, rest)
@@ -117,6 +127,26 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
                    frozen=_place(frozen, program.frozen_sharding), rest=_place(rest, program.rest_sharding),
                    neg_context=_place(neg_context, program.replicated), step_fn=program.step_fn,
                    sample_fn=program.sample_fn, batch_sharding=program.batch_sharding, tokenize=tokenize_fn)
+
+
+def init_generator_source(path: str) -> WeightsSource:
+    """`model.init_generator` by its kind: the reference's tadsr.pkl, our .safetensors export, a training workdir."""
+    if path.endswith(".pkl"):
+        return WeightsSource(tadsr_ckpt=path)
+    if path.endswith(".safetensors"):
+        return WeightsSource(generator=path)
+    if storage.isdir(path):
+        return WeightsSource(workdir=path)
+    raise ValueError(f"model.init_generator={path}: not a .pkl (the reference's tadsr.pkl), a .safetensors export "
+                     f"(launch/convert.py --what=generator) or a training workdir")
+
+
+def load_init_generator(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> None:
+    """Fine-tuning: `model`'s generator from `source`, in float32 (a bfloat16 base would round the loaded weights);
+    the train state built from it starts at step 0 with fresh optimizer states."""
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, GENERATOR)))
+    load_generator_weights(model, source, config)
+    logging.info("step 0: the generator of %s, fresh optimizer states", source.describe())
 
 
 class _Tokenizer:
@@ -223,10 +253,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     state, start = trainer.state, 0
     restored = checkpointer.restore_latest(abstract_like(state), data, quarantine=True)
+    started_from = config.model.init_generator
     if restored:
         start, state = restored
         logging.info("resumed from step %d", start)
-    saved_with = {"trained_timesteps": trained_timesteps(cfg)}
+        started_from = checkpointer.metadata(start).get("init_generator", "")
+        if config.model.init_generator not in ("", started_from):
+            logging.warning("model.init_generator=%s not used: the run resumes its own step %d (it started from %s)",
+                            config.model.init_generator, start, started_from or "fresh adapters")
+    saved_with = {"trained_timesteps": trained_timesteps(cfg), "init_generator": started_from}
     logger = _Logger(workdir)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))

@@ -198,6 +198,7 @@ def _flat(state) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float64) for k, v in flat_state(state).items()}
 
 
+@pytest.mark.slow  # compiles two tiny train steps
 def test_accumulating_4_micro_batches_of_1_trains_as_one_batch_of_4(tiny_sd, tmp_path):
     """Two updates with train.accumulate_steps=4 (micro-batches of 1) and with 1 (the batch of 4 at once), from the
     same state on the same batches: the same losses and gradient norms, the same parameter changes and optimizer
@@ -258,10 +259,10 @@ def exported_generator(tiny_sd, tmp_path_factory) -> str:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from tadsr_jax.weights.official import save_generator
 
     from configs.tiny import get_config
     from tadsr_jax.infer.model import build_tadsr
+    from tadsr_jax.method.official import save_generator
     from tadsr_jax.method.tadsr import GENERATOR
 
     model, _, _ = build_tadsr(tiny_sd, get_config().model)

@@ -123,14 +123,19 @@ def test_an_out_of_range_scale_is_refused_before_the_model_loads(tmp_path, monke
     assert str(error.value) == f"scale must be an integer in 1..8, got {scale}"
 
 
+def _launch_sr(tmp_path, folder, output, *flags) -> subprocess.CompletedProcess:
+    """launch/sr.py on the tiny config with a generator file that does not exist (so any model load would fail)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(repo, "launch", "sr.py"),
+                           f"--config={os.path.join(repo, 'configs/tiny.py')}", f"--generator={tmp_path / 'none'}",
+                           f"--input={folder}", f"--output={output}", *flags],
+                          capture_output=True, text=True, cwd=repo, timeout=300, check=False)
+
+
 def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
     folder, output = tmp_path / "in", tmp_path / "out"
     _inputs(folder, "a.png")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(repo, "launch", "sr.py"),
-                          f"--config={os.path.join(repo, 'configs/tiny.py')}", f"--generator={tmp_path / 'none'}",
-                          f"--input={folder}", f"--output={output}", "--scale=9"],
-                         capture_output=True, text=True, cwd=repo, timeout=300, check=False)
+    run = _launch_sr(tmp_path, folder, output, "--scale=9")
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.splitlines() == ["sr: error: scale must be an integer in 1..8, got 9"]
     assert not output.exists()
@@ -141,11 +146,7 @@ def test_launcher_refuses_with_one_line_per_problem_before_loading_weights(tmp_p
     folder = tmp_path / "in"
     _inputs(folder, "a.png", "a.jpg", "b.png", "b.webp")
     output = tmp_path / "out"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(repo, "launch", "sr.py"),
-                          f"--config={os.path.join(repo, 'configs/tiny.py')}", f"--generator={tmp_path / 'none'}",
-                          f"--input={folder}", f"--output={output}", "--sweep=100,700"],
-                         capture_output=True, text=True, cwd=repo, timeout=300, check=False)
+    run = _launch_sr(tmp_path, folder, output, "--sweep=100,700")
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.splitlines() == [
         f"sr: error: {folder / 'a.jpg'} and {folder / 'a.png'} would be written to one file, {output}/a_t100.png "

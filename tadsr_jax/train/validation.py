@@ -29,6 +29,7 @@ from absl import logging
 from tadsr_jax import evaluation, parallel
 from tadsr_jax.data.pipeline import make_eval_source, make_eval_transform
 from tadsr_jax.data.transforms import to_float
+from tadsr_jax.infer import pipeline
 
 
 def timesteps(train_config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -58,8 +59,8 @@ def metric_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def to_uint8(images) -> np.ndarray:
-    """Images in [-1, 1] -> uint8, rounded: the pixels of a PNG of them."""
-    return np.asarray(np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5), np.uint8)
+    """Images in [-1, 1] -> uint8, rounded as the SR pipeline rounds its outputs: the pixels of a PNG of them."""
+    return pipeline.to_uint8((np.asarray(images, np.float32) + 1) * np.float32(0.5))
 
 
 def global_timesteps(t: int, sharding: jax.sharding.NamedSharding, global_batch: int) -> jax.Array:

@@ -71,14 +71,15 @@ def time_calls(fn: Callable[[], Any], *, steps: int, warmup: int, sync: Callable
     return Timing(tuple(times))
 
 
-def _best_flops(run: Callable[[int], Callable[[], Any]], sizes: Sequence[int], repeats: int,
-                sync: Callable[[Any], Any]) -> float:
+def _best_flops(
+    run: Callable[[int], Callable[[], Any]], sizes: Sequence[int], repeats: int, sync: Callable[[Any], Any]
+) -> float:
     best = 0.0
     for n in sizes:
         call = run(n)
         sync(call())  # compile / allocate
         timing = time_calls(call, steps=repeats, warmup=1, sync=sync)
-        best = max(best, 2.0 * n ** 3 / timing.best)
+        best = max(best, 2.0 * n**3 / timing.best)
     return best
 
 
@@ -98,8 +99,9 @@ def measure_matmul_peak(dtype: str = "float32", *, sizes: Sequence[int] = (1024,
     return _best_flops(run, sizes, repeats, block)
 
 
-def measure_torch_matmul_peak(dtype: str = "float32", *, sizes: Sequence[int] = (1024, 2048),
-                              repeats: int = 5) -> float:
+def measure_torch_matmul_peak(
+    dtype: str = "float32", *, sizes: Sequence[int] = (1024, 2048), repeats: int = 5
+) -> float:
     """Best FLOP/s of `n x n @ n x n` matmuls in PyTorch (CPU, current thread setting)."""
     import torch
 
@@ -135,8 +137,9 @@ def run_worker(module: str, args: Sequence[str], *, label: str, timeout: float |
         command = [sys.executable, "-m", module, *args, f"--out={out}"]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(command, env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(
+                command, env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired:
             raise BenchmarkError(f"{label}: worker did not finish within {timeout:.0f} s") from None
         if proc.returncode != 0 or not os.path.isfile(out):
@@ -176,8 +179,13 @@ def write_folder(folder: str, fill: Callable[[str], None]) -> None:
     os.replace(staging, folder)
 
 
-def worker_main(argv: Sequence[str], module: str, prepare: Callable[[str], None],
-                sides: dict[str, Callable[..., dict[str, Any]]], **options: Any) -> None:
+def worker_main(
+    argv: Sequence[str],
+    module: str,
+    prepare: Callable[[str], None],
+    sides: dict[str, Callable[..., dict[str, Any]]],
+    **options: Any,
+) -> None:
     """A benchmark worker's entry point: `--side=prepare|<side> --folder=F --steps --warmup --out [--option]`.
 
     `options` are extra string flags with their defaults, passed to the side's function as keywords.
@@ -198,8 +206,9 @@ def worker_main(argv: Sequence[str], module: str, prepare: Callable[[str], None]
         prepare(args.folder)
         result = {"folder": args.folder}
     else:
-        result = sides[args.side](args.folder, steps=args.steps, warmup=args.warmup,
-                                  **{name: getattr(args, name) for name in options})
+        result = sides[args.side](
+            args.folder, steps=args.steps, warmup=args.warmup, **{name: getattr(args, name) for name in options}
+        )
     write_result(args.out, result)
 
 
@@ -217,6 +226,7 @@ def progress(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- formatting
+
 
 def si(value: float | None, unit: str = "") -> str:
     """1.23e12 -> '1.23 T' + unit; None -> 'n/a'."""

@@ -35,8 +35,15 @@ def _config(folder: str, workers: int, threads: int):
     from tadsr_jax.data import data_config
 
     config = data_config()
-    config.update(source="hr_folder", path=folder, crop_size=CROP, degradation="realesrgan", num_workers=workers,
-                  read_threads=threads, prefetch=4)
+    config.update(
+        source="hr_folder",
+        path=folder,
+        crop_size=CROP,
+        degradation="realesrgan",
+        num_workers=workers,
+        read_threads=threads,
+        prefetch=4,
+    )
     return config
 
 
@@ -60,8 +67,9 @@ def _pipeline(folder: str, workers: int, threads: int, batches: int, warmup: int
     """Examples/s of the whole grain pipeline with `workers` worker processes of `threads` decoding threads."""
     from tadsr_jax.data import make_train_iterator
 
-    iterator = make_train_iterator(_config(folder, workers, threads), global_batch_size=BATCH, seed=0, process_index=0,
-                                   process_count=1)
+    iterator = make_train_iterator(
+        _config(folder, workers, threads), global_batch_size=BATCH, seed=0, process_index=0, process_count=1
+    )
     try:
         for _ in range(warmup):
             next(iterator)
@@ -85,11 +93,25 @@ def run(*, steps: int, warmup: int, cache_dir: str | None) -> Report:
         progress(f"timing the {name}")
         totals[name] = _pipeline(folder, workers, threads, batches=4 * steps, warmup=max(1, warmup) * cores)
     best = max(totals, key=totals.get)
-    result = {"examples_per_s_per_core": round(totals[best] / cores, 2), "examples_per_s": round(totals[best], 2),
-              "layout": best, "cores": cores, "single_core_examples_per_s": round(single, 2), "crop": CROP,
-              "source_side": SIDE, "degradation": "realesrgan", "batch": BATCH}
-    rows = [["transform alone, 1 core", f"{single:.1f}", f"{single:.1f}"],
-            *([name, f"{total:.1f}", f"{total / cores:.1f}"] for name, total in totals.items())]
-    return Report(title=f"Training input: {CROP}x{CROP} HR crops + Real-ESRGAN LR ({SIDE}x{SIDE} PNG sources)",
-                  header=["measure", "examples/s", "examples/s/core"], rows=rows, result=result,
-                  notes=["target: >= 20 examples/s per core"])
+    result = {
+        "examples_per_s_per_core": round(totals[best] / cores, 2),
+        "examples_per_s": round(totals[best], 2),
+        "layout": best,
+        "cores": cores,
+        "single_core_examples_per_s": round(single, 2),
+        "crop": CROP,
+        "source_side": SIDE,
+        "degradation": "realesrgan",
+        "batch": BATCH,
+    }
+    rows = [
+        ["transform alone, 1 core", f"{single:.1f}", f"{single:.1f}"],
+        *([name, f"{total:.1f}", f"{total / cores:.1f}"] for name, total in totals.items()),
+    ]
+    return Report(
+        title=f"Training input: {CROP}x{CROP} HR crops + Real-ESRGAN LR ({SIDE}x{SIDE} PNG sources)",
+        header=["measure", "examples/s", "examples/s/core"],
+        rows=rows,
+        result=result,
+        notes=["target: >= 20 examples/s per core"],
+    )

@@ -52,8 +52,9 @@ def prepare(folder: str) -> None:
 
     def fill(staging: str) -> None:
         arch = architectures()
-        write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
-                               seed=SEED)
+        write_random_sd_folder(
+            staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"], seed=SEED
+        )
         common.write_result(os.path.join(staging, META_FILE), {"architectures": arch})
 
     common.write_folder(folder, fill)
@@ -61,8 +62,9 @@ def prepare(folder: str) -> None:
 
 def ensure_weights(cache_dir: str | None = None) -> str:
     folder = weights_folder(cache_dir)
-    return common.ensure_weights(folder, WORKER, META_FILE,
-                                 f"bench sr: writing random SD-2.1-size weights to {folder} (once, ~5 GB)")
+    return common.ensure_weights(
+        folder, WORKER, META_FILE, f"bench sr: writing random SD-2.1-size weights to {folder} (once, ~5 GB)"
+    )
 
 
 def make_image(size: int):
@@ -81,6 +83,7 @@ def peak_rss_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- ours
+
 
 def _sizes(sizes: str) -> list[int]:
     return [int(s) for s in sizes.split(",")]
@@ -107,13 +110,23 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
         compile_s = upscaler.compile_seconds - compile_before
         flops = matmul_flops(upscaler.trace(lq, [PROMPT], [TIMESTEP]))
         timing = common.time_calls(lambda lq=lq: upscaler(lq, [PROMPT], [TIMESTEP]), steps=steps, warmup=warmup)
-        per_size[str(size)] = {"timing": timing.as_dict(), "compile_s": compile_s, "flops": flops,
-                               "peak_rss_bytes": peak_rss_bytes()}
-    return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_matmul_peak(dtype),
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+        per_size[str(size)] = {
+            "timing": timing.as_dict(),
+            "compile_s": compile_s,
+            "flops": flops,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+    return {
+        "load_s": load_s,
+        "sizes": per_size,
+        "peak_flops": common.measure_matmul_peak(dtype),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
 
 
 # --------------------------------------------------------------------------------------------------- torch
+
 
 def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
 
@@ -132,13 +145,18 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
     vae = vae.eval().to(torch_dtype)
     text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval().to(torch_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     alpha = float(np.cumprod(1.0 - betas)[TIMESTEP])
     load_s = time.perf_counter() - start
     scale = vae.config.scaling_factor
     t = torch.tensor([TIMESTEP])
-    ids = tokenizer([PROMPT], padding="max_length", max_length=text.config.max_position_embeddings,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        [PROMPT],
+        padding="max_length",
+        max_length=text.config.max_position_embeddings,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     gen = torch.Generator().manual_seed(SEED)
 
     def super_resolve(lq):
@@ -147,7 +165,7 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
             mean, logvar = time_aware_moments(vae, time_tensors, lq, t)
             z = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen, dtype=mean.dtype)) * scale
             residual = unet(z, t, context).sample
-            x0 = z / alpha ** 0.5 - residual
+            x0 = z / alpha**0.5 - residual
             return vae.decode(x0 / scale).sample.clamp(-1, 1)
 
     per_size = {}
@@ -155,14 +173,24 @@ def run_torch(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> d
         lq = torch.tensor(make_image(size)).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
         timing = common.time_calls(lambda lq=lq: super_resolve(lq), steps=steps, warmup=warmup, sync=lambda x: x)
         per_size[str(size)] = {"timing": timing.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
-    return {"load_s": load_s, "sizes": per_size, "peak_flops": common.measure_torch_matmul_peak(dtype),
-            "threads": torch.get_num_threads()}
+    return {
+        "load_s": load_s,
+        "sizes": per_size,
+        "peak_flops": common.measure_torch_matmul_peak(dtype),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- report
 
-def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
-        dtypes: tuple[str, ...] = ("float32",), sizes: tuple[int, ...] = RESOLUTIONS) -> common.Report:
+
+def run(
+    steps: int = 3,
+    warmup: int = 1,
+    cache_dir: str | None = None,
+    dtypes: tuple[str, ...] = ("float32",),
+    sizes: tuple[int, ...] = RESOLUTIONS,
+) -> common.Report:
     """Write (once) the weights, then time ours and torch per dtype, each in its own subprocess.
 
     Where our worker finds an accelerator (GPU/TPU), bfloat16 is measured too, even if not asked for.
@@ -173,14 +201,25 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
     for dtype in dtypes:  # may grow by bfloat16 below
         for side, label in (("ours", "ours (JAX)"), ("torch", "torch eager")):
             common.progress(f"bench sr: {label} {dtype}, {warmup} warmup + {steps} timed calls per resolution")
-            sides[side, dtype] = common.run_worker(WORKER, [f"--side={side}", f"--dtype={dtype}", *args],
-                                                   label=f"{label} {dtype}", timeout=7200)
-            common.progress(f"bench sr: {label} {dtype}: " + ", ".join(
-                f"{size}: {v['timing']['median_s']:.2f} s" for size, v in sides[side, dtype]["sizes"].items()))
+            sides[side, dtype] = common.run_worker(
+                WORKER, [f"--side={side}", f"--dtype={dtype}", *args], label=f"{label} {dtype}", timeout=7200
+            )
+            common.progress(
+                f"bench sr: {label} {dtype}: "
+                + ", ".join(
+                    f"{size}: {v['timing']['median_s']:.2f} s" for size, v in sides[side, dtype]["sizes"].items()
+                )
+            )
         if sides["ours", dtype]["backend"] != "cpu" and "bfloat16" not in dtypes:
             dtypes.append("bfloat16")
-    result: dict[str, Any] = {"what": "sr", "steps": steps, "warmup": warmup, "cpu_count": os.cpu_count(),
-                              "timestep": TIMESTEP, "architecture": "SD-2.1-base"}
+    result: dict[str, Any] = {
+        "what": "sr",
+        "steps": steps,
+        "warmup": warmup,
+        "cpu_count": os.cpu_count(),
+        "timestep": TIMESTEP,
+        "architecture": "SD-2.1-base",
+    }
     rows = []
     for dtype in dtypes:
         ours, ref = sides["ours", dtype], sides["torch", dtype]
@@ -188,30 +227,73 @@ def run(steps: int = 3, warmup: int = 1, cache_dir: str | None = None,
             o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]
             ours_s, torch_s = o["timing"]["median_s"], r["timing"]["median_s"]
             flops, peak = o["flops"], max(ours["peak_flops"], ref["peak_flops"])
-            entry = {"ours_s": ours_s, "torch_s": torch_s, "speedup": torch_s / ours_s, "images_per_s": 1 / ours_s,
-                     "peak_fraction": flops / ours_s / peak, "torch_peak_fraction": flops / torch_s / peak,
-                     "compile_s": o["compile_s"], "flops": flops, "peak_flops": peak,
-                     "jax_matmul_peak_flops": ours["peak_flops"], "torch_matmul_peak_flops": ref["peak_flops"],
-                     "ours_peak_rss_gib": o["peak_rss_bytes"] / 2 ** 30,
-                     "torch_peak_rss_gib": r["peak_rss_bytes"] / 2 ** 30}
+            entry = {
+                "ours_s": ours_s,
+                "torch_s": torch_s,
+                "speedup": torch_s / ours_s,
+                "images_per_s": 1 / ours_s,
+                "peak_fraction": flops / ours_s / peak,
+                "torch_peak_fraction": flops / torch_s / peak,
+                "compile_s": o["compile_s"],
+                "flops": flops,
+                "peak_flops": peak,
+                "jax_matmul_peak_flops": ours["peak_flops"],
+                "torch_matmul_peak_flops": ref["peak_flops"],
+                "ours_peak_rss_gib": o["peak_rss_bytes"] / 2**30,
+                "torch_peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+            }
             key = str(size) if dtype == "float32" else f"{size}_{dtype}"
             result[key] = entry
-            rows.append((f"{size}x{size} {dtype}", common.seconds(ours_s), common.seconds(torch_s),
-                         f"{entry['speedup']:.2f}x", common.seconds(o["compile_s"]), common.si(flops, "FLOP"),
-                         common.percent(entry["peak_fraction"]), common.percent(entry["torch_peak_fraction"]),
-                         f"{entry['ours_peak_rss_gib']:.1f} / {entry['torch_peak_rss_gib']:.1f} GiB"))
-    peaks = ", ".join(f"{d}: ours {common.si(sides['ours', d]['peak_flops'], 'FLOP/s')}, torch "
-                      f"{common.si(sides['torch', d]['peak_flops'], 'FLOP/s')}" for d in dtypes)
-    notes = [f"median of {steps} calls after {warmup} warmup per resolution; {os.cpu_count()} CPU cores; "
-             f"FLOP/image counts matmuls and convolutions (2 per multiply-add); % peak is against the better of "
-             f"the two measured matmul peaks ({peaks}); peak RSS is the process's high-water mark (weights "
-             f"included); weights {folder}"]
-    header = ("output, dtype", "ours", "torch eager", "speedup", "compile", "FLOP/image", "ours % peak",
-              "torch % peak", "peak RSS ours / torch")
-    return common.Report(title="x4 SR, one image, SD-2.1-base architecture, t = 500", header=header, rows=rows,
-                         result=result, notes=notes)
+            rows.append(
+                (
+                    f"{size}x{size} {dtype}",
+                    common.seconds(ours_s),
+                    common.seconds(torch_s),
+                    f"{entry['speedup']:.2f}x",
+                    common.seconds(o["compile_s"]),
+                    common.si(flops, "FLOP"),
+                    common.percent(entry["peak_fraction"]),
+                    common.percent(entry["torch_peak_fraction"]),
+                    f"{entry['ours_peak_rss_gib']:.1f} / {entry['torch_peak_rss_gib']:.1f} GiB",
+                )
+            )
+    peaks = ", ".join(
+        f"{d}: ours {common.si(sides['ours', d]['peak_flops'], 'FLOP/s')}, torch "
+        f"{common.si(sides['torch', d]['peak_flops'], 'FLOP/s')}"
+        for d in dtypes
+    )
+    notes = [
+        f"median of {steps} calls after {warmup} warmup per resolution; {os.cpu_count()} CPU cores; "
+        f"FLOP/image counts matmuls and convolutions (2 per multiply-add); % peak is against the better of "
+        f"the two measured matmul peaks ({peaks}); peak RSS is the process's high-water mark (weights "
+        f"included); weights {folder}"
+    ]
+    header = (
+        "output, dtype",
+        "ours",
+        "torch eager",
+        "speedup",
+        "compile",
+        "FLOP/image",
+        "ours % peak",
+        "torch % peak",
+        "peak RSS ours / torch",
+    )
+    return common.Report(
+        title="x4 SR, one image, SD-2.1-base architecture, t = 500",
+        header=header,
+        rows=rows,
+        result=result,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":
-    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch}, dtype="float32",
-                       sizes=",".join(map(str, RESOLUTIONS)))
+    common.worker_main(
+        sys.argv[1:],
+        WORKER,
+        prepare,
+        {"ours": run_ours, "torch": run_torch},
+        dtype="float32",
+        sizes=",".join(map(str, RESOLUTIONS)),
+    )

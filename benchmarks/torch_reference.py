@@ -18,11 +18,30 @@ import torch.nn.functional as F
 
 # torchvision's `features` layouts: (out channels, kernel, stride, padding) per convolution (each followed by an
 # in-place ReLU), ("M", kernel, stride) per max-pool.
-VGG16_CFG = ((64, 3, 1, 1), (64, 3, 1, 1), ("M", 2, 2), (128, 3, 1, 1), (128, 3, 1, 1), ("M", 2, 2),
-             *[(256, 3, 1, 1)] * 3, ("M", 2, 2), *[(512, 3, 1, 1)] * 3, ("M", 2, 2), *[(512, 3, 1, 1)] * 3,
-             ("M", 2, 2))
-ALEXNET_CFG = ((64, 11, 4, 2), ("M", 3, 2), (192, 5, 1, 2), ("M", 3, 2), (384, 3, 1, 1), (256, 3, 1, 1),
-               (256, 3, 1, 1), ("M", 3, 2))
+VGG16_CFG = (
+    (64, 3, 1, 1),
+    (64, 3, 1, 1),
+    ("M", 2, 2),
+    (128, 3, 1, 1),
+    (128, 3, 1, 1),
+    ("M", 2, 2),
+    *[(256, 3, 1, 1)] * 3,
+    ("M", 2, 2),
+    *[(512, 3, 1, 1)] * 3,
+    ("M", 2, 2),
+    *[(512, 3, 1, 1)] * 3,
+    ("M", 2, 2),
+)
+ALEXNET_CFG = (
+    (64, 11, 4, 2),
+    ("M", 3, 2),
+    (192, 5, 1, 2),
+    ("M", 3, 2),
+    (384, 3, 1, 1),
+    (256, 3, 1, 1),
+    (256, 3, 1, 1),
+    ("M", 3, 2),
+)
 
 
 def _features_stand_in(layout):
@@ -37,8 +56,10 @@ def _features_stand_in(layout):
                 layers.append(torch.nn.MaxPool2d(kernel_size=item[1], stride=item[2]))
             else:
                 out, kernel, stride, padding = item
-                layers += [torch.nn.Conv2d(channels, out, kernel_size=kernel, stride=stride, padding=padding),
-                           torch.nn.ReLU(inplace=True)]
+                layers += [
+                    torch.nn.Conv2d(channels, out, kernel_size=kernel, stride=stride, padding=padding),
+                    torch.nn.ReLU(inplace=True),
+                ]
                 channels = out
         return types.SimpleNamespace(features=torch.nn.Sequential(*layers))
 
@@ -96,22 +117,28 @@ def load_time_vae(folder: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
     return vae, time
 
 
-def time_aware_moments(vae, time: dict[str, torch.Tensor], x: torch.Tensor,
-                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def time_aware_moments(
+    vae, time: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) of diffusers `vae`'s encoder made time-aware with the tensors `time`
     ('encoder.time_embedding.linear_{1,2}.*', 'encoder.<resnet>.time_emb_proj.*'), for NCHW `x` and (B,) `t`."""
     enc = vae.encoder
     freqs = torch.exp(-math.log(10000) * torch.arange(64, dtype=torch.float32) / 64)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(time["encoder.time_embedding.linear_1.weight"].dtype)
-    e = F.linear(F.silu(F.linear(emb, time["encoder.time_embedding.linear_1.weight"],
-                                 time["encoder.time_embedding.linear_1.bias"])),
-                 time["encoder.time_embedding.linear_2.weight"], time["encoder.time_embedding.linear_2.bias"])
+    e = F.linear(
+        F.silu(
+            F.linear(emb, time["encoder.time_embedding.linear_1.weight"], time["encoder.time_embedding.linear_1.bias"])
+        ),
+        time["encoder.time_embedding.linear_2.weight"],
+        time["encoder.time_embedding.linear_2.bias"],
+    )
 
     def resnet(block, h_in, name):
         h = block.conv1(F.silu(block.norm1(h_in)))
-        p = F.linear(F.silu(e), time[f"encoder.{name}.time_emb_proj.weight"],
-                     time[f"encoder.{name}.time_emb_proj.bias"])
+        p = F.linear(
+            F.silu(e), time[f"encoder.{name}.time_emb_proj.weight"], time[f"encoder.{name}.time_emb_proj.bias"]
+        )
         scale, shift = p.chunk(2, dim=1)
         h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         h = block.conv2(F.silu(h))

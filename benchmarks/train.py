@@ -57,8 +57,13 @@ def architectures() -> dict[str, dict]:
     """SD-2.x block structure, scaled: channels 64/128/256/256 (SD: 320.. / 128..), 1/2/4/4 heads of 64."""
     from tadsr_jax.models.architectures import SD21_TEXT_ENCODER, SD21_UNET, SD21_VAE
 
-    unet = {**SD21_UNET, "block_out_channels": [64, 128, 256, 256], "attention_head_dim": [1, 2, 4, 4],
-            "cross_attention_dim": 256, "sample_size": HR_SIZE // 8}
+    unet = {
+        **SD21_UNET,
+        "block_out_channels": [64, 128, 256, 256],
+        "attention_head_dim": [1, 2, 4, 4],
+        "cross_attention_dim": 256,
+        "sample_size": HR_SIZE // 8,
+    }
     vae = {**SD21_VAE, "block_out_channels": [64, 128, 256, 256], "sample_size": HR_SIZE}
     text = {k: v for k, v in SD21_TEXT_ENCODER.items() if k != "vocab_size"}  # sized to the tiny tokenizer
     text.update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
@@ -67,17 +72,30 @@ def architectures() -> dict[str, dict]:
 
 def summary() -> dict[str, Any]:
     arch = architectures()
-    return {"unet_channels": arch["unet"]["block_out_channels"], "unet_heads": arch["unet"]["attention_head_dim"],
-            "vae_channels": arch["vae"]["block_out_channels"],
-            "text_encoder": f"{arch['text_encoder']['hidden_size']}x{arch['text_encoder']['num_hidden_layers']}",
-            "hr_size": HR_SIZE, "global_batch": BATCH, "dtype": "float32", "lora_rank": LORA_RANK,
-            "fake_score_groups": list(FAKE_SCORE_GROUPS), "losses": ["l2", "lpips", "vsd", "fake"]}
+    return {
+        "unet_channels": arch["unet"]["block_out_channels"],
+        "unet_heads": arch["unet"]["attention_head_dim"],
+        "vae_channels": arch["vae"]["block_out_channels"],
+        "text_encoder": f"{arch['text_encoder']['hidden_size']}x{arch['text_encoder']['num_hidden_layers']}",
+        "hr_size": HR_SIZE,
+        "global_batch": BATCH,
+        "dtype": "float32",
+        "lora_rank": LORA_RANK,
+        "fake_score_groups": list(FAKE_SCORE_GROUPS),
+        "losses": ["l2", "lpips", "vsd", "fake"],
+    }
 
 
 def weights_folder(cache_dir: str | None = None) -> str:
     """Where the random-weight folder of `architectures()` lives (a hash of its contents in the name)."""
-    key = {"format": FORMAT, "arch": architectures(), "seed": WEIGHTS_SEED, "lpips": LPIPS_SEED,
-           "rank": LORA_RANK, "fake": FAKE_SCORE_GROUPS}
+    key = {
+        "format": FORMAT,
+        "arch": architectures(),
+        "seed": WEIGHTS_SEED,
+        "lpips": LPIPS_SEED,
+        "rank": LORA_RANK,
+        "fake": FAKE_SCORE_GROUPS,
+    }
     return common.weights_folder("train", key, cache_dir)
 
 
@@ -120,6 +138,7 @@ def make_images() -> tuple[Any, Any]:
 
 # ------------------------------------------------------------------------------------------------ weights
 
+
 def prepare(folder: str) -> None:
     """Write the SD folder, the LPIPS weights (PyTorch layout) and the LoRA target names, atomically."""
     from flax import nnx
@@ -135,15 +154,19 @@ def prepare(folder: str) -> None:
     arch = architectures()
 
     def fill(staging: str) -> None:
-        write_random_sd_folder(staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"],
-                               seed=WEIGHTS_SEED)
-        save_file(state_to_torch(random_lpips(LPIPS_SEED)), os.path.join(staging, LPIPS_FILE),
-                  metadata={"format": "pt"})
+        write_random_sd_folder(
+            staging, unet=arch["unet"], vae=arch["vae"], text_encoder=arch["text_encoder"], seed=WEIGHTS_SEED
+        )
+        save_file(
+            state_to_torch(random_lpips(LPIPS_SEED)), os.path.join(staging, LPIPS_FILE), metadata={"format": "pt"}
+        )
         unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(arch["unet"]), rngs=nnx.Rngs(0)))
-        vae = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(arch["vae"]), time_aware=True,
-                                                   rngs=nnx.Rngs(0)))
-        meta = {"unet_lora_groups": unet_lora_groups(unet), "vae_lora_targets": vae_encoder_lora_targets(vae),
-                "architectures": arch}
+        vae = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(arch["vae"]), time_aware=True, rngs=nnx.Rngs(0)))
+        meta = {
+            "unet_lora_groups": unet_lora_groups(unet),
+            "vae_lora_targets": vae_encoder_lora_targets(vae),
+            "architectures": arch,
+        }
         common.write_result(os.path.join(staging, META_FILE), meta)
 
     common.write_folder(folder, fill)
@@ -155,6 +178,7 @@ def ensure_weights(cache_dir: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- ours
+
 
 def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
     import jax
@@ -173,8 +197,9 @@ def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
     build_s = time.perf_counter() - start
 
     lq, hq = make_images()
-    batch = parallel.global_batch({"lq": lq, "hq": hq, "input_ids": trainer.tokenize([PROMPT] * BATCH)},
-                                  trainer.batch_sharding)
+    batch = parallel.global_batch(
+        {"lq": lq, "hq": hq, "input_ids": trainer.tokenize([PROMPT] * BATCH)}, trainer.batch_sharding
+    )
     start = time.perf_counter()
     traced = trainer.step_fn.trace(trainer.state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
     lowered = traced.lower()
@@ -186,18 +211,28 @@ def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
     box = {"state": trainer.state, "metrics": None}
 
     def call():
-        box["state"], box["metrics"] = compiled(box["state"], trainer.frozen, trainer.rest, batch,
-                                                trainer.neg_context)
+        box["state"], box["metrics"] = compiled(box["state"], trainer.frozen, trainer.rest, batch, trainer.neg_context)
         return box["state"], box["metrics"]
 
     timing = common.time_calls(call, steps=steps, warmup=warmup)
     metrics = {k: float(np.asarray(v)) for k, v in box["metrics"].items()}
     peak = common.measure_matmul_peak("float32")
-    return {"timing": timing.as_dict(), "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
-            "step_flops": step_flops, "peak_flops": peak, "metrics": metrics,
-            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "trainable": {"generator": _count(trainer.state.generator), "fake_score": _count(trainer.state.fake_score),
-                          "frozen": _count(trainer.frozen)}}
+    return {
+        "timing": timing.as_dict(),
+        "build_s": build_s,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "step_flops": step_flops,
+        "peak_flops": peak,
+        "metrics": metrics,
+        "devices": [str(d) for d in jax.devices()],
+        "backend": jax.default_backend(),
+        "trainable": {
+            "generator": _count(trainer.state.generator),
+            "fake_score": _count(trainer.state.fake_score),
+            "frozen": _count(trainer.frozen),
+        },
+    }
 
 
 def _count(tree) -> int:
@@ -208,6 +243,7 @@ def _count(tree) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- torch
+
 
 def _torch_lpips(path: str):
     """lpips.LPIPS(net='vgg') (torchvision-free, see torch_reference) loaded with our random LPIPS weights."""
@@ -252,8 +288,15 @@ class _Adapters:
             a = torch.nn.Linear(module.in_features, self.rank, bias=False)
             b = torch.nn.Linear(self.rank, module.out_features, bias=False)
         elif isinstance(module, torch.nn.Conv2d):
-            a = torch.nn.Conv2d(module.in_channels, self.rank, module.kernel_size, module.stride, module.padding,
-                                module.dilation, bias=False)
+            a = torch.nn.Conv2d(
+                module.in_channels,
+                self.rank,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                bias=False,
+            )
             b = torch.nn.Conv2d(self.rank, module.out_channels, 1, bias=False)
         else:
             raise common.BenchmarkError(f"LoRA target {type(module).__name__} is neither Linear nor Conv2d")
@@ -302,7 +345,7 @@ def _gaussian_blur(images, t):
         pdf = torch.exp(-0.5 * (x / sigma) ** 2)
         k1 = pdf / pdf.sum()
         kernel = (k1[:, None] * k1[None, :]).expand(channels, 1, k, k).to(images.dtype)
-        padded = F.pad(images[i:i + 1], [k // 2] * 4, mode="reflect")
+        padded = F.pad(images[i : i + 1], [k // 2] * 4, mode="reflect")
         out.append(F.conv2d(padded, kernel, groups=channels))
     return torch.cat(out)
 
@@ -352,11 +395,10 @@ class _TorchTADSR:
         self.fake_params = [p for g in self.fake_adapters for p in self.adapters.params[g]]
         for p in self.gen_params + self.fake_params:
             p.requires_grad_(True)
-        adamw = lambda params: torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
-                                                 eps=ADAM_EPS)
+        adamw = lambda params: torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
         self.gen_opt, self.fake_opt = adamw(self.gen_params), adamw(self.fake_params)
 
-        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+        betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
         self.alphas = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
         self.t_list = torch.tensor(np.linspace(1, 999, 50).astype(np.int64))
         from tadsr_jax.defaults import NEGATIVE_PROMPT
@@ -369,8 +411,13 @@ class _TorchTADSR:
         self.input_ids = self._ids([PROMPT] * BATCH)
 
     def _ids(self, prompts):
-        return self.tokenizer(prompts, padding="max_length", max_length=self.text.config.max_position_embeddings,
-                              truncation=True, return_tensors="pt").input_ids
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.text.config.max_position_embeddings,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     def _a(self, t):
         return self.alphas[t].view(-1, 1, 1, 1)
@@ -420,8 +467,13 @@ class _TorchTADSR:
         torch.nn.utils.clip_grad_norm_(self.fake_params, MAX_GRAD_NORM)
         self.fake_opt.step()
         self.fake_opt.zero_grad(set_to_none=True)
-        return {"loss/generator": loss.item(), "loss/fake_score": fake.item(), "loss/l2": l2.item(),
-                "loss/lpips": lp.item(), "loss/vsd": vsd.item()}
+        return {
+            "loss/generator": loss.item(),
+            "loss/fake_score": fake.item(),
+            "loss/l2": l2.item(),
+            "loss/lpips": lp.item(),
+            "loss/vsd": vsd.item(),
+        }
 
     def _ta_vsd(self, x0, context, t_g):
         import torch
@@ -435,8 +487,9 @@ class _TorchTADSR:
                 eps_fake = self._unet(z_t, t, context)
             x0_fake = (z_t - (1 - a).sqrt() * eps_fake) / a.sqrt()
             with self.adapters.use([]):
-                both = self._unet(torch.cat([z_t, z_t]), torch.cat([t, t]),
-                                  torch.cat([self.neg_context.expand_as(context), context]))
+                both = self._unet(
+                    torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([self.neg_context.expand_as(context), context])
+                )
             eps_u, eps_c = both.chunk(2)
             w = (7.5 + t.float() / 200.0).view(-1, 1, 1, 1)
             eps_real = eps_u + w * (eps_c - eps_u)
@@ -483,13 +536,21 @@ def run_torch(folder: str, steps: int, warmup: int) -> dict[str, Any]:
         common.progress(f"bench train: torch FLOP count unavailable ({type(e).__name__}: {e})")
     peak = common.measure_torch_matmul_peak("float32")
     count = lambda params: int(sum(p.numel() for p in params))
-    return {"timing": timing.as_dict(), "build_s": build_s, "step_flops": step_flops, "peak_flops": peak,
-            "metrics": box["metrics"], "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "lora_modules": model.lora_modules,
-            "trainable": {"generator": count(model.gen_params), "fake_score": count(model.fake_params)}}
+    return {
+        "timing": timing.as_dict(),
+        "build_s": build_s,
+        "step_flops": step_flops,
+        "peak_flops": peak,
+        "metrics": box["metrics"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lora_modules": model.lora_modules,
+        "trainable": {"generator": count(model.gen_params), "fake_score": count(model.fake_params)},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the bench
+
 
 def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common.Report:
     """Write (once) the weights, then time ours and torch, each in its own subprocess; return the report."""
@@ -504,15 +565,30 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
     flops, peak = ours["step_flops"], max(ours["peak_flops"], ref["peak_flops"])
     achieved, torch_achieved = flops / ours_s, flops / torch_s
     result = {
-        "what": "train", "ours_s": ours_s, "torch_s": torch_s, "speedup": torch_s / ours_s,
-        "peak_fraction": achieved / peak, "torch_peak_fraction": torch_achieved / peak,
-        "compile_s": ours["compile_s"], "lower_s": ours["lower_s"], "build_s": ours["build_s"],
-        "torch_build_s": ref["build_s"], "step_flops": flops, "torch_counted_step_flops": ref["step_flops"],
-        "peak_flops": peak, "jax_matmul_peak_flops": ours["peak_flops"],
-        "torch_matmul_peak_flops": ref["peak_flops"], "ours_flops_per_s": achieved,
-        "ours_times_s": ours["timing"]["times_s"], "torch_times_s": ref["timing"]["times_s"],
-        "steps": steps, "warmup": warmup, "backend": ours["backend"], "devices": len(ours["devices"]),
-        "cpu_count": os.cpu_count(), "torch_threads": ref["threads"],
+        "what": "train",
+        "ours_s": ours_s,
+        "torch_s": torch_s,
+        "speedup": torch_s / ours_s,
+        "peak_fraction": achieved / peak,
+        "torch_peak_fraction": torch_achieved / peak,
+        "compile_s": ours["compile_s"],
+        "lower_s": ours["lower_s"],
+        "build_s": ours["build_s"],
+        "torch_build_s": ref["build_s"],
+        "step_flops": flops,
+        "torch_counted_step_flops": ref["step_flops"],
+        "peak_flops": peak,
+        "jax_matmul_peak_flops": ours["peak_flops"],
+        "torch_matmul_peak_flops": ref["peak_flops"],
+        "ours_flops_per_s": achieved,
+        "ours_times_s": ours["timing"]["times_s"],
+        "torch_times_s": ref["timing"]["times_s"],
+        "steps": steps,
+        "warmup": warmup,
+        "backend": ours["backend"],
+        "devices": len(ours["devices"]),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": ref["threads"],
         "config": {**summary(), "lora_modules": ref["lora_modules"], "trainable_params": ours["trainable"]},
         "ours_losses": {k: v for k, v in ours["metrics"].items() if k.startswith("loss/")},
         "torch_losses": ref["metrics"],
@@ -526,19 +602,26 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
         ("FLOP per step (torch count)", "-", common.si(ref["step_flops"], "FLOP")),
         ("achieved (our FLOP count / time)", common.si(achieved, "FLOP/s"), common.si(torch_achieved, "FLOP/s")),
         ("f32 matmul peak", common.si(ours["peak_flops"], "FLOP/s"), common.si(ref["peak_flops"], "FLOP/s")),
-        ("fraction of the better peak", common.percent(result["peak_fraction"]),
-         common.percent(result["torch_peak_fraction"])),
-        ("generator loss (last step)", f"{ours['metrics']['loss/generator']:.4g}",
-         f"{ref['metrics']['loss/generator']:.4g}"),
+        (
+            "fraction of the better peak",
+            common.percent(result["peak_fraction"]),
+            common.percent(result["torch_peak_fraction"]),
+        ),
+        (
+            "generator loss (last step)",
+            f"{ours['metrics']['loss/generator']:.4g}",
+            f"{ref['metrics']['loss/generator']:.4g}",
+        ),
     ]
     cfg = summary()
-    title = (f"train step: UNet/VAE {cfg['unet_channels']}, {HR_SIZE}x{HR_SIZE} HR, batch {BATCH}, fp32, "
-             f"LoRA r{LORA_RANK}, text {cfg['text_encoder']}, all losses; speedup {result['speedup']:.2f}x")
+    title = (
+        f"train step: UNet/VAE {cfg['unet_channels']}, {HR_SIZE}x{HR_SIZE} HR, batch {BATCH}, fp32, "
+        f"LoRA r{LORA_RANK}, text {cfg['text_encoder']}, all losses; speedup {result['speedup']:.2f}x"
+    )
     notes = [f"median of {steps} steps after {warmup} warmup; {os.cpu_count()} CPU cores; weights {folder}"]
     if not ours["metrics"].get("finite", 1.0):
         notes.append("warning: ours reported a non-finite loss (the step then leaves the state unchanged)")
-    return common.Report(title=title, header=("", "ours (JAX)", "torch eager"), rows=rows, result=result,
-                         notes=notes)
+    return common.Report(title=title, header=("", "ours (JAX)", "torch eager"), rows=rows, result=result, notes=notes)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,36 @@ def get_config():
     config = base_config()
     config.seed = 0
     config.model.unet = dict(
-        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
         # Attention at the lower resolution only: the latents here are image-sized.
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[2, 4], use_linear_projection=True, sample_size=32)
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        sample_size=32,
+    )
     # One narrow VAE block without mid attention, GroupNorm groups of 4: the shape train/tiny_sd.py's nearly
     # lossless stand-in autoencoder needs (latents at full resolution).
     config.model.vae = dict(
-        block_out_channels=[16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False,
-        down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"], sample_size=64)
+        block_out_channels=[16],
+        layers_per_block=1,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        sample_size=64,
+    )
     config.model.text_encoder = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu")
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
     # Distribution matching against a random teacher pulls SR towards noise (held-out PSNR 20.9 dB with it,
     # 22.2 without, bicubic 21.7): off here; the fake score still trains, as in the reference.
     config.loss.lpips = 0.0

@@ -21,11 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WHAT = flags.DEFINE_string("what", "train", "What to measure: one of data, sr, train.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", lower_bound=0)
-_SR_DTYPES = flags.DEFINE_list("sr_dtypes", ["float32"], "sr: dtypes to compare (float32, bfloat16); torch's "
-                                "bf16 on a CPU without bf16 matrix units is very slow.")
+_SR_DTYPES = flags.DEFINE_list(
+    "sr_dtypes",
+    ["float32"],
+    "sr: dtypes to compare (float32, bfloat16); torch's bf16 on a CPU without bf16 matrix units is very slow.",
+)
 _SR_SIZES = flags.DEFINE_list("sr_sizes", ["256", "512"], "sr: output sides to measure.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where benchmark weights are written once "
-                                 "(default ~/.cache/tadsr_jax/bench).")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "Where benchmark weights are written once (default ~/.cache/tadsr_jax/bench)."
+)
 
 
 def _train():
@@ -37,8 +41,13 @@ def _train():
 def _sr():
     from benchmarks import sr
 
-    return sr.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value,
-                  dtypes=tuple(_SR_DTYPES.value), sizes=tuple(int(s) for s in _SR_SIZES.value))
+    return sr.run(
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        cache_dir=_CACHE_DIR.value,
+        dtypes=tuple(_SR_DTYPES.value),
+        sizes=tuple(int(s) for s in _SR_SIZES.value),
+    )
 
 
 def _data():

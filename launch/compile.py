@@ -23,8 +23,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x2, v5
 _WHAT = flags.DEFINE_list("what", ["train", "sr"], "Programs to compile: train (the train step), sr (launch/sr.py's).")
 _SR_SIZES = flags.DEFINE_list("sr_sizes", ["512"], "Working-image sides (pixels) of the SR programs.")
 _SR_BATCH = flags.DEFINE_integer("sr_batch", None, "Images per SR call (default: the config's sr.batch_size).")
-_ACTIVATIONS = flags.DEFINE_integer("activations", 8, "List this many of the train step's largest saved "
-                                    "activations per chip (0: none).")
+_ACTIVATIONS = flags.DEFINE_integer(
+    "activations", 8, "List this many of the train step's largest saved activations per chip (0: none)."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2**30
@@ -48,8 +49,10 @@ def main(argv):
         devices = aot.topology_devices(_TOPOLOGY.value)
         chip = aot.CHIPS.get(devices[0].device_kind)
         if chip is None:
-            raise ValueError(f"--topology={_TOPOLOGY.value}: no chip figures for {devices[0].device_kind!r} "
-                             f"(known: {', '.join(aot.CHIPS)})")
+            raise ValueError(
+                f"--topology={_TOPOLOGY.value}: no chip figures for {devices[0].device_kind!r} "
+                f"(known: {', '.join(aot.CHIPS)})"
+            )
         if "train" in _WHAT.value:
             start = time.perf_counter()
             report = aot.report(aot.compile_train_step(config, devices), chip)
@@ -59,20 +62,26 @@ def main(argv):
                 per_chip = max(1, config.train.batch_size // len(devices))
                 kept = aot.saved_activations(config, devices[0].platform, per_chip)
                 report["saved_activations_gib"] = sum(e["bytes"] for e in kept) / GiB
-                report["largest_saved_activations"] = kept[:_ACTIVATIONS.value]
-                print(f"activations kept for the backward pass ({per_chip} image(s) per chip): "
-                      f"{report['saved_activations_gib']:.2f} GiB, largest:", file=sys.stderr)
-                for e in kept[:_ACTIVATIONS.value]:
-                    print(f"  {e['bytes'] / GiB:7.3f} GiB {e['dtype']:>4} x{e['count']:<4d} {e['source']}",
-                          file=sys.stderr)
+                report["largest_saved_activations"] = kept[: _ACTIVATIONS.value]
+                print(
+                    f"activations kept for the backward pass ({per_chip} image(s) per chip): "
+                    f"{report['saved_activations_gib']:.2f} GiB, largest:",
+                    file=sys.stderr,
+                )
+                for e in kept[: _ACTIVATIONS.value]:
+                    print(
+                        f"  {e['bytes'] / GiB:7.3f} GiB {e['dtype']:>4} x{e['count']:<4d} {e['source']}",
+                        file=sys.stderr,
+                    )
             result["train"] = report
         if "sr" in _WHAT.value:
             batch = _SR_BATCH.value or config.sr.batch_size
             result["sr"] = []
             for size in sizes:
                 start = time.perf_counter()
-                report = aot.report(aot.compile_sr(config, devices[0], size=size, batch=batch,
-                                                   dtype=config.sr.dtype), chip)
+                report = aot.report(
+                    aot.compile_sr(config, devices[0], size=size, batch=batch, dtype=config.sr.dtype), chip
+                )
                 report["dtype"] = config.sr.dtype
                 report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
                 print(f"SR at {size}x{size}, {config.sr.dtype}:", file=sys.stderr)

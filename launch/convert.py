@@ -23,10 +23,12 @@ from tadsr_jax import cli
 
 _WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips, lpips_alex.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips, dists: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
-_ALEXNET = flags.DEFINE_string("alexnet", None, "lpips_alex: torchvision's AlexNet ImageNet weights "
-                               "(alexnet-owt-*.pth).")
-_LPIPS_LINEAR = flags.DEFINE_string("lpips_linear", None, "lpips, lpips_alex: the lpips package's "
-                                    "weights/v0.1/vgg.pth or alex.pth.")
+_ALEXNET = flags.DEFINE_string(
+    "alexnet", None, "lpips_alex: torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)."
+)
+_LPIPS_LINEAR = flags.DEFINE_string(
+    "lpips_linear", None, "lpips, lpips_alex: the lpips package's weights/v0.1/vgg.pth or alex.pth."
+)
 _DISTS_WEIGHTS = flags.DEFINE_string("dists_weights", None, "dists: DISTS_pytorch's weights.pt (alpha, beta).")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _CONFIG = cli.define_config(help_text="generator: the experiment config (SD folder, LoRA rank).")
@@ -77,8 +79,12 @@ def _convert_generator() -> str:
     return export_generator(config, pretrained_folder(config, source.workdir), source, _OUT.value)
 
 
-HANDLERS: dict[str, Callable[[], str]] = {"dists": _convert_dists, "generator": _convert_generator,
-                                          "lpips": _convert_lpips, "lpips_alex": _convert_lpips_alex}
+HANDLERS: dict[str, Callable[[], str]] = {
+    "dists": _convert_dists,
+    "generator": _convert_generator,
+    "lpips": _convert_lpips,
+    "lpips_alex": _convert_lpips_alex,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "out/demo", "Where the model, checkpoi
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of uint8 RGB images in dB."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
 def _say(log: TextIO, message: str) -> None:
@@ -43,15 +43,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
     from tadsr_jax.train import loop
 
     model_note = "" if config.model.pretrained else ", writing the stand-in SD model first if it is not there"
-    _say(log, f"training to step {config.train.steps} in {workdir}{model_note}; the bar starts moving once the "
-              "train step is compiled")
+    _say(
+        log,
+        f"training to step {config.train.steps} in {workdir}{model_note}; the bar starts moving once the "
+        "train step is compiled",
+    )
     train_metrics = loop.train(config, workdir)
     settings = SRSettings.from_config(config.sr)
     scale = settings.scale
-    _say(log, f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{scale} at t={config.sr.timestep} "
-              "(compiling the SR program first)")
-    model = load_sr_model(config, pretrained_folder(config, workdir), WeightsSource(workdir=workdir),
-                          dtype=config.sr.dtype)
+    _say(
+        log,
+        f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{scale} at t={config.sr.timestep} "
+        "(compiling the SR program first)",
+    )
+    model = load_sr_model(
+        config, pretrained_folder(config, workdir), WeightsSource(workdir=workdir), dtype=config.sr.dtype
+    )
     upscaler = Upscaler(model, settings)
 
     hr_size -= hr_size % scale  # HR = scale x LQ exactly
@@ -69,10 +76,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
         psnr_bicubic.append(psnr(bic, hr_im))
         psnr_sr.append(psnr(sr_im, hr_im))
     _say(log, f"wrote LQ | bicubic | SR | HR panels to {out_dir}")
-    return {"output_dir": out_dir, "images": list(HELD_OUT_SAMPLES), "timestep": config.sr.timestep,
-            "color_fix": config.sr.color_fix, "train_steps": config.train.steps,
-            "final_l2": round(train_metrics.get("loss/l2", float("nan")), 5),
-            "psnr_bicubic": round(float(np.mean(psnr_bicubic)), 3), "psnr_sr": round(float(np.mean(psnr_sr)), 3)}
+    return {
+        "output_dir": out_dir,
+        "images": list(HELD_OUT_SAMPLES),
+        "timestep": config.sr.timestep,
+        "color_fix": config.sr.color_fix,
+        "train_steps": config.train.steps,
+        "final_l2": round(train_metrics.get("loss/l2", float("nan")), 5),
+        "psnr_bicubic": round(float(np.mean(psnr_bicubic)), 3),
+        "psnr_sr": round(float(np.mean(psnr_sr)), 3),
+    }
 
 
 def main(argv):

@@ -27,14 +27,20 @@ _SR = flags.DEFINE_list("sr", None, "SR output folder(s); one table column each.
 _HR = flags.DEFINE_string("hr", None, "Reference (HR) folder; files are matched to SR outputs by name.")
 _NAMES = flags.DEFINE_list("names", None, "Column labels of the --sr folders (default: their folder names).")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset label of the table (default: the HR folder's name).")
-_CROP = flags.DEFINE_integer("crop", 0, "Centre-crop SR and HR to this square side before scoring (0: whole).",
-                             lower_bound=0)
-_METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: psnr, ssim, plus lpips/lpips_alex/dists when their "
-                             "weights are given; with --sr alone: clipiqa, musiq, maniqa, topiq through pyiqa). "
-                             "fid, qalign and the no-reference ones need pyiqa.")
+_CROP = flags.DEFINE_integer(
+    "crop", 0, "Centre-crop SR and HR to this square side before scoring (0: whole).", lower_bound=0
+)
+_METRICS = flags.DEFINE_list(
+    "metrics",
+    None,
+    "Metrics (default: psnr, ssim, plus lpips/lpips_alex/dists when their "
+    "weights are given; with --sr alone: clipiqa, musiq, maniqa, topiq through pyiqa). "
+    "fid, qalign and the no-reference ones need pyiqa.",
+)
 _LPIPS = flags.DEFINE_string("lpips", "", "LPIPS-VGG weights (launch/convert.py --what=lpips); not the paper's LPIPS.")
-_LPIPS_ALEX = flags.DEFINE_string("lpips_alex", "", "LPIPS-AlexNet weights, the paper's LPIPS (launch/convert.py "
-                                  "--what=lpips_alex).")
+_LPIPS_ALEX = flags.DEFINE_string(
+    "lpips_alex", "", "LPIPS-AlexNet weights, the paper's LPIPS (launch/convert.py --what=lpips_alex)."
+)
 _DISTS = flags.DEFINE_string("dists", "", "DISTS weights (launch/convert.py --what=dists).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Same-shape images scored per call.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", None, "Report folder (default: the first --sr folder).")
@@ -62,8 +68,9 @@ def _run(log) -> tuple[dict, bool]:
 
         sr_dirs = [os.path.join(_OUTPUT.value, "sr")]
         source = WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value)
-        report = session.run(_CONFIG.value, _LQ.value, sr_dirs[0], source, sweep=sweep, seed=_SEED.value,
-                             prompt=_PROMPT.value, log=log)
+        report = session.run(
+            _CONFIG.value, _LQ.value, sr_dirs[0], source, sweep=sweep, seed=_SEED.value, prompt=_PROMPT.value, log=log
+        )
         if report.failed:
             print(f"note: {len(report.failed)} input(s) failed to super-resolve", file=log)
     elif _SR.value:
@@ -74,11 +81,12 @@ def _run(log) -> tuple[dict, bool]:
         if not storage.isdir(folder):
             raise ValueError(f"{folder}: not a folder")
     weights = {"lpips": _LPIPS.value, "lpips_alex": _LPIPS_ALEX.value, "dists": _DISTS.value}
-    names = _METRICS.value or evaluation.default_metrics(reference=bool(_HR.value),
-                                                         weights=[name for name, path in weights.items() if path],
-                                                         log=log)
-    scorer = evaluation.Scorer(names, **{name: evaluation.load_metric_net(name, path)
-                                         for name, path in weights.items()})
+    names = _METRICS.value or evaluation.default_metrics(
+        reference=bool(_HR.value), weights=[name for name, path in weights.items() if path], log=log
+    )
+    scorer = evaluation.Scorer(
+        names, **{name: evaluation.load_metric_net(name, path) for name, path in weights.items()}
+    )
     output = _OUTPUT.value or sr_dirs[0]
     storage.makedirs(output)
     dataset = _DATASET.value or os.path.basename(os.path.normpath(_HR.value or sr_dirs[0]))
@@ -107,8 +115,9 @@ def _run(log) -> tuple[dict, bool]:
     results, means = comparison.to_json(), comparison.means()
     failed = any(column.failed for column in comparison.columns.values())
     table = evaluation.markdown_table(dataset, means, {label: r["images"] for label, r in results.items()})
-    evaluation.write_report(os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results},
-                            table)
+    evaluation.write_report(
+        os.path.join(output, "metrics"), {"dataset": dataset, "crop": _CROP.value, **results}, table
+    )
     if sweep:
         evaluation.sweep_plot({t: means[f"t={t}"] for t in sweep}, os.path.join(output, "sweep.png"), dataset)
     print(table, file=log)

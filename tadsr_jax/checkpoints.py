@@ -63,8 +63,9 @@ def _sha256(path: str) -> str:
 
 def write_digests(step_dir: str) -> None:
     """{relative path: [size, sha256]} of every file of a finalized step, to `<step_dir>/sha256.json`."""
-    digests = {f: [storage.size(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))]
-               for f in _files(step_dir)}
+    digests = {
+        f: [storage.size(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))] for f in _files(step_dir)
+    }
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as out:
@@ -97,10 +98,10 @@ def verify(step_dir: str) -> str | None:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self._manager = ocp.CheckpointManager(storage.absolute(os.path.join(workdir, "checkpoints")),
-                                              options=options, item_names=("state", "data"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(
+            storage.absolute(os.path.join(workdir, "checkpoints")), options=options, item_names=("state", "data")
+        )
         self._digester: threading.Thread | None = None  # writes the pending save's digests once it is done
         self._digest_error: BaseException | None = None
 
@@ -114,15 +115,23 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator, *, force: bool = False,
-             metadata: Mapping | None = None) -> bool:
+    def save(
+        self, step: int, state: Any, data_iterator, *, force: bool = False, metadata: Mapping | None = None
+    ) -> bool:
         """Start saving `step` (asynchronously); `metadata` (JSON) is stored with it, see `metadata`."""
         self.wait()  # Orbax would wait for the previous save here anyway
-        saved = self._manager.save(step, force=force, custom_metadata=dict(metadata or {}), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+        saved = self._manager.save(
+            step,
+            force=force,
+            custom_metadata=dict(metadata or {}),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            ),
+        )
         if saved:
-            self._digester = threading.Thread(target=self._digest_when_saved, args=(step,), daemon=True,
-                                              name=f"checkpoint-digests-{step}")
+            self._digester = threading.Thread(
+                target=self._digest_when_saved, args=(step,), daemon=True, name=f"checkpoint-digests-{step}"
+            )
             self._digester.start()
         return saved
 
@@ -164,8 +173,9 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_latest(self, abstract_state: Any, data_iterator=None, *, quarantine: bool = False,
-                       partial: bool = False) -> tuple[int, Any] | None:
+    def restore_latest(
+        self, abstract_state: Any, data_iterator=None, *, quarantine: bool = False, partial: bool = False
+    ) -> tuple[int, Any] | None:
         """(step, state) of the newest step that passes its digest check and restores; None without checkpoints.
 
         Each skipped step gets one warning line saying why. With `quarantine` (training, which saves those
@@ -181,15 +191,20 @@ class Checkpointer:
                 verified = problem is None
             except FileNotFoundError:
                 problem, verified = None, False
-                logging.warning("checkpoint step %d has no %s (saved by an older version, or stopped before it "
-                                "was written): restoring it unverified", step, DIGESTS)
+                logging.warning(
+                    "checkpoint step %d has no %s (saved by an older version, or stopped before it "
+                    "was written): restoring it unverified",
+                    step,
+                    DIGESTS,
+                )
             if not problem:
                 try:
                     state = self._restore(step, abstract_state, data_iterator, partial)
                 except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
                     if verified:
-                        raise CheckpointError(f"{self._step_dir(step)}: does not restore into this model "
-                                              f"({_first_line(e)})") from None
+                        raise CheckpointError(
+                            f"{self._step_dir(step)}: does not restore into this model ({_first_line(e)})"
+                        ) from None
                     problem = f"does not restore ({_first_line(e)})"
                 else:
                     if skipped and quarantine:
@@ -245,4 +260,3 @@ def has_saved_steps(workdir: str) -> bool:
 def abstract_like(state: Any) -> Any:
     """Shapes, dtypes and shardings of `state`, to restore into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-

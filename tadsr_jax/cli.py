@@ -30,8 +30,9 @@ USAGE_ERROR = 2  # exit status of a command line that cannot be run
 HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Also show other libraries' INFO logs (JAX, Orbax, ...), as absl's "
-                             "-v does.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Also show other libraries' INFO logs (JAX, Orbax, ...), as absl's -v does."
+)
 
 
 def _program() -> str:
@@ -45,6 +46,7 @@ def usage_error(message: str) -> NoReturn:
 
 
 # ------------------------------------------------------------------------------------------ config keys
+
 
 def sweep_timesteps(values: Sequence[str] | None) -> list[int] | None:
     """--sweep's comma-separated timesteps as integers (None when the flag is not given); ValueError otherwise."""
@@ -142,8 +144,9 @@ def config_default(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+
 def _asks_for_help(argv: Sequence[str]) -> bool:
-    arguments = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    arguments = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
     return any(arg.startswith("-") and arg.split("=")[0].lstrip("-") in HELP_FLAGS for arg in arguments)
 
 
@@ -175,6 +178,7 @@ def run(main: Callable[[list[str]], int | None]) -> NoReturn:
 
 
 # ---------------------------------------------------------------------------------------------- logging
+
 
 def verbose() -> bool:
     """--verbose, or absl's -v/--verbosity given."""

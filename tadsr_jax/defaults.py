@@ -6,9 +6,11 @@ from tadsr_jax.data.pipeline import data_config
 from tadsr_jax.parallel import mesh_config
 
 # The reference's negative prompt for the teacher's classifier-free guidance (docs/method.md 3.1).
-NEGATIVE_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
-                   "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
-                   "jpeg artifacts, deformed, lowres, over-smooth")
+NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
+    "jpeg artifacts, deformed, lowres, over-smooth"
+)
 
 
 def base_config() -> ml_collections.ConfigDict:

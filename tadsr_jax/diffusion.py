@@ -33,7 +33,7 @@ class NoiseSchedule:
         n = int(config.get("num_train_timesteps", 1000))
         start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
         if kind == "scaled_linear":
-            betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
         else:
             betas = np.linspace(start, end, n, dtype=np.float64)
         return cls(jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
@@ -41,8 +41,9 @@ class NoiseSchedule:
     @classmethod
     def stable_diffusion(cls) -> NoiseSchedule:
         """SD's schedule: scaled_linear, 0.00085 -> 0.012, 1000 steps."""
-        return cls.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                                "num_train_timesteps": 1000})
+        return cls.from_config(
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+        )
 
     @property
     def num_timesteps(self) -> int:

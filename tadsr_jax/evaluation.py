@@ -91,8 +91,12 @@ def match_files(sr_dir: str, hr_dir: str | None = None, *, suffix: str = "") -> 
         return Matching([Pair(stem, path, None) for stem, path in sorted(sr.items())], [], [], duplicates)
     hr, _, hr_duplicates = _by_stem(hr_dir, "")
     pairs = [Pair(stem, sr[stem], hr[stem]) for stem in sorted(sr.keys() & hr.keys())]
-    return Matching(pairs, sorted(sr[s] for s in sr.keys() - hr.keys()), sorted(hr[s] for s in hr.keys() - sr.keys()),
-                    duplicates + hr_duplicates)
+    return Matching(
+        pairs,
+        sorted(sr[s] for s in sr.keys() - hr.keys()),
+        sorted(hr[s] for s in hr.keys() - sr.keys()),
+        duplicates + hr_duplicates,
+    )
 
 
 def center_crop(pixels: np.ndarray, size: int, path: str) -> np.ndarray:
@@ -101,7 +105,7 @@ def center_crop(pixels: np.ndarray, size: int, path: str) -> np.ndarray:
     if h < size or w < size:
         raise ImageError(path, f"{w}x{h} is smaller than the {size}x{size} centre crop")
     top, left = (h - size) // 2, (w - size) // 2
-    return pixels[top: top + size, left: left + size]
+    return pixels[top : top + size, left : left + size]
 
 
 NO_REFERENCE_DEFAULT = ("clipiqa", "musiq", "maniqa", "topiq")
@@ -155,8 +159,9 @@ class Scorer:
         self.per_image_names = tuple(n for n in self.names if not METRICS[n].per_folder)
         full = [n for n in self.per_image_names if METRICS[n].full_reference]
         no_reference = [n for n in self.per_image_names if not METRICS[n].full_reference]
-        self._full = (metrics.FullReferenceMetrics(full, lpips=lpips, lpips_alex=lpips_alex, dists=dists)
-                      if full else None)
+        self._full = (
+            metrics.FullReferenceMetrics(full, lpips=lpips, lpips_alex=lpips_alex, dists=dists) if full else None
+        )
         self._no_reference = metrics.NoReferenceMetrics(no_reference) if no_reference else None
         self._folder = metrics.FolderMetrics(self.folder_names) if self.folder_names else None
 
@@ -203,9 +208,15 @@ class Evaluation:
     def to_json(self, images: Collection[str] | None = None) -> dict:
         """The report of one column; `images`: those its mean is over (default: every scored image)."""
         images = sorted(self.per_image if images is None else images)
-        return {"mean": self.means(images), "images": len(images), "per_image": self.per_image,
-                "failed": self.failed, "unmatched_sr": self.matching.unmatched_sr,
-                "unmatched_hr": self.matching.unmatched_hr, "duplicates": self.matching.duplicates}
+        return {
+            "mean": self.means(images),
+            "images": len(images),
+            "per_image": self.per_image,
+            "failed": self.failed,
+            "unmatched_sr": self.matching.unmatched_sr,
+            "unmatched_hr": self.matching.unmatched_hr,
+            "duplicates": self.matching.duplicates,
+        }
 
 
 def _read(pair: Pair, crop: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -218,18 +229,29 @@ def _read(pair: Pair, crop: int) -> tuple[np.ndarray, np.ndarray | None]:
         images.append(center_crop(pixels, crop, path) if crop else pixels)
     sr, hr = images
     if hr is not None and sr.shape != hr.shape:
-        raise ImageError(pair.sr, f"{sr.shape[1]}x{sr.shape[0]} differs from its reference {pair.hr} "
-                                  f"({hr.shape[1]}x{hr.shape[0]}); use --crop to compare centre crops")
+        raise ImageError(
+            pair.sr,
+            f"{sr.shape[1]}x{sr.shape[0]} differs from its reference {pair.hr} "
+            f"({hr.shape[1]}x{hr.shape[0]}); use --crop to compare centre crops",
+        )
     return sr, hr
 
 
-def evaluate(matching: Matching, scorer: Scorer, *, crop: int = 0, batch_size: int = 8, log: TextIO = sys.stderr,
-             desc: str = "evaluating") -> Evaluation:
+def evaluate(
+    matching: Matching,
+    scorer: Scorer,
+    *,
+    crop: int = 0,
+    batch_size: int = 8,
+    log: TextIO = sys.stderr,
+    desc: str = "evaluating",
+) -> Evaluation:
     """Scores every pair; same-shape images are batched (one compiled metric program per shape and batch size)."""
     needs_reference = scorer.reference_metrics
     if needs_reference and any(p.hr is None for p in matching.pairs):
-        raise ValueError(f"{', '.join(needs_reference)} need{'s' if len(needs_reference) == 1 else ''} references: "
-                         "pass --hr")
+        raise ValueError(
+            f"{', '.join(needs_reference)} need{'s' if len(needs_reference) == 1 else ''} references: pass --hr"
+        )
     evaluation = Evaluation({}, [], matching)
     pending: dict[tuple[int, ...], list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
     bar = tqdm(total=len(matching.pairs), unit="img", desc=desc, file=log, disable=not matching.pairs)
@@ -267,6 +289,7 @@ class Comparison:
     """Columns scored on the same images. `images`: those scored in every column, which every mean is over;
     `left_out[label]`: the images of that column's matching outside `images` (another column lacks them, or
     scoring one of them failed somewhere)."""
+
     columns: dict[str, Evaluation]
     images: list[str]
     left_out: dict[str, list[str]]
@@ -275,12 +298,15 @@ class Comparison:
         return {label: column.means(self.images) for label, column in self.columns.items()}
 
     def to_json(self) -> dict[str, dict]:
-        return {label: {**column.to_json(self.images), "left_out": self.left_out[label]}
-                for label, column in self.columns.items()}
+        return {
+            label: {**column.to_json(self.images), "left_out": self.left_out[label]}
+            for label, column in self.columns.items()
+        }
 
 
-def compare(matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0, batch_size: int = 8,
-            log: TextIO = sys.stderr) -> Comparison:
+def compare(
+    matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0, batch_size: int = 8, log: TextIO = sys.stderr
+) -> Comparison:
     """Scores each column (label -> its SR outputs matched to references) on the images all columns have, then
     averages over those scored in all of them: a table compares methods on the same images only. Per-folder
     metrics (FID) are computed on those same images. With several columns, one line per column lists what it
@@ -299,8 +325,9 @@ def compare(matchings: Mapping[str, Matching], scorer: Scorer, *, crop: int = 0,
     if len(matchings) > 1:
         for label, names in left_out.items():
             if names:
-                print(f"left out: {label}: {len(names)} image(s) not scored in every column: {', '.join(names)}",
-                      file=log)
+                print(
+                    f"left out: {label}: {len(names)} image(s) not scored in every column: {', '.join(names)}", file=log
+                )
     return Comparison(columns, images, left_out)
 
 

@@ -30,9 +30,12 @@ def matmul_flops(traced: Any) -> float:
             per_output = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
         else:
-            inner = [matmul_flops(value) for param in eqn.params.values()
-                     for value in (param if isinstance(param, (tuple, list)) else (param,))
-                     if hasattr(value, "eqns")]
+            inner = [
+                matmul_flops(value)
+                for param in eqn.params.values()
+                for value in (param if isinstance(param, (tuple, list)) else (param,))
+                if hasattr(value, "eqns")
+            ]
             if name == "cond":
                 total += max(inner, default=0.0)
             elif name == "pallas_call":  # a kernel's body runs once per grid point

@@ -70,9 +70,13 @@ def list_images(path: str) -> list[str]:
         names = storage.listdir(path)
     except OSError as e:
         raise ImageError(path, e.strerror or str(e)) from e
-    images = sorted(name for name in names
-                    if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-                    and storage.isfile(os.path.join(path, name)))
+    images = sorted(
+        name
+        for name in names
+        if not name.startswith(".")
+        and name.lower().endswith(IMAGE_EXTENSIONS)
+        and storage.isfile(os.path.join(path, name))
+    )
     if not images:
         raise ImageError(path, f"no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(path, name) for name in images]
@@ -159,17 +163,25 @@ def write_png_atomic(path: str, pixels: np.ndarray) -> None:
     anything fails the temporary file is removed and whatever was at `path` before is left as it was. A URL's
     PNG is uploaded as one object (`storage.atomic_write`).
     """
-    if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3
-            and pixels.shape[2] == 3 and pixels.size > 0):
-        raise ValueError(f"pixels must be a non-empty uint8 (H, W, 3) array, got "
-                         f"{getattr(pixels, 'dtype', type(pixels).__name__)} of shape {np.shape(pixels)}")
+    if not (
+        isinstance(pixels, np.ndarray)
+        and pixels.dtype == np.uint8
+        and pixels.ndim == 3
+        and pixels.shape[2] == 3
+        and pixels.size > 0
+    ):
+        raise ValueError(
+            f"pixels must be a non-empty uint8 (H, W, 3) array, got "
+            f"{getattr(pixels, 'dtype', type(pixels).__name__)} of shape {np.shape(pixels)}"
+        )
     if storage.is_url(path):
         storage.atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp",
-                                     delete=False) as temporary:
+    with tempfile.NamedTemporaryFile(
+        dir=directory, prefix="." + os.path.basename(path), suffix=".tmp", delete=False
+    ) as temporary:
         try:
             Image.fromarray(pixels).save(temporary, format="PNG")
             temporary.flush()

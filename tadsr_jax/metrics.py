@@ -46,8 +46,14 @@ SSIM_DATA_RANGE = 255.0  # pyiqa's SSIM works on rounded 8-bit Y levels
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_alex", "dists")
 NETWORK_METRICS = ("lpips", "lpips_alex", "dists")  # the full-reference metrics that need a network's weights
 # Short names -> the pyiqa metric OSEDiff / TADSR report (docs/method.md section 6, docs/metrics.md).
-NO_REFERENCE = {"clipiqa": "clipiqa", "musiq": "musiq", "maniqa": "maniqa-pipal", "niqe": "niqe",
-                "topiq": "topiq_nr", "qalign": "qalign"}
+NO_REFERENCE = {
+    "clipiqa": "clipiqa",
+    "musiq": "musiq",
+    "maniqa": "maniqa-pipal",
+    "niqe": "niqe",
+    "topiq": "topiq_nr",
+    "qalign": "qalign",
+}
 PER_FOLDER = {"fid": "fid"}
 INSTALL_HINT = "pip install pyiqa==0.1.10 torch==2.13.0"
 
@@ -60,8 +66,7 @@ class PyiqaUnavailable(RuntimeError):
 def _float(x) -> jax.Array:
     """x as float32, or float64 when it is float64."""
     x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                    else jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
 
 
 def _check_pair(sr: jax.Array, hr: jax.Array) -> None:
@@ -96,7 +101,7 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.nd
     """MATLAB's fspecial('gaussian', size, sigma) as pyiqa builds it: 2-D in float64, tiny taps zeroed,
     normalised, then stored as float32 (so float64 SSIM uses the float32-rounded taps, as pyiqa does)."""
     r = (size - 1) / 2
-    yy, xx = np.ogrid[-r:r + 1, -r:r + 1]
+    yy, xx = np.ogrid[-r : r + 1, -r : r + 1]
     h = np.exp(-(xx * xx + yy * yy) / (2.0 * sigma * sigma))
     h[h < np.finfo(h.dtype).eps * h.max()] = 0
     return (h / h.sum()).astype(np.float32)
@@ -106,9 +111,14 @@ def _filter_valid(x: jax.Array, window: jax.Array) -> jax.Array:
     """Each channel of (B, H, W, C) filtered by the 2-D window, 'valid' (no padding), at full precision."""
     b, h, w, c = x.shape
     x = jnp.moveaxis(x, -1, 1).reshape(b * c, h, w, 1)
-    out = jax.lax.conv_general_dilated(x, window[:, :, None, None], (1, 1), "VALID",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=jax.lax.Precision.HIGHEST)
+    out = jax.lax.conv_general_dilated(
+        x,
+        window[:, :, None, None],
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return jnp.moveaxis(out.reshape(b, c, *out.shape[1:3]), 1, -1)
 
 
@@ -171,8 +181,14 @@ class FullReferenceMetrics:
     LPIPS-AlexNet, `dists=` a DISTS model; the models are split once.
     """
 
-    def __init__(self, names: Sequence[str], *, lpips: LPIPS | None = None, lpips_alex: LPIPS | None = None,
-                 dists: DISTS | None = None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        lpips: LPIPS | None = None,
+        lpips_alex: LPIPS | None = None,
+        dists: DISTS | None = None,
+    ):
         self.names = tuple(names)
         unknown = [n for n in self.names if n not in FULL_REFERENCE]
         if unknown:
@@ -186,16 +202,22 @@ class FullReferenceMetrics:
             if model is None:
                 raise ValueError(f"metric {name!r} needs its model: FullReferenceMetrics(..., {name}=<model>)")
             if name in _LPIPS_TRUNKS and model.net != _LPIPS_TRUNKS[name]:
-                raise ValueError(f"metric {name!r} needs an LPIPS with the {_LPIPS_TRUNKS[name]!r} trunk, got "
-                                 f"{model.net!r}")
+                raise ValueError(
+                    f"metric {name!r} needs an LPIPS with the {_LPIPS_TRUNKS[name]!r} trunk, got {model.net!r}"
+                )
             self._networks[name] = nnx.split(model)
 
     def __call__(self, sr, hr) -> dict[str, np.ndarray]:
         sr, hr = _float(sr), _float(hr)
         _check_pair(sr, hr)
-        compute = {"psnr": lambda: psnr_y(sr, hr), "ssim": lambda: ssim_y(sr, hr),
-                   **{name: functools.partial(_NETWORK_FUNCTIONS[name], *split, sr, hr)
-                      for name, split in self._networks.items()}}
+        compute = {
+            "psnr": lambda: psnr_y(sr, hr),
+            "ssim": lambda: ssim_y(sr, hr),
+            **{
+                name: functools.partial(_NETWORK_FUNCTIONS[name], *split, sr, hr)
+                for name, split in self._networks.items()
+            },
+        }
         return {name: np.asarray(compute[name](), np.float64) for name in self.names}
 
 
@@ -205,8 +227,10 @@ def _import_pyiqa(names: Sequence[str]):
         import pyiqa
     except Exception as e:  # ImportError, or torch/torchvision failing inside pyiqa's imports
         cause = (str(e).splitlines() or [""])[0]
-        raise PyiqaUnavailable(f"{', '.join(names)} need{'s' if len(names) == 1 else ''} pyiqa and its weights "
-                               f"({type(e).__name__}: {cause}): {INSTALL_HINT}") from None
+        raise PyiqaUnavailable(
+            f"{', '.join(names)} need{'s' if len(names) == 1 else ''} pyiqa and its weights "
+            f"({type(e).__name__}: {cause}): {INSTALL_HINT}"
+        ) from None
     return pyiqa
 
 
@@ -228,9 +252,10 @@ class NoReferenceMetrics:
 
         batch = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
         with torch.no_grad():
-            return {name: np.array([float(metric(image[None].to(self.device)).reshape(-1)[0]) for image in batch])
-                    for name, metric in self._metrics.items()}
-
+            return {
+                name: np.array([float(metric(image[None].to(self.device)).reshape(-1)[0]) for image in batch])
+                for name, metric in self._metrics.items()
+            }
 
 
 class FolderMetrics:

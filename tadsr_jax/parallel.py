@@ -33,6 +33,7 @@ BATCH_AXES = AXES  # the batch (leading) axis is split over every mesh axis
 
 # ----------------------------------------------------------------------------------------------- start-up
 
+
 def _slurm_tasks() -> int:
     """Number of tasks of the current `srun` step (1 outside SLURM or in the batch script itself)."""
     if "SLURM_STEP_NODELIST" not in os.environ:  # not launched by srun: one process, however many tasks
@@ -46,8 +47,9 @@ def _on_cloud_tpu_vm() -> bool:
     return has_chips and importlib.util.find_spec("libtpu") is not None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Start JAX's multi-process runtime where there is more than one process; call before any JAX computation.
 
     - All three arguments given: connect to that coordinator (GPU clusters, or several local CPU processes).
@@ -59,8 +61,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     missing = [k for k, v in given.items() if v is None]
     if missing and len(missing) < len(given):
         present = ", ".join(k for k in given if k not in missing)
-        raise ValueError(f"multi-host start-up needs --coordinator_address, --num_processes and --process_id "
-                         f"together (got only {present})")
+        raise ValueError(
+            f"multi-host start-up needs --coordinator_address, --num_processes and --process_id "
+            f"together (got only {present})"
+        )
     if jax.distributed.is_initialized():
         return
     explicit = not missing
@@ -92,15 +96,19 @@ def write_once(path: str, write: Callable[[str], Any]) -> str:
     if jax.process_index() == 0 and not storage.exists(path):
         write(path)
     if jax.process_count() > 1:
-        multihost.get_barrier_sync_fn()(key=f"tadsr_jax.write_once:{os.path.basename(path)}",
-                                         timeout_ms=SHARED_FILE_TIMEOUT_S * 1000)
+        multihost.get_barrier_sync_fn()(
+            key=f"tadsr_jax.write_once:{os.path.basename(path)}", timeout_ms=SHARED_FILE_TIMEOUT_S * 1000
+        )
         if not storage.exists(path):
-            raise SharedFileError(f"process {jax.process_index()}: {path} is missing after process 0 wrote it; "
-                                  f"the workdir must be on a filesystem that every host shares")
+            raise SharedFileError(
+                f"process {jax.process_index()}: {path} is missing after process 0 wrote it; "
+                f"the workdir must be on a filesystem that every host shares"
+            )
     return path
 
 
 # ----------------------------------------------------------------------------------------------- the mesh
+
 
 def mesh_config() -> ml_collections.ConfigDict:
     """Defaults of the `mesh` config section."""
@@ -121,12 +129,15 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices cannot be split into data={data} x fsdp={fsdp} "
-                             f"({num_devices} is not divisible by {known})")
+            raise ValueError(
+                f"mesh: {num_devices} devices cannot be split into data={data} x fsdp={fsdp} "
+                f"({num_devices} is not divisible by {known})"
+            )
         sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, "
-                         f"but there are {num_devices} devices")
+        raise ValueError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are {num_devices} devices"
+        )
     return sizes
 
 
@@ -160,6 +171,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # ------------------------------------------------------------------------------------ parameter sharding
 
+
 def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> PartitionSpec:
     """The sharding rule of one parameter (or optimizer-state) leaf, by shape alone. First match wins:
 
@@ -182,34 +194,41 @@ def shard_params(abstract_state: Any, mesh: Mesh, *, min_size: int) -> Any:
     """NamedShardings for every array leaf of `abstract_state` (an nnx.State or any pytree of arrays or
     ShapeDtypeStructs), with the same tree structure, following `param_spec`."""
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, param_spec(tuple(np.shape(leaf)), fsdp_size, min_size)),
-                        abstract_state)
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, param_spec(tuple(np.shape(leaf)), fsdp_size, min_size)), abstract_state
+    )
 
 
 # ------------------------------------------------------------------------------------------------ batches
 
-def process_rows(global_batch_size: int, *, num_processes: int | None = None,
-                 num_devices: int | None = None) -> int:
+
+def process_rows(global_batch_size: int, *, num_processes: int | None = None, num_devices: int | None = None) -> int:
     """Rows of the global batch that each process loads; defaults to JAX's process and device counts."""
     num_processes = jax.process_count() if num_processes is None else num_processes
     num_devices = jax.device_count() if num_devices is None else num_devices
     if global_batch_size % num_processes:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {num_processes} processes")
     if global_batch_size % num_devices:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {num_devices} devices "
-                         f"(every device needs the same number of examples)")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {num_devices} devices "
+            f"(every device needs the same number of examples)"
+        )
     return global_batch_size // num_processes
 
 
 def process_row_slice(sharding: NamedSharding, global_batch_size: int) -> slice:
     """The rows of the global batch that this process feeds to `global_batch` under `sharding`."""
     rows = process_rows(global_batch_size)
-    ranges = [index[0].indices(global_batch_size)[:2]
-              for index in sharding.addressable_devices_indices_map((global_batch_size,)).values()]
+    ranges = [
+        index[0].indices(global_batch_size)[:2]
+        for index in sharding.addressable_devices_indices_map((global_batch_size,)).values()
+    ]
     start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
     if stop - start != rows:
-        raise ValueError(f"this process's devices hold rows {start}..{stop - 1} of the global batch, not one "
-                         f"contiguous block of {rows}; use a mesh from make_mesh()")
+        raise ValueError(
+            f"this process's devices hold rows {start}..{stop - 1} of the global batch, not one "
+            f"contiguous block of {rows}; use a mesh from make_mesh()"
+        )
     return slice(start, stop)
 
 

@@ -29,8 +29,7 @@ def _per_row(key: jax.Array) -> bool:
     return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
 
 
-def _draw(sample: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
-          shape: Sequence[int]) -> jax.Array:
+def _draw(sample: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array, shape: Sequence[int]) -> jax.Array:
     """`sample(key, shape)`, or with one key per row, each row's flattened values from its own key."""
     shape = tuple(shape)
     if _per_row(key):
@@ -42,8 +41,9 @@ def normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array
     return _draw(lambda k, s: jax.random.normal(k, s, dtype), key, shape)
 
 
-def uniform(key: jax.Array, shape: Sequence[int], dtype=jnp.float32, minval: float = 0.0,
-            maxval: float = 1.0) -> jax.Array:
+def uniform(
+    key: jax.Array, shape: Sequence[int], dtype=jnp.float32, minval: float = 0.0, maxval: float = 1.0
+) -> jax.Array:
     return _draw(lambda k, s: jax.random.uniform(k, s, dtype, minval, maxval), key, shape)
 
 

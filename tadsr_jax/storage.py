@@ -133,8 +133,9 @@ def absolute(path: str) -> str:
 def files_under(folder: str) -> list[str]:
     """Every file below `folder`, recursively, as sorted paths relative to it (like `os.walk`)."""
     if not is_url(folder):
-        return sorted(os.path.relpath(os.path.join(root, name), folder)
-                      for root, _, names in os.walk(folder) for name in names)
+        return sorted(
+            os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+        )
     found = []
 
     def visit(directory: epath.Path, prefix: str) -> None:

@@ -56,17 +56,24 @@ def _error(fn) -> str:
 
 def unit(out: str) -> None:
     sds = jax.ShapeDtypeStruct
-    tree = {"big": sds((64, 512), jnp.float32), "conv": sds((3, 3, 320, 640), jnp.float32),
-            "square": sds((512, 512), jnp.float32), "odd": sds((1001, 999), jnp.float32),
-            "small": sds((4, 8), jnp.float32), "count": sds((), jnp.int32)}
+    tree = {
+        "big": sds((64, 512), jnp.float32),
+        "conv": sds((3, 3, 320, 640), jnp.float32),
+        "square": sds((512, 512), jnp.float32),
+        "odd": sds((1001, 999), jnp.float32),
+        "small": sds((4, 8), jnp.float32),
+        "count": sds((), jnp.int32),
+    }
     fsdp_mesh = parallel.make_mesh(data=2, fsdp=-1)
     data_mesh = parallel.make_mesh()
     abstract_linear = nnx.state(nnx.eval_shape(lambda: Linear(64, 512, rngs=nnx.Rngs(0))))
     linear_shardings = parallel.shard_params(abstract_linear, fsdp_mesh, min_size=MIN_SIZE)
 
     batch_sharding = parallel.batch_sharding(fsdp_mesh)
-    local = {"x": np.arange(GLOBAL_BATCH * 3, dtype=np.float32).reshape(GLOBAL_BATCH, 3),
-             "name": np.array([f"img{i}.png" for i in range(GLOBAL_BATCH)])}
+    local = {
+        "x": np.arange(GLOBAL_BATCH * 3, dtype=np.float32).reshape(GLOBAL_BATCH, 3),
+        "name": np.array([f"img{i}.png" for i in range(GLOBAL_BATCH)]),
+    }
     batch = parallel.global_batch(local, batch_sharding)
     result = {
         "mesh_default": dict(data_mesh.shape),
@@ -116,16 +123,22 @@ def batches() -> list[dict[str, np.ndarray]]:
     out = []
     for i in range(STEPS):
         rng = np.random.default_rng(100 + i)
-        out.append({"x": rng.normal(size=(GLOBAL_BATCH, 64)).astype(np.float32),
-                    "y": rng.normal(size=(GLOBAL_BATCH, 8)).astype(np.float32),
-                    "name": np.array([f"img{i}_{j}.png" for j in range(GLOBAL_BATCH)])})
+        out.append(
+            {
+                "x": rng.normal(size=(GLOBAL_BATCH, 64)).astype(np.float32),
+                "y": rng.normal(size=(GLOBAL_BATCH, 8)).astype(np.float32),
+                "name": np.array([f"img{i}_{j}.png" for j in range(GLOBAL_BATCH)]),
+            }
+        )
     return out
 
 
 def flat_arrays(state: nnx.State, prefix: str) -> dict[str, np.ndarray]:
     """Replicated leaves as numpy, read from this process's first copy."""
-    return {prefix + "/".join(map(str, path)): np.asarray(v[...].addressable_data(0))
-            for path, v in nnx.to_flat_state(state)}
+    return {
+        prefix + "/".join(map(str, path)): np.asarray(v[...].addressable_data(0))
+        for path, v in nnx.to_flat_state(state)
+    }
 
 
 def train(out: str, data: int, fsdp: int) -> None:
@@ -157,8 +170,12 @@ def train(out: str, data: int, fsdp: int) -> None:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, key, loss
 
-    train_step = jax.jit(step, in_shardings=(trainable_sh, opt_sh, repl, frozen_sh, batch_sh),
-                         out_shardings=(trainable_sh, opt_sh, repl, repl), donate_argnums=(0, 1, 2))
+    train_step = jax.jit(
+        step,
+        in_shardings=(trainable_sh, opt_sh, repl, frozen_sh, batch_sh),
+        out_shardings=(trainable_sh, opt_sh, repl, repl),
+        donate_argnums=(0, 1, 2),
+    )
 
     rows = parallel.process_row_slice(batch_sh, GLOBAL_BATCH)
     losses, donated = [], []
@@ -171,9 +188,13 @@ def train(out: str, data: int, fsdp: int) -> None:
 
     kernel = frozen["fc1"]["kernel"][...]
     meta = {
-        "process_index": jax.process_index(), "process_count": jax.process_count(),
-        "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-        "mesh": dict(mesh.shape), "rows": [rows.start, rows.stop], "batch_keys": sorted(batch),
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "mesh": dict(mesh.shape),
+        "rows": [rows.start, rows.stop],
+        "batch_keys": sorted(batch),
         "batch_spec": str(batch["x"].sharding.spec),
         "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["x"].addressable_shards}),
         "frozen_kernel_spec": str(kernel.sharding.spec),
@@ -220,9 +241,16 @@ def validate(out: str, images: str) -> None:
     outputs = {f"sr_t{t}": np.stack(list(validator.outputs({}, {}, {}, t))) for t in VALIDATION_TIMESTEPS}
     exact = parallel.process_sum(np.array([1.0 + jax.process_index() * 2.0**-40, 2.0]))
     with open(out + ".json", "w") as f:
-        json.dump({"means": {str(t): m for t, m in means.items()}, "images": validator.images,
-                   "local_images": int(validator.shard.mask.sum()), "process_sum": exact.tolist(),
-                   "compiled_samplers": sample_fn._cache_size()}, f)
+        json.dump(
+            {
+                "means": {str(t): m for t, m in means.items()},
+                "images": validator.images,
+                "local_images": int(validator.shard.mask.sum()),
+                "process_sum": exact.tolist(),
+                "compiled_samplers": sample_fn._cache_size(),
+            },
+            f,
+        )
     np.savez(out + ".npz", hq=validator.shard.hq, mask=validator.shard.mask, **outputs)
 
 

@@ -80,8 +80,7 @@ def test_flash_attention_is_partitioned_over_a_multi_host_mesh():
     layer = nnx.eval_shape(lambda: Attention(128, heads=2, dim_head=64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     set_implementation(layer, "auto", platform=devices[0].platform)
     graphdef, params = nnx.split(layer)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
-                          params)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), params)
     tokens = jax.ShapeDtypeStruct((8, 256, 128), jnp.bfloat16, sharding=parallel.batch_sharding(mesh))
 
     def loss(params, x):

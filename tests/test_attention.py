@@ -106,20 +106,28 @@ def test_flash_takes_whole_blocks_and_leaves_the_rest_to_xla():
 
     def primitives(t, s):
         q, k, v = _qkv(t, s, 2, 64, jnp.bfloat16)
-        jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, 2, implementation="flash"))(flat(q), flat(k),
-                                                                                             flat(v))
+        jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, 2, implementation="flash"))(flat(q), flat(k), flat(v))
         return str(jaxpr)
 
     assert "pallas_call" in primitives(256, 256)
     assert "pallas_call" not in primitives(256, 77)
     q, k, v = _qkv(256, 77, 2, 64, jnp.float32)
-    np.testing.assert_array_equal(attention(flat(q), flat(k), flat(v), 2, implementation="flash"),
-                                  attention(flat(q), flat(k), flat(v), 2, implementation="xla"))
+    np.testing.assert_array_equal(
+        attention(flat(q), flat(k), flat(v), 2, implementation="flash"),
+        attention(flat(q), flat(k), flat(v), 2, implementation="xla"),
+    )
 
 
-@pytest.mark.parametrize("platform, dtype, expected", [
-    ("cpu", jnp.float32, "blockwise"), ("tpu", jnp.bfloat16, "flash"), ("tpu", jnp.float32, "flash"),
-    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float32, "xla")])
+@pytest.mark.parametrize(
+    "platform, dtype, expected",
+    [
+        ("cpu", jnp.float32, "blockwise"),
+        ("tpu", jnp.bfloat16, "flash"),
+        ("tpu", jnp.float32, "flash"),
+        ("gpu", jnp.bfloat16, "cudnn"),
+        ("gpu", jnp.float32, "xla"),
+    ],
+)
 def test_auto_picks_the_platforms_kernel(platform, dtype, expected):
     assert resolve("auto", platform, dtype) == expected
     assert resolve("xla", platform, dtype) == "xla"

@@ -14,9 +14,16 @@ from tadsr_jax.flops import matmul_flops
 from tadsr_jax.weights.loaders import load_unet
 
 UNET = dict(  # SD-2.x structure; 32x32 latents give 1024-token self-attention, four query blocks on CPU
-    sample_size=32, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=24,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    sample_size=32,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    cross_attention_dim=24,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    norm_num_groups=8,
+)
 
 
 def test_unet_flops_equal_torch_flop_counter(tmp_path):
@@ -30,7 +37,8 @@ def test_unet_flops_equal_torch_flop_counter(tmp_path):
         torch_unet(latents, t, context)
     graphdef, params = nnx.split(load_unet(str(tmp_path)))
     jaxpr = jax.make_jaxpr(lambda p, z, t, c: nnx.merge(graphdef, p)(z, t, c))(
-        params, jnp.zeros((2, 32, 32, 4)), jnp.asarray(t.numpy()), jnp.zeros((2, 7, 24)))
+        params, jnp.zeros((2, 32, 32, 4)), jnp.asarray(t.numpy()), jnp.zeros((2, 7, 24))
+    )
     assert "scan" in str(jaxpr)  # the blocked attention is counted through its loop
     assert matmul_flops(jaxpr) == counter.get_total_flops()
 
@@ -39,8 +47,9 @@ def test_loop_bodies_count_once_per_step_and_gradients_count():
     x, w = jnp.ones((5, 8, 16)), jnp.ones((16, 4))
     mapped = jax.make_jaxpr(lambda x, w: jax.lax.map(lambda row: row @ w, x))(x, w)
     assert matmul_flops(mapped) == 5 * 2 * 8 * 16 * 4
-    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).sum()
     image, kernel = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
     forward = 2 * 2 * 6 * 6 * 5 * 3 * 3 * 3
     assert matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == forward

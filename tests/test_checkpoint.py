@@ -29,9 +29,14 @@ def make_state(step: int) -> TrainState:
     """A small train state whose every leaf depends on `step` (random weights: a flipped byte changes one)."""
     rng = np.random.default_rng(step)
     weights = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
-    return TrainState(step=jnp.int32(step), generator={"w": weights(128, 64), "b": weights(64)},
-                      fake_score={"w": weights(32, 32)}, generator_opt={"mu": weights(128, 64)},
-                      fake_score_opt={"mu": weights(32, 32)}, key=jnp.asarray([step, 7], jnp.uint32))
+    return TrainState(
+        step=jnp.int32(step),
+        generator={"w": weights(128, 64), "b": weights(64)},
+        fake_score={"w": weights(32, 32)},
+        generator_opt={"mu": weights(128, 64)},
+        fake_score_opt={"mu": weights(32, 32)},
+        key=jnp.asarray([step, 7], jnp.uint32),
+    )
 
 
 def data_iterator():
@@ -211,6 +216,7 @@ def test_intact_step_of_another_model_is_an_error_not_damage(three_steps):
 
 # ------------------------------------------------------------------------------------------------ workdir lock
 
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -234,8 +240,9 @@ def test_second_holder_is_refused_with_the_first_named(tmp_path):
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     pid = dead_pid()
-    (tmp_path / lock.LOCK_FILE).write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00+00:00"}))
+    (tmp_path / lock.LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00+00:00"})
+    )
     taker = lock.WorkdirLock(str(tmp_path))
     note = taker.acquire()
     assert note and f"pid {pid}" in note and "gone" in note
@@ -276,9 +283,14 @@ def test_train_launcher_refuses_a_locked_workdir(tmp_path):
     holder = lock.WorkdirLock(str(tmp_path))
     holder.acquire()
     try:
-        result = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py",
-                                 f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                                env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        result = subprocess.run(
+            [sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        )
     finally:
         holder.release()
     assert result.returncode == 1, result.stderr[-3000:]

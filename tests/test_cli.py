@@ -20,18 +20,34 @@ LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "train")
 
 
 def _launch(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch", f"{name}.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, check=False, env=env)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("name, args, line", [
-    ("sr", ["--config=configs/tiny.py", "--config.sr.timestepp=3", "--input=x", "--output=y"],
-     "sr: error: unknown config key 'sr.timestepp' (did you mean 'sr.timestep'?)"),
-    ("train", ["--config", "configs/tiny.py", "--config.train.step=2", "--workdir=w"],
-     "train: error: unknown config key 'train.step' (did you mean 'train.steps'?)"),
-    # demo.py's --config has a default file, whose overrides ml_collections applies at import
-    ("demo", ["--config.xxx=3"], "demo: error: unknown config key 'xxx'"),
-])
+@pytest.mark.parametrize(
+    "name, args, line",
+    [
+        (
+            "sr",
+            ["--config=configs/tiny.py", "--config.sr.timestepp=3", "--input=x", "--output=y"],
+            "sr: error: unknown config key 'sr.timestepp' (did you mean 'sr.timestep'?)",
+        ),
+        (
+            "train",
+            ["--config", "configs/tiny.py", "--config.train.step=2", "--workdir=w"],
+            "train: error: unknown config key 'train.step' (did you mean 'train.steps'?)",
+        ),
+        # demo.py's --config has a default file, whose overrides ml_collections applies at import
+        ("demo", ["--config.xxx=3"], "demo: error: unknown config key 'xxx'"),
+    ],
+)
 def test_unknown_config_key_is_one_line_naming_the_closest_key(name, args, line):
     run = _launch(name, *args)
     assert (run.returncode, run.stderr, run.stdout) == (2, line + "\n", "")
@@ -40,19 +56,23 @@ def test_unknown_config_key_is_one_line_naming_the_closest_key(name, args, line)
 def test_usage_errors_are_one_line():
     missing = _launch("sr", "--config=configs/tiny.py", "--input=x")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
-        "sr: error: flag --output=None: Flag --output must have a value other than None."]
+        "sr: error: flag --output=None: Flag --output must have a value other than None."
+    ]
     no_file = _launch("train", "--config=configs/nope.py", "--workdir=w")
     assert no_file.returncode == 2 and no_file.stderr.splitlines() == [
-        "train: error: --config=configs/nope.py: no such file"]
+        "train: error: --config=configs/nope.py: no such file"
+    ]
     stray = _launch("evaluate", "--sr=a", "b")
     assert stray.returncode == 2 and stray.stderr.splitlines() == [
-        "evaluate: error: unexpected arguments b (flags are --name=value)"]
+        "evaluate: error: unexpected arguments b (flags are --name=value)"
+    ]
 
 
 def test_unknown_config_key_message():
     config = base_config()
     assert cli.unknown_config_key(config, ["sr.timestep", "model.lora_rnak"]) == (
-        "unknown config key 'model.lora_rnak' (did you mean 'model.lora_rank'?)")
+        "unknown config key 'model.lora_rnak' (did you mean 'model.lora_rank'?)"
+    )
     assert cli.unknown_config_key(config, ["sr.timestep", "train", "data"]) is None
     assert cli.unknown_config_key(config, ["zzzzzz"]) == "unknown config key 'zzzzzz'"
 
@@ -69,8 +89,17 @@ def test_helpfull_exits_0_and_sr_help_gives_the_override_defaults():
     assert run.returncode == 0, run.stderr[-2000:]
     text = " ".join(run.stdout.split())
     sr = base_config().sr
-    for flag in ("timestep", "seed", "batch_size", "prompt", "dtype", "color_fix", "latent_tile", "latent_overlap",
-                 "vae_strip_above"):
+    for flag in (
+        "timestep",
+        "seed",
+        "batch_size",
+        "prompt",
+        "dtype",
+        "color_fix",
+        "latent_tile",
+        "latent_overlap",
+        "vae_strip_above",
+    ):
         assert f"(default: the config's sr.{flag}, {sr[flag]!r} in the base config)" in text, flag
     assert "--config: Experiment config file." in run.stdout
 
@@ -136,11 +165,14 @@ def test_other_libraries_info_is_dropped_unless_verbose(root_logging, capsys):
 @pytest.mark.parametrize("verbose", [False, True])
 def test_transformers_torch_advice_only_with_verbose(verbose):
     """transformers says "PyTorch was not found" on import when torch is missing (here: made unimportable)."""
-    code = ("import sys; sys.modules['torch'] = None; from tadsr_jax import cli; "
-            f"cli.configure_logging(verbose={verbose}); import transformers")
+    code = (
+        "import sys; sys.modules['torch'] = None; from tadsr_jax import cli; "
+        f"cli.configure_logging(verbose={verbose}); import transformers"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-                         check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=True
+    )
     assert ("PyTorch was not found" in run.stderr) == verbose, run.stderr
 
 
@@ -160,7 +192,8 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide), env.get("PYTHONPATH")]))
     quiet = _launch("train", *args, env=env)
     assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
-        f"error: {missing}: pretrained model folder does not exist"]
+        f"error: {missing}: pretrained model folder does not exist"
+    ]
     loud = _launch("train", *args, "--verbose", env=env)
     assert loud.returncode == 1
     assert re.search(r"^I\d{4} [^\n]* xla_bridge.py:\d+\] ", loud.stderr, re.M), loud.stderr
@@ -171,9 +204,11 @@ def test_demo_says_what_it_does_before_the_slow_part(tmp_path):
     """The demo announces training (stand-in model, compilation) before it starts; here the SD folder is missing,
     so it stops right after, with one error line."""
     missing = tmp_path / "missing"
-    run = _launch("demo", f"--workdir={tmp_path / 'demo'}", f"--config.model.pretrained={missing}",
-                  "--config.train.steps=3")
+    run = _launch(
+        "demo", f"--workdir={tmp_path / 'demo'}", f"--config.model.pretrained={missing}", "--config.train.steps=3"
+    )
     assert run.returncode == 1
     assert run.stderr.splitlines() == [
         f"demo: training to step 3 in {tmp_path / 'demo'}; the bar starts moving once the train step is compiled",
-        f"demo: error: {missing}: pretrained model folder does not exist"]
+        f"demo: error: {missing}: pretrained model folder does not exist",
+    ]

@@ -21,8 +21,9 @@ from tadsr_jax.weights.loaders import load_text_encoder, load_tokenizer
 from tadsr_jax.weights.tiny import write_tiny_clip_tokenizer
 
 MAX_LENGTH = 16
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_LENGTH
+)
 # Empty, short, and longer than MAX_LENGTH tokens (so truncated); "the"/"of" exercise the tiny merges.
 PROMPTS = ["", "a cat", "the photograph of an astronaut riding a horse"]
 FP32_TOL = 1e-4  # measured up to 1.6e-6 (2 seeds, both activations): 60x
@@ -50,14 +51,20 @@ def tokenizer(tokenizer_folder):
 def torch_model(request, tmp_path_factory, tokenizer_folder, tokenizer):
     """(folder saved by transformers, the transformers model, its last_hidden_state on PROMPTS)."""
     config = transformers.CLIPTextConfig(
-        vocab_size=tokenizer_folder[1], hidden_act=request.param, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY)
+        vocab_size=tokenizer_folder[1],
+        hidden_act=request.param,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY,
+    )
     model = transformers.CLIPTextModel(config).eval()
     randomize_(model, seed=len(request.param))
     folder = str(tmp_path_factory.mktemp(f"clip_text_{request.param}"))
     model.save_pretrained(folder)
-    ids = tokenizer(PROMPTS, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        PROMPTS, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         reference = model(input_ids=ids).last_hidden_state.numpy()
     return folder, model, reference
@@ -79,7 +86,7 @@ def test_tokenize_matches_transformers(tokenizer, tokenizer_folder):
     np.testing.assert_array_equal(ids, np.array(theirs))
     # SD's layout, built independently: <|startoftext|> text[:max-2] <|endoftext|> then padding.
     for row, prompt in zip(ids, PROMPTS):
-        text = tokenizer(prompt, add_special_tokens=False).input_ids[:MAX_LENGTH - 2]
+        text = tokenizer(prompt, add_special_tokens=False).input_ids[: MAX_LENGTH - 2]
         expected = [tokenizer.bos_token_id, *text, tokenizer.eos_token_id]
         expected += [tokenizer.pad_token_id] * (MAX_LENGTH - len(expected))
         np.testing.assert_array_equal(row, expected)
@@ -107,8 +114,10 @@ def test_bf16_within_tolerance(torch_model, tokenizer):
     with torch.no_grad():
         theirs = copy.deepcopy(torch_fp32).to(torch.bfloat16)(input_ids=ids).last_hidden_state.float().numpy()
     err, their_err = rel_err(ours, reference), rel_err(theirs, reference)
-    print(f"\nCLIP text bf16 ({model.config.hidden_act}): max|ours - fp32| / std(fp32) = {err:.2e} "
-          f"(transformers in bf16: {their_err:.2e})")
+    print(
+        f"\nCLIP text bf16 ({model.config.hidden_act}): max|ours - fp32| / std(fp32) = {err:.2e} "
+        f"(transformers in bf16: {their_err:.2e})"
+    )
     assert err <= BF16_TOL and err <= 2 * their_err
 
 
@@ -144,7 +153,10 @@ def test_config_from_dict(torch_model, tmp_path):
         raw = json.load(f)
     config = CLIPTextConfig.from_dict(raw)
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (
-        raw["vocab_size"], raw["hidden_size"], raw["num_hidden_layers"])
+        raw["vocab_size"],
+        raw["hidden_size"],
+        raw["num_hidden_layers"],
+    )
     with pytest.raises(ValueError, match="unsupported hidden_act 'relu'"):
         CLIPTextConfig.from_dict({**raw, "hidden_act": "relu"})
     bad = str(tmp_path / "bad")

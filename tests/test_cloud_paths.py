@@ -73,6 +73,7 @@ def _ram_backend(root: str):
         walk = replace = copy = glob
 
     for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "rmtree", "remove", "stat"):
+
         def method(self, path, *args, _name=name, **kwargs):
             return getattr(epath_backend._TfBackend, _name)(self, self._ram(path), *args, **kwargs)
 
@@ -81,8 +82,11 @@ def _ram_backend(root: str):
 
 
 def _files(folder) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), folder): pathlib.Path(d, f).read_bytes()
-            for d, _, names in os.walk(folder) for f in names}
+    return {
+        os.path.relpath(os.path.join(d, f), folder): pathlib.Path(d, f).read_bytes()
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
 
 
 @pytest.fixture(params=["gfile", "fsspec"])
@@ -96,8 +100,9 @@ def bucket(request, tmp_path, monkeypatch):
         monkeypatch.setattr(epath_backend, "tf_backend", _ram_backend(root))
     else:
         memory, local = _MemoryBucket(), epath_backend.fsspec_backend.fs("/")
-        monkeypatch.setattr(epath_backend.fsspec_backend, "fs",
-                            lambda path: memory if os.fspath(path).startswith("gs://") else local)
+        monkeypatch.setattr(
+            epath_backend.fsspec_backend, "fs", lambda path: memory if os.fspath(path).startswith("gs://") else local
+        )
     cwd = tmp_path / "cwd"
     decoy = cwd / "gs:" / "test-bucket"
     _write_image(decoy / "data" / "hr" / "decoy.png", np.zeros((16, 16, 3), np.uint8))
@@ -147,6 +152,7 @@ def _assert_same_networks(ours, reference) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ weights
+
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
@@ -220,6 +226,7 @@ def test_tiny_stand_in_is_written_once_into_a_bucket_workdir(bucket, stand_in):
 
 # ------------------------------------------------------------------------------------------------------ data
 
+
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory) -> str:
     """paired/ (a paired list with relative paths), hr/ (a tree) and captions.tsv naming hr/'s images."""
@@ -243,13 +250,17 @@ def test_data_sources_read_a_bucket(bucket, local_data, caplog):
     with caplog.at_level(logging.WARNING):
         folder = HRFolderSource(f"{bucket}/data/hr", f"{bucket}/data/captions.tsv")
     assert [(r.hr, r.lr, r.prompt) for r in folder.records] == [
-        (f"{BUCKET}/data/hr/coins.png", None, "a coin"), (f"{BUCKET}/data/hr/sub/moon.png", None, "the moon")]
+        (f"{BUCKET}/data/hr/coins.png", None, "a coin"),
+        (f"{BUCKET}/data/hr/sub/moon.png", None, "the moon"),
+    ]
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tadsr_jax")] == [
-        f"skipping unreadable image {BUCKET}/data/hr/empty.png: empty file"]
+        f"skipping unreadable image {BUCKET}/data/hr/empty.png: empty file"
+    ]
 
     paired = PairedListSource(f"{bucket}/data/paired/train.txt")
     assert [(r.hr, r.lr, r.prompt) for r in paired.records] == [
-        (f"{BUCKET}/data/paired/hr/{n}.png", f"{BUCKET}/data/paired/lr/{n}.png", n) for n in ("chelsea", "rocket")]
+        (f"{BUCKET}/data/paired/hr/{n}.png", f"{BUCKET}/data/paired/lr/{n}.png", n) for n in ("chelsea", "rocket")
+    ]
     for record in [*folder.records, *paired.records]:
         for url in (record.hr, record.lr):
             if url is not None:
@@ -269,6 +280,7 @@ def test_missing_bucket_data_is_the_local_error(bucket):
 
 
 # ------------------------------------------------------------------------------------------ SR and evaluation
+
 
 def test_sr_inputs_outputs_and_evaluation_folders_on_a_bucket(bucket, tmp_path):
     from tadsr_jax import evaluation
@@ -298,12 +310,14 @@ def test_sr_inputs_outputs_and_evaluation_folders_on_a_bucket(bucket, tmp_path):
 
     matching = evaluation.match_files(f"{bucket}/sr", f"{bucket}/hr")
     assert [(p.name, p.sr, p.hr) for p in matching.pairs] == [
-        (n, f"{BUCKET}/sr/{n}.png", f"{BUCKET}/hr/{n}.png") for n in ("a", "b")]
+        (n, f"{BUCKET}/sr/{n}.png", f"{BUCKET}/hr/{n}.png") for n in ("a", "b")
+    ]
     evaluation.write_report(f"{bucket}/sr/metrics", {"dataset": "x"}, "| table |\n")
     assert json.loads(get(f"{bucket}/sr/metrics.json")) == {"dataset": "x"}
 
 
 # ------------------------------------------------------------------------------------------------ the workdir
+
 
 def test_workdir_lock_on_a_bucket(bucket, monkeypatch):
     from tadsr_jax.train import lock
@@ -339,7 +353,6 @@ def test_checkpoint_digests_on_a_bucket(bucket):
     assert verify(step) == "state/a differs from its SHA-256 when saved"
 
 
-
 @pytest.mark.parametrize("bucket", ["fsspec"], indirect=True)
 def test_gs_workdir_that_tensorboard_cannot_write_is_refused_before_loading(bucket, monkeypatch):
     from tensorboardX import record_writer
@@ -347,7 +360,10 @@ def test_gs_workdir_that_tensorboard_cannot_write_is_refused_before_loading(buck
     from tadsr_jax.train import loop
 
     monkeypatch.setattr(record_writer, "GCS_ENABLED", False)
-    with pytest.raises(loop.TrainingError, match="^--workdir gs://test-bucket/w: TensorBoard logging to gs:// needs "
-                                                 r"google-cloud-storage \(pip install google-cloud-storage\)$"):
+    with pytest.raises(
+        loop.TrainingError,
+        match="^--workdir gs://test-bucket/w: TensorBoard logging to gs:// needs "
+        r"google-cloud-storage \(pip install google-cloud-storage\)$",
+    ):
         loop.train(get_config(), f"{bucket}/w")
     assert not epath.Path(f"{bucket}/w").exists()

@@ -18,6 +18,7 @@ ATOL = 1e-5
 
 # --- the reference formulas, in torch -------------------------------------------------------------------------
 
+
 def torch_adain(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     def mean_std(x):
         flat = x.flatten(2)
@@ -59,6 +60,7 @@ def reference(fix, target: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 # --- real images and SR-like perturbed copies ---------------------------------------------------------------
 
+
 def image(name: str, height: int = 96, width: int = 128) -> np.ndarray:
     return transform.resize(getattr(data, name)(), (height, width), anti_aliasing=True).astype(np.float32)
 
@@ -79,6 +81,7 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- parity --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["adain", "wavelet"])
 def test_batch_matches_reference(batch, method):
@@ -122,19 +125,20 @@ def test_adain_on_flat_tiny_target():
 def test_color_fix_dispatches(batch, method):
     target, source = batch
     fix = jax.jit(color_fix, static_argnames="method")
-    np.testing.assert_allclose(fix(target, source, method=method), FIXES[method][0](target, source), rtol=0,
-                               atol=1e-6)
+    np.testing.assert_allclose(fix(target, source, method=method), FIXES[method][0](target, source), rtol=0, atol=1e-6)
 
 
 def test_statistics_in_float32_for_low_precision_inputs(batch):
     target, source = (jnp.asarray(x, jnp.bfloat16) for x in batch)
     out = adain_color_fix(target, source)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, adain_color_fix(target.astype(jnp.float32), source.astype(jnp.float32)),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        out, adain_color_fix(target.astype(jnp.float32), source.astype(jnp.float32)), rtol=0, atol=1e-6
+    )
 
 
 # --- properties ----------------------------------------------------------------------------------------------
+
 
 def test_none_is_identity(batch):
     target, source = batch
@@ -164,6 +168,7 @@ def test_adain_takes_source_channel_means(batch):
 
 
 # --- errors --------------------------------------------------------------------------------------------------
+
 
 def test_unknown_method_is_rejected(batch):
     with pytest.raises(ValueError, match="'sepia'") as error:

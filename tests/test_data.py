@@ -38,8 +38,9 @@ def hr_folder(tmp_path_factory) -> tuple[str, str]:
     sample_image("rocket", 40).crop((0, 8, 40, 32)).save(os.path.join(root, "small.tif"))  # 40 x 24
     with open(os.path.join(root, "notes.txt"), "w") as f:
         f.write("not an image")
-    names = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                   if not f.endswith(".txt"))
+    names = sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if not f.endswith(".txt")
+    )
     captions = os.path.join(str(tmp_path_factory.mktemp("captions")), "captions.tsv")
     with open(captions, "w") as f:
         f.writelines(f"{name}\t{name}\n" for name in names)
@@ -71,8 +72,11 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 def _find_window(patch: np.ndarray, image: np.ndarray) -> tuple[int, int, bool]:
     """(top, left, flipped) of the unique CROP window of `image` equal to `patch` (possibly mirrored)."""
     windows = sliding_window_view(image, (CROP, CROP, 3))[:, :, 0]
-    hits = [(int(top), int(left), flipped) for flipped in (False, True)
-            for top, left in np.argwhere((windows == (patch[:, ::-1] if flipped else patch)).all(axis=(2, 3, 4)))]
+    hits = [
+        (int(top), int(left), flipped)
+        for flipped in (False, True)
+        for top, left in np.argwhere((windows == (patch[:, ::-1] if flipped else patch)).all(axis=(2, 3, 4)))
+    ]
     assert len(hits) == 1, f"expected one matching crop window, found {hits}"
     return hits[0]
 
@@ -91,8 +95,9 @@ def _bicubic_lq(hq: np.ndarray, scale: int = 4) -> np.ndarray:
 
 def test_folder_records_are_crops_with_bicubic_lq(hr_folder):
     root, captions = hr_folder
-    iterator = make_train_iterator(_config("hr_folder", root, captions=captions), global_batch_size=5, seed=1,
-                                   process_index=0, process_count=1)
+    iterator = make_train_iterator(
+        _config("hr_folder", root, captions=captions), global_batch_size=5, seed=1, process_index=0, process_count=1
+    )
     examples = _examples(_take(iterator, 4))  # two epochs of the 10 images
     seen, flips = set(), set()
     for ex in examples:
@@ -108,8 +113,13 @@ def test_folder_records_are_crops_with_bicubic_lq(hr_folder):
 
 
 def test_paired_records_use_the_lanczos_resized_lr(paired_list):
-    iterator = make_train_iterator(_config("paired_list", paired_list, synthetic_prob=0.0), global_batch_size=4,
-                                   seed=0, process_index=0, process_count=1)
+    iterator = make_train_iterator(
+        _config("paired_list", paired_list, synthetic_prob=0.0),
+        global_batch_size=4,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
     examples = _examples(_take(iterator, 4))
     folder = os.path.dirname(paired_list)
     for ex in examples:
@@ -117,14 +127,19 @@ def test_paired_records_use_the_lanczos_resized_lr(paired_list):
         hr = np.asarray(Image.open(os.path.join(folder, "hr", f"{name}.png")).convert("RGB"))
         lr = Image.open(os.path.join(folder, "lr", f"{name}.png")).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
         top, left, flipped = _find_window(_to_uint8(ex["hq"]), hr)
-        expected = np.asarray(lr)[top:top + CROP, left:left + CROP]
+        expected = np.asarray(lr)[top : top + CROP, left : left + CROP]
         np.testing.assert_array_equal(_to_uint8(ex["lq"]), expected[:, ::-1] if flipped else expected, err_msg=name)
     assert {str(ex["prompt"]) for ex in examples} == {n.replace("_", " ") for n in SAMPLE_NAMES}
 
 
 def test_synthetic_prob_mixes_bicubic_and_listed_lr(paired_list):
-    iterator = make_train_iterator(_config("paired_list", paired_list, synthetic_prob=0.5, flip=False),
-                                   global_batch_size=8, seed=0, process_index=0, process_count=1)
+    iterator = make_train_iterator(
+        _config("paired_list", paired_list, synthetic_prob=0.5, flip=False),
+        global_batch_size=8,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
     folder = os.path.dirname(paired_list)
     kinds = []
     for ex in _examples(_take(iterator, 3)):
@@ -136,7 +151,7 @@ def test_synthetic_prob_mixes_bicubic_and_listed_lr(paired_list):
         hr = np.asarray(Image.open(os.path.join(folder, "hr", f"{name}.png")).convert("RGB"))
         lr = Image.open(os.path.join(folder, "lr", f"{name}.png")).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
         top, left, _ = _find_window(hq, hr)
-        np.testing.assert_array_equal(lq, np.asarray(lr)[top:top + CROP, left:left + CROP], err_msg=name)
+        np.testing.assert_array_equal(lq, np.asarray(lr)[top : top + CROP, left : left + CROP], err_msg=name)
         kinds.append("listed")
     assert 3 <= kinds.count("synthetic") <= 21, kinds
 
@@ -162,19 +177,27 @@ def test_same_seed_same_batches_other_seed_differs(paired_list):
 def test_processes_read_disjoint_rows_of_the_same_global_batches(paired_list, processes, global_batch):
     config = _config("paired_list", paired_list)
     batches = len(SAMPLE_NAMES) // global_batch  # one epoch: every example once
-    shards = [_take(make_train_iterator(config, global_batch_size=global_batch, seed=5, process_index=p,
-                                        process_count=processes), batches) for p in range(processes)]
+    shards = [
+        _take(
+            make_train_iterator(
+                config, global_batch_size=global_batch, seed=5, process_index=p, process_count=processes
+            ),
+            batches,
+        )
+        for p in range(processes)
+    ]
     prompts = [{str(p) for b in shard for p in b["prompt"]} for shard in shards]
     assert sum(map(len, prompts)) == len(set().union(*prompts)) == len(SAMPLE_NAMES)
     # Global batch k is the same examples, crops and flips in the same order whatever the process count: process
     # p holds the rows where parallel.global_batch puts them (the train step's per-row draws follow the rows).
-    single = _take(make_train_iterator(config, global_batch_size=global_batch, seed=5, process_index=0,
-                                       process_count=1), batches)
+    single = _take(
+        make_train_iterator(config, global_batch_size=global_batch, seed=5, process_index=0, process_count=1), batches
+    )
     rows = global_batch // processes
     for k in range(batches):
         for p in range(processes):
             for key in ("hq", "lq", "prompt"):
-                np.testing.assert_array_equal(shards[p][k][key], single[k][key][p * rows:(p + 1) * rows])
+                np.testing.assert_array_equal(shards[p][k][key], single[k][key][p * rows : (p + 1) * rows])
 
 
 def test_resume_from_state_gives_the_same_batches(hr_folder):
@@ -215,17 +238,16 @@ def test_list_prompts_relative_paths_and_malformed_lines(tmp_path, caplog):
     folder = tmp_path / "data"
     write_sample_images(str(folder / "img"), ["astronaut", "coffee"], SIZE)
     (folder / "list.txt").write_text(
-        "img/astronaut.png   img/coffee.png  a  \"red\"   cat \n"
-        "\n"
-        "img/coffee.png img/astronaut.png\n"
-        "img/coffee.png\n")
+        'img/astronaut.png   img/coffee.png  a  "red"   cat \n\nimg/coffee.png img/astronaut.png\nimg/coffee.png\n'
+    )
     with caplog.at_level(logging.WARNING):
         source = PairedListSource(str(folder / "list.txt"))
     assert [r.prompt for r in source.records] == ['a "red" cat', ""]
     assert source.records[0].hr == os.path.join(str(folder), "img/astronaut.png")
     assert source.records[0].lr == os.path.join(str(folder), "img/coffee.png")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{folder / 'list.txt'}:4: skipping line with fewer than 2 fields (HR_path LR_path prompt...)"]
+        f"{folder / 'list.txt'}:4: skipping line with fewer than 2 fields (HR_path LR_path prompt...)"
+    ]
 
 
 def test_captions_file_gives_folder_prompts(tmp_path, caplog):
@@ -235,7 +257,9 @@ def test_captions_file_gives_folder_prompts(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         source = HRFolderSource(str(tmp_path / "hr"), str(captions))
     assert [(os.path.basename(r.hr), r.lr, r.prompt) for r in source.records] == [
-        ("astronaut.png", None, "a photo of an astronaut"), ("coffee.png", None, "")]
+        ("astronaut.png", None, "a photo of an astronaut"),
+        ("coffee.png", None, ""),
+    ]
     assert [r.getMessage() for r in caplog.records] == [f"{captions}:2: skipping caption line without a TAB"]
 
 
@@ -246,13 +270,18 @@ def _write_corrupt_files(folder) -> dict[str, str]:
     with open(full, "rb") as f:
         data = f.read()
     os.remove(full)
-    bad = {"truncated.png": data[:len(data) // 2], "empty.png": b"", "text.jpg": b"just some text\n"}
+    bad = {"truncated.png": data[: len(data) // 2], "empty.png": b"", "text.jpg": b"just some text\n"}
     for name, content in bad.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(content)
-    return {os.path.join(folder, name): reason for name, reason in
-            [("truncated.png", "image file is truncated"), ("empty.png", "empty file"),
-             ("text.jpg", "not a recognised image format")]}
+    return {
+        os.path.join(folder, name): reason
+        for name, reason in [
+            ("truncated.png", "image file is truncated"),
+            ("empty.png", "empty file"),
+            ("text.jpg", "not a recognised image format"),
+        ]
+    }
 
 
 def test_corrupt_files_are_skipped_with_one_log_line_each(tmp_path, caplog):
@@ -261,8 +290,13 @@ def test_corrupt_files_are_skipped_with_one_log_line_each(tmp_path, caplog):
     captions = tmp_path / "captions.tsv"
     captions.write_text("".join(f"{n}\t{n}\n" for n in os.listdir(tmp_path) if n.endswith(("png", "jpg"))))
     with caplog.at_level(logging.WARNING):
-        iterator = make_train_iterator(_config("hr_folder", str(tmp_path), captions=str(captions)),
-                                       global_batch_size=3, seed=0, process_index=0, process_count=1)
+        iterator = make_train_iterator(
+            _config("hr_folder", str(tmp_path), captions=str(captions)),
+            global_batch_size=3,
+            seed=0,
+            process_index=0,
+            process_count=1,
+        )
         prompts = [str(p) for b in _take(iterator, 4) for p in b["prompt"]]  # four epochs of the readable three
     assert sorted(prompts) == sorted(["astronaut.png", "coffee.png", "chelsea.png"] * 4)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("tadsr_jax")]
@@ -300,22 +334,26 @@ def test_tokenize_replaces_prompts_by_input_ids(paired_list):
         next(broken)
 
 
-@pytest.mark.parametrize("overrides, kwargs, message", [
-    ({}, {"global_batch_size": 6, "process_count": 4}, "global batch size 6 is not a positive multiple"),
-    ({}, {"process_index": 2, "process_count": 2}, r"process_index 2 is not in \[0, 2\)"),
-    ({"source": "nope"}, {}, "data.source must be one of"),
-    ({"source": "mixture"}, {}, "data.source is 'mixture' but data.mixture is empty"),
-    ({"degradation": "jpeg"}, {}, r"data.degradation must be one of \('realesrgan', 'bicubic'\)"),
-    ({"crop_size": 30}, {}, r"data.crop_size \(30\) must be a positive multiple of data.scale \(4\)"),
-    ({"synthetic_prob": 1.5}, {}, r"data.synthetic_prob must be in \[0, 1\]"),
-    ({"path": ""}, {}, "data.path is empty"),
-])
+@pytest.mark.parametrize(
+    "overrides, kwargs, message",
+    [
+        ({}, {"global_batch_size": 6, "process_count": 4}, "global batch size 6 is not a positive multiple"),
+        ({}, {"process_index": 2, "process_count": 2}, r"process_index 2 is not in \[0, 2\)"),
+        ({"source": "nope"}, {}, "data.source must be one of"),
+        ({"source": "mixture"}, {}, "data.source is 'mixture' but data.mixture is empty"),
+        ({"degradation": "jpeg"}, {}, r"data.degradation must be one of \('realesrgan', 'bicubic'\)"),
+        ({"crop_size": 30}, {}, r"data.crop_size \(30\) must be a positive multiple of data.scale \(4\)"),
+        ({"synthetic_prob": 1.5}, {}, r"data.synthetic_prob must be in \[0, 1\]"),
+        ({"path": ""}, {}, "data.path is empty"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(paired_list, overrides, kwargs, message):
     config = _config("paired_list", paired_list)
     config.update(overrides)
     with pytest.raises(ValueError, match=message):
-        make_train_iterator(config, **{"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1,
-                                       **kwargs})
+        make_train_iterator(
+            config, **{"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1, **kwargs}
+        )
 
 
 def test_read_rgb_converts_modes(tmp_path):
@@ -348,8 +386,9 @@ def test_a_set_that_mostly_fails_to_decode_raises_instead_of_spinning(tmp_path):
     for path in bad:
         if not path.endswith("truncated.png"):
             os.remove(path)
-    iterator = make_train_iterator(_config("hr_folder", str(tmp_path)), global_batch_size=2, seed=0,
-                                   process_index=0, process_count=1)
+    iterator = make_train_iterator(
+        _config("hr_folder", str(tmp_path)), global_batch_size=2, seed=0, process_index=0, process_count=1
+    )
     with pytest.raises(ValueError, match=r"skipped 100.00 % of the last seen 1000 elements"):
         next(iterator)
 
@@ -374,8 +413,9 @@ def test_tfds_source_by_name_with_prompts_and_synthetic_lr():
         images = [source[i]["image"] for i in range(len(source))]
         names = [source[i]["file_name"] for i in range(len(source))]
         config = _config("tfds", "oxford_flowers102", split="train", prompt_key="file_name")
-        examples = _examples(_take(make_train_iterator(config, global_batch_size=3, seed=0, process_index=0,
-                                                       process_count=1), 4))
+        examples = _examples(
+            _take(make_train_iterator(config, global_batch_size=3, seed=0, process_index=0, process_count=1), 4)
+        )
     found = set()
     for ex in examples:
         hq = _to_uint8(ex["hq"])
@@ -390,26 +430,34 @@ def test_tfds_paired_features_use_the_lanczos_resized_lr():
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         source = tfds.data_source("div2k/bicubic_x4", split="validation")
         pairs = [(source[i]["hr"], source[i]["lr"]) for i in range(len(source))]
-        config = _config("tfds", "div2k/bicubic_x4", split="validation", image_key="hr", lr_key="lr",
-                         synthetic_prob=0.0)
-        examples = _examples(_take(make_train_iterator(config, global_batch_size=2, seed=3, process_index=0,
-                                                       process_count=1), 2))
+        config = _config(
+            "tfds", "div2k/bicubic_x4", split="validation", image_key="hr", lr_key="lr", synthetic_prob=0.0
+        )
+        examples = _examples(
+            _take(make_train_iterator(config, global_batch_size=2, seed=3, process_index=0, process_count=1), 2)
+        )
     for ex in examples:
         hq = _to_uint8(ex["hq"])
         hr, lr = pairs[_find_in_any(hq, [p[0] for p in pairs])]
         covered_hr = np.asarray(_covering(Image.fromarray(hr)))
         top, left, flipped = _find_window(hq, covered_hr)
         covered_lr = _covering(Image.fromarray(lr).resize(Image.fromarray(hr).size, Image.LANCZOS))
-        expected = np.asarray(covered_lr)[top:top + CROP, left:left + CROP]
+        expected = np.asarray(covered_lr)[top : top + CROP, left : left + CROP]
         np.testing.assert_array_equal(_to_uint8(ex["lq"]), expected[:, ::-1] if flipped else expected)
         assert str(ex["prompt"]) == ""
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"image_key": "picture"}, r"tfds dataset oxford_flowers102:train has no feature 'picture' \(image_key\); "
-                               r"it has \['file_name', 'image', 'label'\]"),
-    ({"path": "no_such_dataset_xyz"}, "tfds dataset no_such_dataset_xyz:train cannot be read"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"image_key": "picture"},
+            r"tfds dataset oxford_flowers102:train has no feature 'picture' \(image_key\); "
+            r"it has \['file_name', 'image', 'label'\]",
+        ),
+        ({"path": "no_such_dataset_xyz"}, "tfds dataset no_such_dataset_xyz:train cannot be read"),
+    ],
+)
 def test_tfds_errors_are_one_line(overrides, message):
     with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
         config = _config("tfds", "oxford_flowers102")
@@ -451,10 +499,14 @@ def test_realesrgan_lr_is_degraded_and_deterministic(hr_folder):
         hq = (ex["hq"] + 1) * 127.5
         lq = (ex["lq"] + 1) * 127.5
         assert lq.shape == hq.shape == (64, 64, 3)
-        bicubic = np.asarray(Image.fromarray(np.rint(hq).astype(np.uint8)).resize((16, 16), Image.BICUBIC)
-                             .resize((64, 64), Image.BICUBIC), np.float32)
+        bicubic = np.asarray(
+            Image.fromarray(np.rint(hq).astype(np.uint8))
+            .resize((16, 16), Image.BICUBIC)
+            .resize((64, 64), Image.BICUBIC),
+            np.float32,
+        )
         assert not np.array_equal(np.rint(lq), bicubic)
-        psnrs.append(10 * np.log10(255.0 ** 2 / np.mean((lq - hq) ** 2)))
+        psnrs.append(10 * np.log10(255.0**2 / np.mean((lq - hq) ** 2)))
     assert 10 < np.median(psnrs) < 35, psnrs
 
 
@@ -482,7 +534,7 @@ def test_data_scale_reaches_the_realesrgan_degradation(hr_folder):
     def expected(scale: int) -> np.ndarray:
         rng = np.random.default_rng(5)
         left, top = (int(rng.integers(0, SIZE - CROP + 1)) for _ in range(2))
-        hr = np.asarray(read_rgb(path))[top:top + CROP, left:left + CROP]
+        hr = np.asarray(read_rgb(path))[top : top + CROP, left : left + CROP]
         np.testing.assert_array_equal(hr, _to_uint8(example["hq"]))
         return RealESRGANDegradation(config.realesrgan, scale)(hr, rng)
 

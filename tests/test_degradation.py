@@ -57,8 +57,11 @@ def torch_kernel(kind: str, size: int, sx: float, sy: float | None, theta: float
     u = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
     cov = u @ torch.diag(torch.tensor([sx**2, sy**2], dtype=torch.float64)) @ u.T
     q = ((v @ torch.linalg.inv(cov)) * v).sum(-1)
-    k = {"gaussian": lambda: torch.exp(-0.5 * q), "generalized": lambda: torch.exp(-0.5 * q**beta),
-         "plateau": lambda: 1 / (q**beta + 1)}[kind]()
+    k = {
+        "gaussian": lambda: torch.exp(-0.5 * q),
+        "generalized": lambda: torch.exp(-0.5 * q**beta),
+        "plateau": lambda: 1 / (q**beta + 1),
+    }[kind]()
     return (k / k.sum()).numpy()
 
 
@@ -120,7 +123,7 @@ def test_sinc_kernel_matches_the_bessel_formula(cutoff, size):
     padded = deg.circular_lowpass_kernel(cutoff, size, pad_to=21)
     pad = (21 - size) // 2
     assert padded.shape == (21, 21)
-    np.testing.assert_array_equal(padded[pad:pad + size, pad:pad + size], ours)
+    np.testing.assert_array_equal(padded[pad : pad + size, pad : pad + size], ours)
     assert np.count_nonzero(padded) == np.count_nonzero(ours)
 
 
@@ -146,8 +149,9 @@ def test_mixed_kernel_types_follow_kernel_prob():
     asymmetric = {name: 0 for name in names if name.endswith("aniso")}
     n = 4000
     for _ in range(n):
-        name, k = deg.random_mixed_kernel(rng, CONFIG.kernel_list, CONFIG.kernel_prob, 21, CONFIG.blur_sigma,
-                                          CONFIG.betag_range, CONFIG.betap_range)
+        name, k = deg.random_mixed_kernel(
+            rng, CONFIG.kernel_list, CONFIG.kernel_prob, 21, CONFIG.blur_sigma, CONFIG.betag_range, CONFIG.betap_range
+        )
         counts[name] += 1
         assert k.shape == (21, 21) and abs(k.sum() - 1) < 1e-12 and k.min() >= 0
         if name.endswith("aniso"):
@@ -173,9 +177,16 @@ def test_blur_kernels_have_odd_sizes_7_to_21_and_the_sinc_rate():
     n = 3000
     sizes, sincs = [], 0
     for _ in range(n):
-        name, k = deg.random_blur_kernel(rng, CONFIG.blur_kernel_size, CONFIG.sinc_prob, CONFIG.kernel_list,
-                                         CONFIG.kernel_prob, CONFIG.blur_sigma, CONFIG.betag_range,
-                                         CONFIG.betap_range)
+        name, k = deg.random_blur_kernel(
+            rng,
+            CONFIG.blur_kernel_size,
+            CONFIG.sinc_prob,
+            CONFIG.kernel_list,
+            CONFIG.kernel_prob,
+            CONFIG.blur_sigma,
+            CONFIG.betag_range,
+            CONFIG.betap_range,
+        )
         assert k.shape[0] == k.shape[1] and abs(k.sum() - 1) < 1e-12
         sizes.append(k.shape[0])
         sincs += name == "sinc"
@@ -202,8 +213,16 @@ def test_sinc_cutoffs_follow_the_kernel_size_rule():
     assert sinc_cutoff(deg.circular_lowpass_kernel(1.234, 15)) == pytest.approx(1.234, abs=1e-9)
     small, large = [], []
     for _ in range(600):
-        name, k = deg.random_blur_kernel(rng, 21, 1.0, CONFIG.kernel_list, CONFIG.kernel_prob, CONFIG.blur_sigma,
-                                         CONFIG.betag_range, CONFIG.betap_range)
+        name, k = deg.random_blur_kernel(
+            rng,
+            21,
+            1.0,
+            CONFIG.kernel_list,
+            CONFIG.kernel_prob,
+            CONFIG.blur_sigma,
+            CONFIG.betag_range,
+            CONFIG.betap_range,
+        )
         assert name == "sinc"
         (small if k.shape[0] < 13 else large).append(sinc_cutoff(k))
     small, large = np.array(small), np.array(large)
@@ -232,9 +251,13 @@ def filter_cases() -> list[np.ndarray]:
     asym = [rng.random((size, size)) for size in (5, 11, 21)]  # 11: one direct pass; 21: bands of rows
     low_rank = sum(np.outer(rng.random(15), rng.random(15)) for _ in range(2))  # two separable terms
     narrow = deg.gaussian_kernel(21, 0.9, 0.3, 0.5)  # mostly negligible taps
-    return [k / k.sum() for k in asym] + [low_rank / low_rank.sum(), deg.gaussian_kernel(21, 2.5), narrow,
-                                          deg.gaussian_kernel(17, 2.5, 0.8, 0.7),
-                                          deg.circular_lowpass_kernel(math.pi / 4, 19)]
+    return [k / k.sum() for k in asym] + [
+        low_rank / low_rank.sum(),
+        deg.gaussian_kernel(21, 2.5),
+        narrow,
+        deg.gaussian_kernel(17, 2.5, 0.8, 0.7),
+        deg.circular_lowpass_kernel(math.pi / 4, 19),
+    ]
 
 
 @pytest.mark.parametrize("kernel", filter_cases(), ids=lambda k: f"{k.shape[0]}")
@@ -252,12 +275,21 @@ def test_filter2d_on_an_image_smaller_than_the_kernel(separable):
     img = rng.random((6, 9, 3)).astype(np.float32)
     kernel = deg.gaussian_kernel(21, 2.5) if separable else rng.random((21, 21)) / 220
     padded = np.pad(img.astype(np.float64), ((10, 10), (10, 10), (0, 0)), mode="reflect")
-    theirs = sum(kernel[i, j] * padded[i:i + 6, j:j + 9] for i in range(21) for j in range(21))
+    theirs = sum(kernel[i, j] * padded[i : i + 6, j : j + 9] for i in range(21) for j in range(21))
     np.testing.assert_allclose(deg.filter2d(img, kernel), theirs, rtol=0, atol=1e-5)  # measured 1.4e-7: 70x
 
 
-@pytest.mark.parametrize("size,mode", [((80, 64), "area"), ((160, 128), "area"), ((123, 201), "bilinear"),
-                                       ((500, 300), "bilinear"), ((123, 201), "bicubic"), ((500, 300), "bicubic")])
+@pytest.mark.parametrize(
+    "size,mode",
+    [
+        ((80, 64), "area"),
+        ((160, 128), "area"),
+        ((123, 201), "bilinear"),
+        ((500, 300), "bilinear"),
+        ((123, 201), "bicubic"),
+        ((500, 300), "bicubic"),
+    ],
+)
 def test_resize_matches_torch_interpolate(image, size, mode):
     kwargs = {} if mode == "area" else {"align_corners": False}
     theirs = from_torch(F.interpolate(to_torch(image), size=size, mode=mode, **kwargs))
@@ -316,7 +348,7 @@ def test_poisson_counts_follow_the_poisson_law(level, vals):
     counts = deg.poisson_counts(np.random.default_rng(level), np.full(200_000, level, np.uint8), vals)
     xs = np.arange(int(lam + 8 * math.sqrt(lam) + 10))
     expected = scipy.stats.poisson.pmf(xs, lam) * counts.size
-    observed = np.bincount(counts, minlength=xs.size)[:xs.size]
+    observed = np.bincount(counts, minlength=xs.size)[: xs.size]
     keep = expected >= 5
     # Pool the tails so that observed and expected have the same total.
     observed = np.append(observed[keep], counts.size - observed[keep].sum())
@@ -487,19 +519,22 @@ def test_last_jpeg_comes_after_or_before_the_last_resize_half_the_time(astronaut
     assert 4 <= sum(r > 1.18 for r in ratios) <= 20, np.round(ratios, 2)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("resize_prob", (0.5, 0.5, 0.5)),
-    ("resize_range2", (1.2, 0.3)),
-    ("noise_range", (30.0, 1.0)),
-    ("gray_noise_prob2", 1.4),
-    ("jpeg_range", (0, 101)),
-    ("kernel_list", ("iso", "box", "aniso", "generalized_iso", "plateau_iso", "plateau_aniso")),
-    ("kernel_prob2", (0.5, 0.5)),
-    ("blur_kernel_size", 20),
-    ("betag_range", (1.5, 4.0)),
-    ("blur_sigma2", (-1.0, 1.5)),
-    ("final_sinc_prob", -0.1),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("resize_prob", (0.5, 0.5, 0.5)),
+        ("resize_range2", (1.2, 0.3)),
+        ("noise_range", (30.0, 1.0)),
+        ("gray_noise_prob2", 1.4),
+        ("jpeg_range", (0, 101)),
+        ("kernel_list", ("iso", "box", "aniso", "generalized_iso", "plateau_iso", "plateau_aniso")),
+        ("kernel_prob2", (0.5, 0.5)),
+        ("blur_kernel_size", 20),
+        ("betag_range", (1.5, 4.0)),
+        ("blur_sigma2", (-1.0, 1.5)),
+        ("final_sinc_prob", -0.1),
+    ],
+)
 def test_bad_configs_are_one_line_errors_naming_the_key(key, value):
     c = deg.degradation_config()
     c[key] = value

@@ -16,7 +16,7 @@ from tadsr_jax.weights.loaders import load_schedule
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 LINEAR_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-T = torch.tensor([0, 500, 999])          # per-sample timesteps, both ends included
+T = torch.tensor([0, 500, 999])  # per-sample timesteps, both ends included
 # diffusers accumulates alphas_cumprod in float32: over 1000 products it drifts up to 9.3e-7 (relative) from the
 # float64 product, ours (float64, then rounded) stays within 6e-8. Ours vs diffusers measured 9.5e-7 (SD), 3.8e-7
 # (linear): ~10x below this bound. An off-by-one in the cumprod or a wrong beta schedule errs by >= 1e-3.
@@ -46,8 +46,11 @@ def test_stable_diffusion_schedule_matches_diffusers():
     assert _max_rel(ours.alphas_cumprod, theirs) <= SCHEDULE_TOL
 
 
-@pytest.mark.parametrize("config", [SD_CONFIG, LINEAR_CONFIG, dict(LINEAR_CONFIG, num_train_timesteps=500)],
-                         ids=["scaled_linear", "linear", "linear_500"])
+@pytest.mark.parametrize(
+    "config",
+    [SD_CONFIG, LINEAR_CONFIG, dict(LINEAR_CONFIG, num_train_timesteps=500)],
+    ids=["scaled_linear", "linear", "linear_500"],
+)
 def test_from_config_matches_diffusers(config):
     ours = NoiseSchedule.from_config(dict(config, prediction_type="epsilon", steps_offset=1))  # extra keys ignored
     theirs = DDPMScheduler(**config).alphas_cumprod.numpy()
@@ -64,9 +67,10 @@ def test_add_noise_matches_diffusers_per_sample():
     x0, noise = _latents(0), _latents(1)
     theirs = scheduler.add_noise(x0, noise, T).numpy()
     ours = NoiseSchedule.stable_diffusion().add_noise(
-        jnp.asarray(nchw_to_nhwc(x0)), jnp.asarray(nchw_to_nhwc(noise)), jnp.asarray(T.numpy()))
+        jnp.asarray(nchw_to_nhwc(x0)), jnp.asarray(nchw_to_nhwc(noise)), jnp.asarray(T.numpy())
+    )
     assert rel_err(nhwc_to_nchw(ours), theirs) <= ADD_NOISE_TOL
-    for i in range(len(T)):   # each sample uses its own timestep: t=0 is almost x0, t=999 almost noise
+    for i in range(len(T)):  # each sample uses its own timestep: t=0 is almost x0, t=999 almost noise
         assert rel_err(nhwc_to_nchw(ours)[i], theirs[i]) <= ADD_NOISE_TOL
 
 
@@ -92,7 +96,8 @@ def test_student_x0_matches_torch():
     a = DDPMScheduler(**SD_CONFIG).alphas_cumprod[t].view(-1, 1, 1, 1)
     theirs = (z_lq / a.sqrt() - residual).numpy()
     ours = NoiseSchedule.stable_diffusion().student_x0(
-        jnp.asarray(nchw_to_nhwc(z_lq)), jnp.asarray(nchw_to_nhwc(residual)), jnp.asarray(t.numpy()))
+        jnp.asarray(nchw_to_nhwc(z_lq)), jnp.asarray(nchw_to_nhwc(residual)), jnp.asarray(t.numpy())
+    )
     for i in range(len(t)):
         assert rel_err(nhwc_to_nchw(ours)[i], theirs[i]) <= X0_TOL, int(t[i])
 

@@ -94,14 +94,19 @@ def torch_dists():
 def weight_files(torch_dists, tmp_path_factory):
     """A torchvision-style vgg16.pth, a DISTS_pytorch-style weights.pt and their conversion."""
     folder = tmp_path_factory.mktemp("dists")
-    features = {f"features.{k}": v.clone() for stage in torch_dists.stages for k, v in stage.state_dict().items()
-                if not k.endswith("filter")}
+    features = {
+        f"features.{k}": v.clone()
+        for stage in torch_dists.stages
+        for k, v in stage.state_dict().items()
+        if not k.endswith("filter")
+    }
     assert sorted({int(k.split(".")[1]) for k in features}) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
     features["classifier.0.weight"] = torch.zeros(8, 4)  # torchvision's classifier must be dropped
     paths = {name: str(folder / name) for name in ("vgg16.pth", "weights.pt", "dists.safetensors")}
     torch.save(features, paths["vgg16.pth"])
-    torch.save({"alpha": torch_dists.alpha.detach().clone(), "beta": torch_dists.beta.detach().clone()},
-               paths["weights.pt"])
+    torch.save(
+        {"alpha": torch_dists.alpha.detach().clone(), "beta": torch_dists.beta.detach().clone()}, paths["weights.pt"]
+    )
     convert_dists_weights(paths["vgg16.pth"], paths["weights.pt"], paths["dists.safetensors"])
     return paths
 
@@ -130,7 +135,7 @@ def _image_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
 
     def crop(image, top, left, h, w):
-        return image[top:top + h, left:left + w].astype(np.float32) / 255
+        return image[top : top + h, left : left + w].astype(np.float32) / 255
 
     astronaut, coffee, chelsea = data.astronaut(), data.coffee(), data.chelsea()
     a, c, k = crop(astronaut, 100, 180, 64, 64), crop(coffee, 150, 250, 64, 64), crop(chelsea, 100, 150, 64, 64)
@@ -197,16 +202,19 @@ def test_conversion_errors_are_one_line(weight_files, tmp_path):
     _one_line_error(lambda: convert_dists_weights(str(tmp_path / "nope.pth"), weights, out), "nope.pth")
     _one_line_error(lambda: convert_dists_weights(vgg, str(tmp_path / "nope.pt"), out), "nope.pt")
     alpha = torch.load(weights, weights_only=True)["alpha"]
-    cases = {"no_beta.pt": ({"alpha": alpha}, ("'beta'",)),
-             "flat.pt": ({"alpha": alpha.reshape(-1), "beta": alpha}, ("'alpha'", "(1475,)")),
-             "extra.pt": ({"alpha": alpha, "beta": alpha, "gamma": alpha}, ("'gamma'",))}
+    cases = {
+        "no_beta.pt": ({"alpha": alpha}, ("'beta'",)),
+        "flat.pt": ({"alpha": alpha.reshape(-1), "beta": alpha}, ("'alpha'", "(1475,)")),
+        "extra.pt": ({"alpha": alpha, "beta": alpha, "gamma": alpha}, ("'gamma'",)),
+    }
     for name, (state, fragments) in cases.items():
         torch.save(state, tmp_path / name)
         _one_line_error(lambda name=name: convert_dists_weights(vgg, str(tmp_path / name), out), name, *fragments)
     truncated = {k: v for k, v in torch.load(vgg, weights_only=True).items() if k != "features.28.bias"}
     torch.save(truncated, tmp_path / "vgg_truncated.pth")
-    _one_line_error(lambda: convert_dists_weights(str(tmp_path / "vgg_truncated.pth"), weights, out),
-                    "'features.28.bias'")
+    _one_line_error(
+        lambda: convert_dists_weights(str(tmp_path / "vgg_truncated.pth"), weights, out), "'features.28.bias'"
+    )
     assert not (tmp_path / "out.safetensors").exists()
 
 

@@ -106,28 +106,40 @@ def test_scorer_errors():
     assert str(error.value) == f"unknown metric(s) foo, lpipz; known: {KNOWN}"
     with pytest.raises(ValueError, match=r"lpips needs its weights: --lpips=FILE"):
         evaluation.Scorer(["lpips"])
-    with pytest.raises(ValueError, match=r"lpips_alex needs its weights: --lpips_alex=FILE \(made by "
-                                         r"launch/convert.py --what=lpips_alex\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"lpips_alex needs its weights: --lpips_alex=FILE \(made by "
+        r"launch/convert.py --what=lpips_alex\)",
+    ):
         evaluation.Scorer(["lpips_alex"])
 
 
 def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is not None,
-                    reason="pyiqa is installed: its absence cannot be seen for real here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyiqa") is not None, reason="pyiqa is installed: its absence cannot be seen for real here"
+)
 def test_launcher_unknown_metric_and_fid_without_pyiqa_are_one_line(folders):
     """Both refused before anything is scored, exit 2, one line; pyiqa is really absent from this environment."""
     sr, hr = folders
     unknown = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,foo")
     assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
-        f"evaluate: error: unknown metric(s) foo; known: {KNOWN}"], unknown.stderr[-2000:]
+        f"evaluate: error: unknown metric(s) foo; known: {KNOWN}"
+    ], unknown.stderr[-2000:]
     fid = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,fid")
     assert fid.returncode == 2 and fid.stderr.splitlines() == [
         "evaluate: error: fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
-        "pip install pyiqa==0.1.10 torch==2.13.0"], fid.stderr[-2000:]
+        "pip install pyiqa==0.1.10 torch==2.13.0"
+    ], fid.stderr[-2000:]
 
 
 def test_fid_and_qalign_plumbing_with_a_stand_in_pyiqa(folders, tmp_path, monkeypatch):
@@ -170,17 +182,23 @@ def test_fid_and_qalign_plumbing_with_a_stand_in_pyiqa(folders, tmp_path, monkey
     means = comparison.means()
     assert means["a"]["fid"] == 10.0 and means["b"]["fid"] == 20.0 and list(means["a"]) == ["psnr", "fid", "qalign"]
     astronaut = np.asarray(Image.open(sr / "astronaut.jpg").convert("RGB"))[8:40, 8:40].astype(np.float32) / 255
-    np.testing.assert_allclose(comparison.columns["a"].per_image["astronaut"]["qalign"],
-                               astronaut.mean() * 4 + 1, rtol=1e-6)
+    np.testing.assert_allclose(
+        comparison.columns["a"].per_image["astronaut"]["qalign"], astronaut.mean() * 4 + 1, rtol=1e-6
+    )
     assert comparison.to_json()["b"]["mean"]["fid"] == 20.0
     table = evaluation.markdown_table("Samples", means, {"a": 3, "b": 3}).splitlines()
     assert "|  | FID↓ | **10.00** | 20.00 |" in table and any(row.startswith("|  | Q-Align↑ |") for row in table)
 
 
 def test_markdown_table_has_the_paper_layout():
-    table = evaluation.markdown_table("RealSR", {"ours": {"psnr": 25.16612, "ssim": 0.715, "lpips": 0.31684},
-                                                 "other": {"psnr": 25.5, "ssim": 0.7, "lpips": 0.3}},
-                                      {"ours": 100, "other": 100})
+    table = evaluation.markdown_table(
+        "RealSR",
+        {
+            "ours": {"psnr": 25.16612, "ssim": 0.715, "lpips": 0.31684},
+            "other": {"psnr": 25.5, "ssim": 0.7, "lpips": 0.3},
+        },
+        {"ours": 100, "other": 100},
+    )
     assert table.splitlines() == [
         "| Dataset | Metric | ours | other |",
         "|---|---|---|---|",
@@ -201,8 +219,14 @@ def test_sweep_plot_writes_a_png(tmp_path):
 def test_launcher_end_to_end(folders, tmp_path):
     sr, hr = folders
     out = tmp_path / "report"
-    cmd = [sys.executable, os.path.join(REPO, "launch", "evaluate.py"), f"--sr={sr}", f"--hr={hr}",
-           f"--output={out}", "--dataset=Samples"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "evaluate.py"),
+        f"--sr={sr}",
+        f"--hr={hr}",
+        f"--output={out}",
+        "--dataset=Samples",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert run.returncode == 1, run.stderr[-2000:]  # two files failed
     stderr = run.stderr.splitlines()
@@ -214,8 +238,9 @@ def test_launcher_end_to_end(folders, tmp_path):
     assert summary == {**report["sr"]["mean"], "images": 4, "failed": 2}
     assert set(summary) == {"psnr", "ssim", "images", "failed"}
     assert (out / "metrics.md").read_text().startswith("| Dataset | Metric | sr |\n|---|---|---|\n| Samples | PSNR↑ |")
-    bad = subprocess.run(cmd[:-1] + ["--metrics=psnr,lpips"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                         check=False)
+    bad = subprocess.run(
+        cmd[:-1] + ["--metrics=psnr,lpips"], capture_output=True, text=True, cwd=REPO, timeout=300, check=False
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: lpips needs")
 
 
@@ -235,8 +260,13 @@ def test_launcher_lpips_alex_is_the_papers_lpips_row(folders, tmp_path):
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(summary) == {"psnr", "ssim", "lpips_alex", "images", "failed"}
     model = load_lpips(weights, net="alex")
-    pairs = [[np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255 for path in (sr / f"{n}.jpg",
-              hr / f"{n}.png")] for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    pairs = [
+        [
+            np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255
+            for path in (sr / f"{n}.jpg", hr / f"{n}.png")
+        ]
+        for n in ("astronaut", "chelsea", "coffee", "rocket")
+    ]
     expected = np.mean([float(metrics.lpips_distance(model, a, b)[0]) for a, b in pairs])
     np.testing.assert_allclose(summary["lpips_alex"], expected, rtol=1e-5)  # batched vs one by one, float32
     table = (out / "metrics.md").read_text().splitlines()
@@ -254,23 +284,39 @@ def test_columns_of_different_coverage_are_compared_on_the_images_scored_in_all(
             (folder / f"{name}.jpg").write_bytes((sr / f"{name}.jpg").read_bytes())
     (b / "coffee.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = tmp_path / "report"
-    run = subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), f"--sr={a},{b}", f"--hr={hr}",
-                          f"--output={out}", "--metrics=psnr", "--dataset=Samples"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "evaluate.py"),
+            f"--sr={a},{b}",
+            f"--hr={hr}",
+            f"--output={out}",
+            "--metrics=psnr",
+            "--dataset=Samples",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 1, run.stderr[-2000:]  # b's coffee failed
     stderr = run.stderr.splitlines()
     assert "left out: a: 2 image(s) not scored in every column: chelsea, coffee" in stderr
     assert "left out: b: 2 image(s) not scored in every column: coffee, rocket" in stderr
     report = json.loads((out / "metrics.json").read_text())
-    astronaut = [np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255
-                 for path in (a / "astronaut.jpg", hr / "astronaut.png")]
+    astronaut = [
+        np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255
+        for path in (a / "astronaut.jpg", hr / "astronaut.png")
+    ]
     expected = float(metrics.psnr_y(*astronaut)[0])
     for label, left_out in (("a", ["chelsea", "coffee"]), ("b", ["coffee", "rocket"])):
         assert report[label]["images"] == 1 and report[label]["left_out"] == left_out
         np.testing.assert_allclose(report[label]["mean"]["psnr"], expected, rtol=1e-6)
     assert sorted(report["a"]["per_image"]) == ["astronaut", "coffee"]  # coffee: scored in a, not in its mean
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {
-        label: {**report[label]["mean"], "images": 1} for label in ("a", "b")}
+        label: {**report[label]["mean"], "images": 1} for label in ("a", "b")
+    }
     assert (out / "metrics.md").read_text().splitlines()[-1] == "|  | Images | 1 | 1 |"
 
 

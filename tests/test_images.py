@@ -37,8 +37,9 @@ def _write_16_bit_png(path, samples: np.ndarray) -> str:
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+        )
     return str(path)
 
 
@@ -46,7 +47,7 @@ def _cut_in_half(path: str) -> str:
     with open(path, "rb") as f:
         content = f.read()
     with open(path, "wb") as f:
-        f.write(content[:len(content) // 2])
+        f.write(content[: len(content) // 2])
     return path
 
 
@@ -101,9 +102,21 @@ def _missing_file(folder):
     return str(folder / "missing.png"), "No such file or directory"
 
 
-@pytest.mark.parametrize("make_bad_input", [
-    _empty_file, _text_file, _truncated_png, _truncated_jpeg, _corrupt_png, _one_pixel, _float_tiff,
-    _int32_tiff_beyond_16_bits, _directory, _missing_file])
+@pytest.mark.parametrize(
+    "make_bad_input",
+    [
+        _empty_file,
+        _text_file,
+        _truncated_png,
+        _truncated_jpeg,
+        _corrupt_png,
+        _one_pixel,
+        _float_tiff,
+        _int32_tiff_beyond_16_bits,
+        _directory,
+        _missing_file,
+    ],
+)
 def test_bad_input_gets_one_line_naming_file_and_problem(tmp_path, make_bad_input):
     path, problem = make_bad_input(tmp_path)
     with pytest.raises(ImageError) as error:
@@ -118,6 +131,7 @@ def test_unreadable_file_reports_permission_denied(tmp_path, monkeypatch):
     path = _save(PHOTO, tmp_path / "secret.png")
     os.chmod(path, 0)
     if os.geteuid() == 0:  # root reads any file: have the open fail as it does for other users
+
         def denied(fp, *args, **kwargs):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fp))
 
@@ -141,10 +155,10 @@ def test_too_large_is_refused_from_header_without_decoding(tmp_path, monkeypatch
     assert str(error.value) == f"{path}: too large: 100x100 pixels (limit 1000)"
 
 
-@pytest.mark.parametrize("pillow_limit, bomb_warnings", [(1000, "default"), (6000, "error")],
-                         ids=["bomb_error", "bomb_warning_as_error"])
-def test_pillow_decompression_bomb_limit_is_reported_as_too_large(tmp_path, monkeypatch, pillow_limit,
-                                                                  bomb_warnings):
+@pytest.mark.parametrize(
+    "pillow_limit, bomb_warnings", [(1000, "default"), (6000, "error")], ids=["bomb_error", "bomb_warning_as_error"]
+)
+def test_pillow_decompression_bomb_limit_is_reported_as_too_large(tmp_path, monkeypatch, pillow_limit, bomb_warnings):
     path = _save(np.zeros((100, 100, 3), np.uint8), tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
     with warnings.catch_warnings(), pytest.raises(ImageError) as error:
@@ -162,13 +176,19 @@ def test_valid_rgb_png_round_trips_without_notes(tmp_path):
     np.testing.assert_array_equal(image.pixels, PHOTO)
 
 
-@pytest.mark.parametrize("write", [
-    lambda path, samples: _save(samples, path.with_suffix(".png")),  # Pillow keeps uint16 as mode I;16
-    lambda path, samples: tifffile.imwrite(path.with_suffix(".tif"), samples, byteorder=">")
-    or str(path.with_suffix(".tif")),  # mode I;16B
-    lambda path, samples: tifffile.imwrite(path.with_suffix(".tif"), samples.astype(np.int32))
-    or str(path.with_suffix(".tif")),  # mode I
-], ids=["png_I;16", "tiff_I;16B", "tiff_I"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda path, samples: _save(samples, path.with_suffix(".png")),  # Pillow keeps uint16 as mode I;16
+        lambda path, samples: (
+            tifffile.imwrite(path.with_suffix(".tif"), samples, byteorder=">") or str(path.with_suffix(".tif"))
+        ),  # mode I;16B
+        lambda path, samples: (
+            tifffile.imwrite(path.with_suffix(".tif"), samples.astype(np.int32)) or str(path.with_suffix(".tif"))
+        ),  # mode I
+    ],
+    ids=["png_I;16", "tiff_I;16B", "tiff_I"],
+)
 def test_16_bit_grayscale_is_rounded_to_8_bits(tmp_path, write):
     path = write(tmp_path / "deep", np.tile(SAMPLES_16, (8, 1)))
     with Image.open(path) as opened:
@@ -179,8 +199,11 @@ def test_16_bit_grayscale_is_rounded_to_8_bits(tmp_path, write):
     assert image.notes == ("16-bit samples reduced to 8 bits", "grayscale converted to RGB")
 
 
-@pytest.mark.parametrize("channels, extension", [(3, "png"), (4, "png"), (2, "png"), (3, "tif")],
-                         ids=["png_rgb", "png_rgba", "png_gray_alpha", "tiff_rgb"])
+@pytest.mark.parametrize(
+    "channels, extension",
+    [(3, "png"), (4, "png"), (2, "png"), (3, "tif")],
+    ids=["png_rgb", "png_rgba", "png_gray_alpha", "tiff_rgb"],
+)
 def test_16_bit_colour_is_reduced_to_its_high_byte_by_pillow(tmp_path, channels, extension):
     samples = np.stack([np.tile(SAMPLES_16, (8, 1))[:, ::step] for step in (1, -1, 1, 1)[:channels]], axis=2)
     path = str(tmp_path / f"deep.{extension}")
@@ -303,17 +326,23 @@ def test_write_png_atomic_failure_leaves_no_partial_file(tmp_path, monkeypatch, 
         assert path.read_bytes() == existing
 
 
-@pytest.mark.parametrize("pixels", [PHOTO.astype(np.float32), PHOTO[..., 0], PHOTO[:, :, [0, 1, 2, 2]],
-                                    PHOTO[:0]], ids=["float32", "gray", "four_channels", "empty"])
+@pytest.mark.parametrize(
+    "pixels",
+    [PHOTO.astype(np.float32), PHOTO[..., 0], PHOTO[:, :, [0, 1, 2, 2]], PHOTO[:0]],
+    ids=["float32", "gray", "four_channels", "empty"],
+)
 def test_write_png_atomic_rejects_wrong_pixels(tmp_path, pixels):
     with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\)"):
         write_png_atomic(str(tmp_path / "out.png"), pixels)
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("input_path, output_dir, suffix, expected", [
-    ("photo.jpg", "out", "", "out/photo.png"),
-    ("/data/scan.v2.TIFF", "/results", "_t200", "/results/scan.v2_t200.png"),
-])
+@pytest.mark.parametrize(
+    "input_path, output_dir, suffix, expected",
+    [
+        ("photo.jpg", "out", "", "out/photo.png"),
+        ("/data/scan.v2.TIFF", "/results", "_t200", "/results/scan.v2_t200.png"),
+    ],
+)
 def test_output_path(input_path, output_dir, suffix, expected):
     assert output_path(input_path, output_dir, suffix) == expected

@@ -68,11 +68,13 @@ def test_no_module_imports_from_a_higher_layer():
 def test_an_upward_import_is_caught(tmp_path):
     (tmp_path / "tadsr_jax" / "models").mkdir(parents=True)
     (tmp_path / "tadsr_jax" / "models" / "unet.py").write_text(
-        "import jax\n\ndef f():\n    from tadsr_jax.train.step import make_model\n")
+        "import jax\n\ndef f():\n    from tadsr_jax.train.step import make_model\n"
+    )
     (tmp_path / "tadsr_jax" / "nn").mkdir()
     (tmp_path / "tadsr_jax" / "nn" / "layers.py").write_text("from tadsr_jax import storage\n")
     assert upward_imports(tmp_path / "tadsr_jax") == [
-        "tadsr_jax/models/unet.py:4: models imports tadsr_jax.train.step from a higher layer"]
+        "tadsr_jax/models/unet.py:4: models imports tadsr_jax.train.step from a higher layer"
+    ]
 
 
 @pytest.mark.parametrize("unit", sorted(RANK))

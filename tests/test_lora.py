@@ -50,8 +50,8 @@ def test_linear_lora_matches_peft_formula():
     with lora.active_adapters(layer, ["default"]):
         ours = run(layer, jnp.asarray(x))
     adapter = layer.lora["default"]
-    w, bias = _t(layer.kernel[...]).T, _t(layer.bias[...])        # (out, in)
-    a, b = _t(adapter.a[...]).T, _t(adapter.b[...]).T              # (r, in), (out, r)
+    w, bias = _t(layer.kernel[...]).T, _t(layer.bias[...])  # (out, in)
+    a, b = _t(adapter.a[...]).T, _t(adapter.b[...]).T  # (r, in), (out, r)
     xt = torch.from_numpy(x)
     ref = F.linear(xt, w, bias) + (ALPHA / RANK) * F.linear(F.linear(xt, a), b)
     assert rel_err(ours, ref.numpy()) <= TOL
@@ -72,9 +72,9 @@ def test_conv_lora_matches_peft_formula(kernel_size, stride, padding):
     with lora.active_adapters(layer, ["default"]):
         ours = run(layer, jnp.asarray(nchw_to_nhwc(x)))
     adapter = layer.lora["default"]
-    w = _t(layer.kernel[...]).permute(3, 2, 0, 1)                   # HWIO -> OIHW
-    a = _t(adapter.a[...]).permute(3, 2, 0, 1)                      # (kh, kw, in, r) -> (r, in, kh, kw)
-    b = _t(adapter.b[...]).T[:, :, None, None]                      # (r, out) -> (out, r, 1, 1)
+    w = _t(layer.kernel[...]).permute(3, 2, 0, 1)  # HWIO -> OIHW
+    a = _t(adapter.a[...]).permute(3, 2, 0, 1)  # (kh, kw, in, r) -> (r, in, kh, kw)
+    b = _t(adapter.b[...]).T[:, :, None, None]  # (r, out) -> (out, r, 1, 1)
     base = F.conv2d(x, w, _t(layer.bias[...]), stride, padding)
     ref = base + 2.0 * F.conv2d(F.conv2d(x, a, None, stride, padding), b)
     assert rel_err(nhwc_to_nchw(ours), ref.numpy()) <= TOL
@@ -93,7 +93,7 @@ def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
         assert isinstance(adapter.a, LoRAA) and isinstance(adapter.b, LoRAA)
         assert not np.any(np.asarray(adapter.b[...]))
         a = np.asarray(adapter.a[...])
-        assert abs(a.std() / (1.0 / RANK) - 1) < 0.1, a.std()      # 2304 / 2048 samples: ~1.5% noise
+        assert abs(a.std() / (1.0 / RANK) - 1) < 0.1, a.std()  # 2304 / 2048 samples: ~1.5% noise
         assert abs(a.mean()) < 0.02
     with lora.active_adapters(layer, ["default"]):
         after = np.asarray(run(layer, x))
@@ -103,19 +103,28 @@ def test_init_b_zero_keeps_output_and_a_std_is_one_over_rank():
 @pytest.fixture(scope="module")
 def transformer():
     """A small SD spatial transformer with 1x1-conv projections (Conv2d and Linear LoRA hosts); tests clone it."""
-    return Transformer2DModel(16, heads=2, cross_attention_dim=12, norm_groups=4, use_linear_projection=False,
-                              rngs=nnx.Rngs(0))
+    return Transformer2DModel(
+        16, heads=2, cross_attention_dim=12, norm_groups=4, use_linear_projection=False, rngs=nnx.Rngs(0)
+    )
 
 
 def _transformer_inputs():
     rng = np.random.default_rng(1)
-    return (jnp.asarray(rng.standard_normal((2, 4, 6, 16)), jnp.float32),
-            jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32))
+    return (
+        jnp.asarray(rng.standard_normal((2, 4, 6, 16)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32),
+    )
 
 
-CONV_AND_LINEAR = ["proj_in", "proj_out", "transformer_blocks.0.attn1.to_q",
-                   "transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_out.0",
-                   "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
+CONV_AND_LINEAR = [
+    "proj_in",
+    "proj_out",
+    "transformer_blocks.0.attn1.to_q",
+    "transformer_blocks.0.attn2.to_k",
+    "transformer_blocks.0.attn2.to_out.0",
+    "transformer_blocks.0.ff.net.0.proj",
+    "transformer_blocks.0.ff.net.2",
+]
 
 
 @nnx.jit
@@ -138,7 +147,7 @@ def test_transformer_merged_equals_unmerged_and_merge_removes_factors(transforme
     _randomize_b(model, "default", seed=4, std=0.2)
     assert len(jax.tree.leaves(nnx.state(model, LoRAA))) == 2 * len(CONV_AND_LINEAR)
     base, unmerged, merged, count = _base_unmerged_merged(model, *_transformer_inputs())
-    assert rel_err(base, unmerged) > 1e-2                           # the adapters change the output
+    assert rel_err(base, unmerged) > 1e-2  # the adapters change the output
     assert rel_err(merged, unmerged) <= TOL
     assert int(count) == len(CONV_AND_LINEAR)
     assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []
@@ -147,7 +156,7 @@ def test_transformer_merged_equals_unmerged_and_merge_removes_factors(transforme
 
 def test_resnet_merged_equals_unmerged():
     block = ResnetBlock2D(8, 12, groups=4, eps=1e-5, temb_channels=10, rngs=nnx.Rngs(0))
-    targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]   # 3x3 and 1x1 convs, and a Linear
+    targets = ["conv1", "conv2", "conv_shortcut", "time_emb_proj"]  # 3x3 and 1x1 convs, and a Linear
     lora.add_adapter(block, "default", LoRAA, targets, rngs=nnx.Rngs(1))
     _randomize_b(block, "default", seed=5, std=0.2)
     rng = np.random.default_rng(2)
@@ -207,7 +216,7 @@ def test_active_adapters_context_selects_sets(transformer):
     base = run(transformer, x, ctx)
     model = _two_adapter_model(transformer)
     out = _choice_outputs(model, x, ctx)
-    assert rel_err(out[()], base) <= TOL                               # no adapters: the base model
+    assert rel_err(out[()], base) <= TOL  # no adapters: the base model
     for names in CHOICES:
         assert rel_err(out[names], out["merged", names]) <= TOL, names
     # the choices really differ from each other and from the base model
@@ -216,8 +225,11 @@ def test_active_adapters_context_selects_sets(transformer):
     # the jitted call (which merged copies) left the model's adapters and active choice as they were
     hosts = lora.lora_hosts(model)
     assert {n: set(h.lora) for n, h in hosts.items() if h.lora} == {
-        "proj_in": {"a"}, "proj_out": {"b"}, "transformer_blocks.0.attn1.to_q": {"a", "b"},
-        "transformer_blocks.0.ff.net.2": {"a", "b"}}
+        "proj_in": {"a"},
+        "proj_out": {"b"},
+        "transformer_blocks.0.attn1.to_q": {"a", "b"},
+        "transformer_blocks.0.ff.net.2": {"a", "b"},
+    }
     assert all(h.active_adapters == () for h in hosts.values())
 
 
@@ -236,8 +248,12 @@ def test_linear_two_adapters_sum_matches_formula():
         return ad.scale * F.linear(F.linear(xt, _t(ad.a[...]).T), _t(ad.b[...]).T)
 
     assert layer.lora["a"].scale == 2.0 and layer.lora["b"].scale == 0.5
-    for names, ref in [([], base), (["a"], base + delta("a")), (["b"], base + delta("b")),
-                       (["a", "b"], base + delta("a") + delta("b"))]:
+    for names, ref in [
+        ([], base),
+        (["a"], base + delta("a")),
+        (["b"], base + delta("b")),
+        (["a", "b"], base + delta("a") + delta("b")),
+    ]:
         with lora.active_adapters(layer, names):
             assert rel_err(run(layer, jnp.asarray(x)), ref.numpy()) <= TOL, names
 
@@ -261,6 +277,5 @@ def test_active_adapters_context_restores_previous_choice(transformer):
 def test_add_adapter_unknown_target_raises(transformer):
     model = nnx.clone(transformer)
     with pytest.raises(ValueError, match="transformer_blocks.0.attn1.to_nothing"):
-        lora.add_adapter(model, "a", LoRAA, ["proj_in", "transformer_blocks.0.attn1.to_nothing"],
-                         rngs=nnx.Rngs(0))
-    assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []   # nothing half-added
+        lora.add_adapter(model, "a", LoRAA, ["proj_in", "transformer_blocks.0.attn1.to_nothing"], rngs=nnx.Rngs(0))
+    assert jax.tree.leaves(nnx.state(model, lora.LoRAParam)) == []  # nothing half-added

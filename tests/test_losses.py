@@ -34,22 +34,93 @@ from tadsr_jax.nn import lora
 from tadsr_jax.weights.loaders import load_text_encoder, load_unet, load_vae
 
 # Spec text (docs/method.md 3.2): the generator timesteps int(linspace(1, 999, 50)).
-SPEC_T_LIST = [1, 21, 41, 62, 82, 102, 123, 143, 163, 184, 204, 225, 245, 265, 286, 306, 326, 347, 367, 387, 408,
-               428, 449, 469, 489, 510, 530, 550, 571, 591, 612, 632, 652, 673, 693, 713, 734, 754, 774, 795, 815,
-               836, 856, 876, 897, 917, 937, 958, 978, 999]
+SPEC_T_LIST = [
+    1,
+    21,
+    41,
+    62,
+    82,
+    102,
+    123,
+    143,
+    163,
+    184,
+    204,
+    225,
+    245,
+    265,
+    286,
+    306,
+    326,
+    347,
+    367,
+    387,
+    408,
+    428,
+    449,
+    469,
+    489,
+    510,
+    530,
+    550,
+    571,
+    591,
+    612,
+    632,
+    652,
+    673,
+    693,
+    713,
+    734,
+    754,
+    774,
+    795,
+    815,
+    836,
+    856,
+    876,
+    897,
+    917,
+    937,
+    958,
+    978,
+    999,
+]
 BLUR_T = np.array([1, 199, 200, 450, 650, 999])  # kernel sizes 5, 5, 9, 13, 17, 21
 
 # One level, so XLA compiles the UNet's backward in seconds; the cross-attention mid block is where the fake
 # score's LoRA lives (16 modules: 2 resnets x 2 convs, proj_in/out, 2 x 4 attention projections, 2 ff layers).
-TINY_UNET = {"sample_size": 8, "layers_per_block": 1, "block_out_channels": (16,), "cross_attention_dim": 16,
-             "down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",), "attention_head_dim": 2,
-             "norm_num_groups": 8, "use_linear_projection": True}
-TINY_VAE = {"block_out_channels": (16,), "layers_per_block": 1, "norm_num_groups": 8,
-            "mid_block_add_attention": False, "down_block_types": ("DownEncoderBlock2D",),
-            "up_block_types": ("UpDecoderBlock2D",)}
-TINY_TEXT = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "max_position_embeddings": 12, "hidden_act": "gelu", "bos_token_id": 62,
-             "eos_token_id": 63, "pad_token_id": 63}
+TINY_UNET = {
+    "sample_size": 8,
+    "layers_per_block": 1,
+    "block_out_channels": (16,),
+    "cross_attention_dim": 16,
+    "down_block_types": ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",),
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+}
+TINY_VAE = {
+    "block_out_channels": (16,),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "mid_block_add_attention": False,
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+}
+TINY_TEXT = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 12,
+    "hidden_act": "gelu",
+    "bos_token_id": 62,
+    "eos_token_id": 63,
+    "pad_token_id": 63,
+}
 LORA_SCALE = 8.0 / 4  # PEFT alpha / rank with TADSR's rank 4, alpha 8 (docs/method.md 2.2)
 FAKE = "fake_others"
 
@@ -62,10 +133,11 @@ def _t(x) -> torch.Tensor:
 # Torch re-statements of the reference math
 # ---------------------------------------------------------------------------------------------------------
 
+
 def torch_kernel1d(k: int, sigma: float) -> torch.Tensor:
     """torchvision's _get_gaussian_kernel1d."""
     x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
-    pdf = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    pdf = torch.exp(-(x**2) / (2 * sigma**2))
     return pdf / pdf.sum()
 
 
@@ -78,8 +150,9 @@ def torch_gaussian_blur(img: torch.Tensor, k: int, sigma: float) -> torch.Tensor
 
 def torch_blur_t(images: torch.Tensor, ts) -> torch.Tensor:
     """TADSR's Blur_t per sample: k = 5 + 4 floor(t/200), sigma = 1 + t/200."""
-    return torch.cat([torch_gaussian_blur(images[i:i + 1], 5 + 4 * (int(t) // 200), 1 + int(t) / 200)
-                      for i, t in enumerate(ts)])
+    return torch.cat(
+        [torch_gaussian_blur(images[i : i + 1], 5 + 4 * (int(t) // 200), 1 + int(t) / 200) for i, t in enumerate(ts)]
+    )
 
 
 def torch_dmd(x0: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
@@ -93,6 +166,7 @@ def torch_dmd(x0: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) ->
 # 1. Blur_t and the blurred L2
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_blur_taps_are_torchvision_kernels():
     taps = np.asarray(losses.blur_taps(jnp.asarray(BLUR_T)))
     assert taps.shape == (len(BLUR_T), losses.MAX_BLUR_TAPS)
@@ -101,7 +175,7 @@ def test_blur_taps_are_torchvision_kernels():
         k = 5 + 4 * (t // 200)
         sizes.append(k)
         ref = np.zeros(21)
-        ref[10 - k // 2: 10 + k // 2 + 1] = torch_kernel1d(k, 1 + t / 200).numpy()
+        ref[10 - k // 2 : 10 + k // 2 + 1] = torch_kernel1d(k, 1 + t / 200).numpy()
         err = np.abs(row - ref).max()
         print(f"\nblur taps t={t} (k={k}): max abs err {err:.1e}")
         assert err <= 1e-6  # measured 3e-8 (taps <= 1 rounded to float32): 30x; a wrong sigma errs by >= 1e-3
@@ -147,6 +221,7 @@ def test_blurred_mse_value_and_gradient_match_torch():
 # 2. Timesteps, guidance scale, CFG
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_student_teacher_timesteps_and_guidance_scale():
     ts = losses.student_timesteps()
     np.testing.assert_array_equal(ts, np.linspace(1, 999, 50).astype(int))
@@ -164,10 +239,10 @@ def test_student_teacher_timesteps_and_guidance_scale():
 
     t = np.arange(1000)
     np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t)), np.floor(0.5 * t).astype(int))
-    np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t), 0.5, 3.0),
-                                  np.floor(0.5 * t + 3.0).astype(int))  # gamma shift
-    np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t), 0.3, 0.0),
-                                  np.floor(0.3 * t).astype(int))
+    np.testing.assert_array_equal(
+        losses.teacher_timestep(jnp.asarray(t), 0.5, 3.0), np.floor(0.5 * t + 3.0).astype(int)
+    )  # gamma shift
+    np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t), 0.3, 0.0), np.floor(0.3 * t).astype(int))
 
     t_r = np.arange(500)
     w = np.asarray(losses.guidance_scale(jnp.asarray(t_r)), np.float64)
@@ -182,8 +257,9 @@ def test_classifier_free_guidance_matches_torch():
     rng = np.random.default_rng(2)
     eps_u, eps_c = (rng.standard_normal((3, 8, 6, 4)).astype(np.float32) for _ in range(2))
     t_r = np.array([0, 250, 499])
-    ours = losses.classifier_free_guidance(jnp.asarray(eps_u), jnp.asarray(eps_c),
-                                           losses.guidance_scale(jnp.asarray(t_r)))
+    ours = losses.classifier_free_guidance(
+        jnp.asarray(eps_u), jnp.asarray(eps_c), losses.guidance_scale(jnp.asarray(t_r))
+    )
     u, c = _t(nhwc_to_nchw(eps_u)), _t(nhwc_to_nchw(eps_c))
     w = (7.5 + torch.from_numpy(t_r) / 200).float().view(-1, 1, 1, 1)
     ref = u + w * (c - u)
@@ -208,8 +284,9 @@ def test_distribution_matching_loss_value_and_gradient():
     x0 = rng.standard_normal(shape).astype(np.float32) * scale
     x0_fake = x0 + 0.3 * rng.standard_normal(shape).astype(np.float32)
     x0_real = x0 + scale * rng.standard_normal(shape).astype(np.float32)
-    value, (grad, grad_fake, grad_real) = dmd_value_and_grads(jnp.asarray(x0), jnp.asarray(x0_fake),
-                                                              jnp.asarray(x0_real))
+    value, (grad, grad_fake, grad_real) = dmd_value_and_grads(
+        jnp.asarray(x0), jnp.asarray(x0_fake), jnp.asarray(x0_real)
+    )
 
     x = _t(nhwc_to_nchw(x0)).requires_grad_()
     ref = torch_dmd(x, _t(nhwc_to_nchw(x0_fake)), _t(nhwc_to_nchw(x0_real)))
@@ -219,10 +296,12 @@ def test_distribution_matching_loss_value_and_gradient():
     # the closed forms: value mean(g^2), gradient 2 g / N
     lam = np.abs(x0 - x0_real).mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     g = (x0_fake - x0_real) / lam
-    closed_value_err = abs(float(value) - np.mean(g ** 2)) / np.mean(g ** 2)
+    closed_value_err = abs(float(value) - np.mean(g**2)) / np.mean(g**2)
     closed_grad_err = rel_err(grad, 2 * g / g.size)
-    print(f"\nDMD: value rel err {value_err:.1e} (closed form {closed_value_err:.1e}), "
-          f"grad rel err {grad_err:.1e} (closed form {closed_grad_err:.1e})")
+    print(
+        f"\nDMD: value rel err {value_err:.1e} (closed form {closed_value_err:.1e}), "
+        f"grad rel err {grad_err:.1e} (closed form {closed_grad_err:.1e})"
+    )
     # measured up to 2.7e-6 (float32 per-sample means of |x0 - x0_real| in another order): ~20x; a wrong lambda or
     # a missing stop-gradient gives errors of order 1
     assert value_err <= 5e-5 and grad_err <= 5e-5
@@ -234,6 +313,7 @@ def test_distribution_matching_loss_value_and_gradient():
 # ---------------------------------------------------------------------------------------------------------
 # Tiny model: JAX TADSR and the same UNet in diffusers
 # ---------------------------------------------------------------------------------------------------------
+
 
 class TorchFakeScore:
     """The fake score's LoRA on a diffusers UNet, unmerged: forward hooks add LORA_SCALE * B(A(x))."""
@@ -248,8 +328,8 @@ class TorchFakeScore:
             assert adapter.scale == LORA_SCALE
             module = torch_unet.get_submodule(name)
             if isinstance(module, torch.nn.Conv2d):
-                a = _t(adapter.a[...]).permute(3, 2, 0, 1)          # (kh, kw, in, r) -> (r, in, kh, kw)
-                b = _t(adapter.b[...]).T[:, :, None, None]          # (r, out) -> (out, r, 1, 1)
+                a = _t(adapter.a[...]).permute(3, 2, 0, 1)  # (kh, kw, in, r) -> (r, in, kh, kw)
+                b = _t(adapter.b[...]).T[:, :, None, None]  # (r, out) -> (out, r, 1, 1)
             else:
                 assert isinstance(module, torch.nn.Linear), name
                 a, b = _t(adapter.a[...]).T, _t(adapter.b[...]).T  # (r, in), (out, r)
@@ -267,6 +347,7 @@ class TorchFakeScore:
             else:
                 delta = F.linear(F.linear(x, a), b)
             return out + LORA_SCALE * delta
+
         return hook
 
     @contextlib.contextmanager
@@ -303,8 +384,13 @@ def tiny(tmp_path_factory):
     TorchVAE(**TINY_VAE).save_pretrained(folder / "vae")  # stock VAE: its encoder gets the time layers on load
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
     with numpy_normal(seed=0):
-        model = TADSR(load_unet(str(folder / "unet")), load_vae(str(folder / "vae"), time_aware=True),
-                      load_text_encoder(str(folder / "text_encoder")), None, rngs=nnx.Rngs(0))
+        model = TADSR(
+            load_unet(str(folder / "unet")),
+            load_vae(str(folder / "vae"), time_aware=True),
+            load_text_encoder(str(folder / "text_encoder")),
+            None,
+            rngs=nnx.Rngs(0),
+        )
 
     rng = np.random.default_rng(4)
     hosts = {n: h for n, h in lora.lora_hosts(model.unet).items() if FAKE in h.lora}
@@ -319,10 +405,16 @@ def tiny(tmp_path_factory):
             proj.kernel[...] = jnp.asarray(0.05 * rng.standard_normal(proj.kernel[...].shape), jnp.float32)
 
     # The schedule on each side from its own definition: diffusers' DDPMScheduler (float32) and ours.
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012)
-    return {"model": model, "schedule": NoiseSchedule.stable_diffusion(), "torch_unet": torch_unet,
-            "fake": TorchFakeScore(torch_unet, model), "alphas_cumprod": scheduler.alphas_cumprod.float()}
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    return {
+        "model": model,
+        "schedule": NoiseSchedule.stable_diffusion(),
+        "torch_unet": torch_unet,
+        "fake": TorchFakeScore(torch_unet, model),
+        "alphas_cumprod": scheduler.alphas_cumprod.float(),
+    }
 
 
 @contextlib.contextmanager
@@ -345,7 +437,7 @@ def fixed_normal(noise: np.ndarray):
 
 def _latent_inputs(seed: int, batch: int = 2):
     rng = np.random.default_rng(seed)
-    x0 = rng.standard_normal((batch, 8, 12, 4)).astype(np.float32)      # generator latent, non-square
+    x0 = rng.standard_normal((batch, 8, 12, 4)).astype(np.float32)  # generator latent, non-square
     noise = rng.standard_normal((batch, 8, 12, 4)).astype(np.float32)
     context = rng.standard_normal((batch, 12, 16)).astype(np.float32)
     neg_context = rng.standard_normal((1, 12, 16)).astype(np.float32)
@@ -355,6 +447,7 @@ def _latent_inputs(seed: int, batch: int = 2):
 # ---------------------------------------------------------------------------------------------------------
 # 4. TA-VSD end to end
 # ---------------------------------------------------------------------------------------------------------
+
 
 @nnx.jit
 def ta_vsd_value_and_grad(model, schedule, x0, context, neg_context, student_t, key):
@@ -374,8 +467,7 @@ def torch_ta_vsd(tiny, x0, t_g, noise, c_pos, c_neg):
         with fake.active():
             eps_fake = unet(z_t, t_r, c_pos).sample
         x0_fake = (z_t - (1 - a).sqrt() * eps_fake) / a.sqrt()
-        both = unet(torch.cat([z_t, z_t]), torch.cat([t_r, t_r]),
-                    torch.cat([c_neg.expand_as(c_pos), c_pos])).sample
+        both = unet(torch.cat([z_t, z_t]), torch.cat([t_r, t_r]), torch.cat([c_neg.expand_as(c_pos), c_pos])).sample
         eps_u, eps_c = both.chunk(2)
         w = (7.5 + t_r / 200).view(-1, 1, 1, 1)
         eps_real = eps_u + w * (eps_c - eps_u)
@@ -389,12 +481,20 @@ def test_ta_vsd_matches_torch(tiny):
     x0, noise, context, neg_context = _latent_inputs(seed=6)
     t_g = np.array([131, 871])  # odd: t_r = floor(0.5 t) = 65, 435
     with fixed_normal(noise) as calls:
-        value, grad = ta_vsd_value_and_grad(tiny["model"], tiny["schedule"], jnp.asarray(x0), jnp.asarray(context),
-                                            jnp.asarray(neg_context), jnp.asarray(t_g), jax.random.key(0))
+        value, grad = ta_vsd_value_and_grad(
+            tiny["model"],
+            tiny["schedule"],
+            jnp.asarray(x0),
+            jnp.asarray(context),
+            jnp.asarray(neg_context),
+            jnp.asarray(t_g),
+            jax.random.key(0),
+        )
     assert len(calls) == 1
 
-    ref, ref_grad, eps_fake, eps_cond = torch_ta_vsd(tiny, _t(nhwc_to_nchw(x0)), torch.from_numpy(t_g),
-                                                     _t(nhwc_to_nchw(noise)), _t(context), _t(neg_context))
+    ref, ref_grad, eps_fake, eps_cond = torch_ta_vsd(
+        tiny, _t(nhwc_to_nchw(x0)), torch.from_numpy(t_g), _t(nhwc_to_nchw(noise)), _t(context), _t(neg_context)
+    )
     value_err = abs(float(value) - ref) / ref
     grad_err = rel_err(nhwc_to_nchw(grad), ref_grad)
     print(f"\nTA-VSD: value {ref:.4g}, rel err {value_err:.1e}; grad rel err {grad_err:.1e}")
@@ -408,6 +508,7 @@ def test_ta_vsd_matches_torch(tiny):
 # ---------------------------------------------------------------------------------------------------------
 # 5. Fake-score diffusion loss
 # ---------------------------------------------------------------------------------------------------------
+
 
 @nnx.jit
 def fake_loss_value_and_grad(model, schedule, x0, context, key):
@@ -427,8 +528,9 @@ def test_fake_score_loss_matches_torch(tiny, monkeypatch):
 
     monkeypatch.setattr(jax.random, "randint", randint)
     with fixed_normal(noise) as calls:
-        value, grads = fake_loss_value_and_grad(tiny["model"], tiny["schedule"], jnp.asarray(x0),
-                                                jnp.asarray(context), jax.random.key(1))
+        value, grads = fake_loss_value_and_grad(
+            tiny["model"], tiny["schedule"], jnp.asarray(x0), jnp.asarray(context), jax.random.key(1)
+        )
     monkeypatch.undo()
     assert len(calls) == 1 and randint_calls == [((2,), 0, 1000)]  # t ~ U{0, ..., 999} per sample
 
@@ -463,9 +565,11 @@ def test_fake_score_loss_matches_torch(tiny, monkeypatch):
     assert all(np.any(o) for o in ours)  # every factor of every module gets a gradient
     ours, theirs = np.concatenate(ours), np.concatenate(theirs)
     overall, l2 = rel_err(ours, theirs), np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
-    print(f"\nfake-score loss: value {ref.item():.4g}, rel err {value_err:.1e}; LoRA grads (A and B, "
-          f"{len(seen)} tensors): max err / std {overall:.1e} overall, {per_tensor:.1e} worst tensor; "
-          f"relative L2 error {l2:.1e}")
+    print(
+        f"\nfake-score loss: value {ref.item():.4g}, rel err {value_err:.1e}; LoRA grads (A and B, "
+        f"{len(seen)} tensors): max err / std {overall:.1e} overall, {per_tensor:.1e} worst tensor; "
+        f"relative L2 error {l2:.1e}"
+    )
     # Gradients come out of a float32 backward pass through the UNet, whose different summation orders give
     # max errors of ~1e-4 of the spread (measured over 2 seeds: value 3.2e-7, overall 1.3e-4, worst tensor 1.1e-4,
     # L2 1.0e-5), so these bounds are 15-30x above; a wrong factor layout, scale or adapter gives errors of order 1.
@@ -476,23 +580,32 @@ def test_fake_score_loss_matches_torch(tiny, monkeypatch):
 # 6. Generator loss, L2 part
 # ---------------------------------------------------------------------------------------------------------
 
+
 @nnx.jit
 def generator_value_and_grad(model, schedule, batch, neg_context, student_t, key):
-    fn = lambda m: tadsr.generator_loss(m, schedule, batch, neg_context, student_t, key,
-                                        LossConfig(**{**base_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}))
+    fn = lambda m: tadsr.generator_loss(
+        m,
+        schedule,
+        batch,
+        neg_context,
+        student_t,
+        key,
+        LossConfig(**{**base_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}),
+    )
     return nnx.value_and_grad(fn, argnums=nnx.DiffState(0, GENERATOR), has_aux=True)(model)
 
 
 def test_generator_l2_loss_and_gradients(tiny):
     model = tiny["model"]
     rng = np.random.default_rng(8)
-    batch = {"lq": jnp.asarray(rng.uniform(-1, 1, (2, 16, 24, 3)), jnp.float32),
-             "hq": jnp.asarray(rng.uniform(-1, 1, (2, 16, 24, 3)), jnp.float32),
-             "input_ids": jnp.asarray(rng.integers(0, TINY_TEXT["vocab_size"], (2, 12)), jnp.int32)}
+    batch = {
+        "lq": jnp.asarray(rng.uniform(-1, 1, (2, 16, 24, 3)), jnp.float32),
+        "hq": jnp.asarray(rng.uniform(-1, 1, (2, 16, 24, 3)), jnp.float32),
+        "input_ids": jnp.asarray(rng.integers(0, TINY_TEXT["vocab_size"], (2, 12)), jnp.int32),
+    }
     neg_context = jnp.asarray(rng.standard_normal((1, 12, 16)), jnp.float32)  # unused: the VSD weight is 0
     t = jnp.asarray([82, 958])
-    (total, out), grads = generator_value_and_grad(model, tiny["schedule"], batch, neg_context, t,
-                                                   jax.random.key(2))
+    (total, out), grads = generator_value_and_grad(model, tiny["schedule"], batch, neg_context, t, jax.random.key(2))
     assert set(out.losses) == {"l2"}
     assert np.mean(np.abs(np.asarray(out.images)) < 1) > 0.5  # the decoder's output is mostly unclipped
     ref = losses.blurred_mse(out.images, batch["hq"], t)

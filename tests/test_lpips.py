@@ -47,14 +47,20 @@ def _weight_files(torch_model: torch.nn.Module, net: str, folder) -> dict[str, s
     """A torchvision-style trunk .pth, an lpips-style <net>.pth and their conversion."""
     features = {}
     for s in range(1, 6):
-        features.update({f"features.{k}": v.clone() for k, v in getattr(torch_model.net, f"slice{s}").state_dict()
-                         .items()})
+        features.update(
+            {f"features.{k}": v.clone() for k, v in getattr(torch_model.net, f"slice{s}").state_dict().items()}
+        )
     assert sorted({int(k.split(".")[1]) for k in features}) == CONV_INDICES[net]
     features["classifier.1.weight"] = torch.zeros(8, 4)  # torchvision's classifier must be dropped
     heads = {k: v.clone() for k, v in torch_model.state_dict().items() if re.fullmatch(r"lin\d\..*", k)}
     assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
-    shipped = torch.load(os.path.join(os.path.dirname(sys.modules[type(torch_model).__module__].__file__),
-                                      "weights", "v0.1", f"{net}.pth"), map_location="cpu", weights_only=True)
+    shipped = torch.load(
+        os.path.join(
+            os.path.dirname(sys.modules[type(torch_model).__module__].__file__), "weights", "v0.1", f"{net}.pth"
+        ),
+        map_location="cpu",
+        weights_only=True,
+    )
     for key, value in heads.items():  # the real, human-calibrated heads of the package
         torch.testing.assert_close(value, shipped[key], rtol=0, atol=0)
     paths = {name: str(folder / name) for name in ("trunk.pth", f"{net}.pth", f"lpips_{net}.safetensors")}
@@ -126,7 +132,7 @@ def _image_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
 
     def crop(image, top, left, h, w):
-        return image[top:top + h, left:left + w].astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
+        return image[top : top + h, left : left + w].astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
 
     astronaut, coffee, chelsea = data.astronaut(), data.coffee(), data.chelsea()
     a = crop(astronaut, 100, 180, 64, 64)
@@ -136,9 +142,15 @@ def _image_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
     square = (np.stack([a, c, k]), np.stack([noisy, k, np.roll(c, 3, axis=2)]))
     w1 = crop(astronaut, 20, 200, 48, 80)
     w2 = crop(coffee, 200, 300, 48, 80)
-    wide = (np.stack([w1, w2]), np.stack([crop(astronaut, 24, 204, 48, 80),
-                                          np.clip(w2 + 0.1 * rng.standard_normal(w2.shape, dtype=np.float32),
-                                                  -1, 1)]))
+    wide = (
+        np.stack([w1, w2]),
+        np.stack(
+            [
+                crop(astronaut, 24, 204, 48, 80),
+                np.clip(w2 + 0.1 * rng.standard_normal(w2.shape, dtype=np.float32), -1, 1),
+            ]
+        ),
+    )
     return [square, wide]
 
 
@@ -176,8 +188,12 @@ def test_alexnet_and_vgg_files_are_not_interchangeable(weight_files, alex_weight
     with pytest.raises(WeightsError, match=r"features\.0\.weight"):
         load_lpips(weight_files["lpips_vgg.safetensors"], net="alex")
     with pytest.raises(WeightsError, match=r"lin1\.model\.1\.weight.*expects \(1, 1, 192, 1\)"):  # lin0: 64 in both
-        convert_lpips_weights(alex_weight_files["trunk.pth"], weight_files["vgg.pth"],
-                              alex_weight_files["lpips_alex.safetensors"] + ".x", net="alex")
+        convert_lpips_weights(
+            alex_weight_files["trunk.pth"],
+            weight_files["vgg.pth"],
+            alex_weight_files["lpips_alex.safetensors"] + ".x",
+            net="alex",
+        )
 
 
 def test_input_gradient_matches_lpips_package(torch_lpips64, weight_files):
@@ -251,9 +267,20 @@ def test_missing_head_is_named(weight_files, tmp_path):
 def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
     out = tmp_path / "out.safetensors"
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "convert.py"), "--what=lpips",
-         f"--vgg16={tmp_path / 'nope.pth'}", f"--lpips_linear={weight_files['vgg.pth']}", f"--out={out}"],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "convert.py"),
+            "--what=lpips",
+            f"--vgg16={tmp_path / 'nope.pth'}",
+            f"--lpips_linear={weight_files['vgg.pth']}",
+            f"--out={out}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in result.stderr, result.stderr
@@ -263,9 +290,20 @@ def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
 def test_convert_cli_writes_the_alexnet_file(alex_weight_files, tmp_path):
     out = tmp_path / "lpips_alex.safetensors"
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "convert.py"), "--what=lpips_alex",
-         f"--alexnet={alex_weight_files['trunk.pth']}", f"--lpips_linear={alex_weight_files['alex.pth']}",
-         f"--out={out}"], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "convert.py"),
+            "--what=lpips_alex",
+            f"--alexnet={alex_weight_files['trunk.pth']}",
+            f"--lpips_linear={alex_weight_files['alex.pth']}",
+            f"--out={out}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == f"wrote {out} (LPIPS AlexNet v0.1)"
     written, fixture = load_file(str(out)), load_file(alex_weight_files["lpips_alex.safetensors"])

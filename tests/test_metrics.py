@@ -52,12 +52,18 @@ def _pairs(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """(sr, hr) float32 (3, h, w, 3) batches of 8-bit levels, as read from PNGs: crops of astronaut, coffee
     and chelsea, distorted by Gaussian blur (sigma 1.2), Gaussian noise (sigma 10 levels) and JPEG (quality 15)."""
     rng = np.random.default_rng(0)
-    crops = [data.astronaut()[60:60 + h, 150:150 + w], data.coffee()[120:120 + h, 220:220 + w],
-             data.chelsea()[80:80 + h, 140:140 + w]]
+    crops = [
+        data.astronaut()[60 : 60 + h, 150 : 150 + w],
+        data.coffee()[120 : 120 + h, 220 : 220 + w],
+        data.chelsea()[80 : 80 + h, 140 : 140 + w],
+    ]
     blurred = ndimage.gaussian_filter(crops[0].astype(np.float64), sigma=(1.2, 1.2, 0))
     noisy = crops[1] + rng.normal(0, 10, crops[1].shape)
-    distorted = [np.clip(np.round(blurred), 0, 255).astype(np.uint8),
-                 np.clip(np.round(noisy), 0, 255).astype(np.uint8), _jpeg(crops[2], 15)]
+    distorted = [
+        np.clip(np.round(blurred), 0, 255).astype(np.uint8),
+        np.clip(np.round(noisy), 0, 255).astype(np.uint8),
+        _jpeg(crops[2], 15),
+    ]
     return (np.stack(distorted).astype(np.float32) / 255, np.stack(crops).astype(np.float32) / 255)
 
 
@@ -131,8 +137,14 @@ def test_matches_scikit_image_on_y(pair):
         y_sr, y_hr = rgb2ycbcr(sr[i].astype(np.float64))[..., 0], rgb2ycbcr(hr[i].astype(np.float64))[..., 0]
         ref_psnr = peak_signal_noise_ratio(y_hr / 255, y_sr / 255, data_range=1.0)
         ref_psnr = 10 * np.log10(1 / (10 ** (-ref_psnr / 10) + 1e-8))
-        ref_ssim = structural_similarity(np.round(y_hr), np.round(y_sr), gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False, data_range=255)
+        ref_ssim = structural_similarity(
+            np.round(y_hr),
+            np.round(y_sr),
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=255,
+        )
         print(f"image {i}: PSNR {psnr[i]:.5f} vs skimage {ref_psnr:.5f}, SSIM {ssim[i]:.6f} vs {ref_ssim:.6f}")
         assert abs(psnr[i] - ref_psnr) <= 2e-4  # measured 3.7e-6 (our float32 vs skimage's float64): 55x
         # measured -3.0e-6 to +9.5e-7 (float32 rounding; the clamp can only add): the lower bound is 17x that
@@ -143,8 +155,8 @@ def test_batched_equals_per_image():
     sr, hr = SQUARE
     psnr, ssim = np.asarray(psnr_y(sr, hr)), np.asarray(ssim_y(sr, hr))
     for i in range(len(sr)):  # measured equal; rtol=1e-6 is >= 13 ulps of either value, should another shape reorder
-        np.testing.assert_allclose(psnr[i], np.asarray(psnr_y(sr[i:i + 1], hr[i:i + 1]))[0], rtol=1e-6)
-        np.testing.assert_allclose(ssim[i], np.asarray(ssim_y(sr[i:i + 1], hr[i:i + 1]))[0], rtol=1e-6)
+        np.testing.assert_allclose(psnr[i], np.asarray(psnr_y(sr[i : i + 1], hr[i : i + 1]))[0], rtol=1e-6)
+        np.testing.assert_allclose(ssim[i], np.asarray(ssim_y(sr[i : i + 1], hr[i : i + 1]))[0], rtol=1e-6)
 
 
 def test_full_reference_metrics_and_lpips_through_the_api():
@@ -164,7 +176,7 @@ def test_full_reference_metrics_and_lpips_through_the_api():
 
 
 def test_lpips_alex_through_the_api_is_the_alexnet_model():
-    """"lpips_alex" computes the AlexNet-trunk LPIPS it is given, beside "lpips" (VGG); a VGG model passed as
+    """ "lpips_alex" computes the AlexNet-trunk LPIPS it is given, beside "lpips" (VGG); a VGG model passed as
     lpips_alex is refused."""
     sr, hr = (x[:, :32, :48] for x in WIDE)
     vgg, alex = random_lpips(0), LPIPS(net="alex", rngs=nnx.Rngs(3))
@@ -196,14 +208,17 @@ def test_no_reference_metrics_without_pyiqa(monkeypatch):
     assert "\n" not in message and message.startswith("musiq, qalign need pyiqa") and "pip install" in message
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is not None,
-                    reason="pyiqa is installed: its absence cannot be seen for real here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyiqa") is not None, reason="pyiqa is installed: its absence cannot be seen for real here"
+)
 def test_fid_without_pyiqa_is_one_line_for_real():
     """pyiqa is not installed in the test environment: the real import fails and the line says what to do."""
     with pytest.raises(PyiqaUnavailable) as info:
         FolderMetrics(["fid"])
-    assert str(info.value) == ("fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
-                               "pip install pyiqa==0.1.10 torch==2.13.0")
+    assert str(info.value) == (
+        "fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
+        "pip install pyiqa==0.1.10 torch==2.13.0"
+    )
 
 
 def test_fid_plumbing_with_a_stand_in_pyiqa(monkeypatch, tmp_path):
@@ -231,6 +246,7 @@ def test_no_reference_metrics_call_pyiqa_per_image(monkeypatch):
         def metric(x):
             shapes.append(tuple(x.shape))
             return x.mean(dim=(1, 2, 3), keepdim=True) + len(name)
+
         return metric
 
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))

@@ -36,8 +36,22 @@ student_unet = nnx.jit(lambda unet, conv_in, z, t, ctx: unet(z, t, ctx, conv_in=
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
 # --- The reference's target selection (docs/method.md 2.1), restated on PyTorch parameter names.
-UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                 "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+UNET_PATTERNS = (
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv_out",
+    "proj_out",
+    "proj_in",
+    "ff.net.2",
+    "ff.net.0.proj",
+)
 VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
 
 
@@ -49,8 +63,13 @@ def reference_unet_groups(unet: torch.nn.Module) -> dict[str, list[str]]:
     groups = {group: [] for group in UNET_ADAPTERS}
     for name in _weight_names(unet):
         if any(p in name for p in UNET_PATTERNS):
-            group = ("encoder" if "down_blocks" in name or "conv_in" in name
-                     else "decoder" if "up_blocks" in name or "conv_out" in name else "others")
+            group = (
+                "encoder"
+                if "down_blocks" in name or "conv_in" in name
+                else "decoder"
+                if "up_blocks" in name or "conv_out" in name
+                else "others"
+            )
             groups[group].append(name.replace(".weight", ""))
     return groups
 
@@ -59,8 +78,9 @@ def reference_vae_modules(vae: torch.nn.Module) -> list[str]:
     """With the reference's duplicates: one entry per matching pattern."""
     modules = []
     for name in _weight_names(vae):
-        modules += [name.replace(".weight", "") for p in VAE_PATTERNS
-                    if p in name and "encoder" in name and "time" not in name]
+        modules += [
+            name.replace(".weight", "") for p in VAE_PATTERNS if p in name and "encoder" in name and "time" not in name
+        ]
         if name == "quant_conv.weight":
             modules.append("quant_conv")
     return modules
@@ -79,10 +99,12 @@ def time_tensors(encoder: torch.nn.Module, gen: torch.Generator) -> dict[str, to
     rand = lambda *shape: torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
     resnets = [f"down_blocks.{i}.resnets.{j}" for i, b in enumerate(encoder.down_blocks) for j in range(len(b.resnets))]
     resnets += [f"mid_block.resnets.{j}" for j in range(len(encoder.mid_block.resnets))]
-    tensors = {"encoder.time_embedding.linear_1.weight": rand(256, 128),
-               "encoder.time_embedding.linear_1.bias": rand(256),
-               "encoder.time_embedding.linear_2.weight": rand(256, 256),
-               "encoder.time_embedding.linear_2.bias": rand(256)}
+    tensors = {
+        "encoder.time_embedding.linear_1.weight": rand(256, 128),
+        "encoder.time_embedding.linear_1.bias": rand(256),
+        "encoder.time_embedding.linear_2.weight": rand(256, 256),
+        "encoder.time_embedding.linear_2.bias": rand(256),
+    }
     for name in resnets:
         channels = encoder.get_submodule(name).norm2.num_channels  # conv1 is PEFT-wrapped
         tensors[f"encoder.{name}.time_emb_proj.weight"] = rand(2 * channels, 256)
@@ -91,6 +113,7 @@ def time_tensors(encoder: torch.nn.Module, gen: torch.Generator) -> dict[str, to
 
 
 # --- Fixtures: one tiny SD folder, a PEFT-made reference checkpoint of it, our model loaded from that.
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -113,15 +136,19 @@ def reference(folder, tmp_path_factory):
     unet = TorchUNet.from_pretrained(os.path.join(folder, "unet")).eval()
     groups = reference_unet_groups(unet)
     for group, adapter in UNET_ADAPTERS.items():
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
-                                    target_modules=groups[group]), adapter_name=adapter)
+        unet.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=groups[group]),
+            adapter_name=adapter,
+        )
     unet.set_adapters(list(UNET_ADAPTERS.values()))
     randomize_lora_(unet, gen)
 
     vae = TorchVAE.from_pretrained(os.path.join(folder, "time_vae")).eval()  # drops the time tensors: fine
     vae_modules = reference_vae_modules(vae)
-    vae.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=vae_modules),
-                    adapter_name="default_encoder")
+    vae.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=vae_modules),
+        adapter_name="default_encoder",
+    )
     randomize_lora_(vae, gen)
     time = time_tensors(vae.encoder, gen)
 
@@ -130,7 +157,10 @@ def reference(folder, tmp_path_factory):
         "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
         "state_dict_vae_time": time,
         **{f"unet_lora_{group}_modules": modules for group, modules in groups.items()},
-        "vae_lora_encoder_modules": vae_modules, "rank_unet": RANK, "rank_vae": RANK}
+        "vae_lora_encoder_modules": vae_modules,
+        "rank_unet": RANK,
+        "rank_vae": RANK,
+    }
     path = str(tmp_path_factory.mktemp("reference") / "tadsr.pkl")
     torch.save(checkpoint, path)
     return types.SimpleNamespace(unet=unet, vae=vae, checkpoint=checkpoint, path=path)
@@ -151,6 +181,7 @@ def fresh(folder):
 
 # --- 1. Real-PEFT parity.
 
+
 def test_reference_target_rule_matches_ours(reference, loaded):
     checkpoint = reference.checkpoint
     assert unet_lora_groups(loaded.unet) == {g: sorted(checkpoint[f"unet_lora_{g}_modules"]) for g in UNET_ADAPTERS}
@@ -168,8 +199,13 @@ def test_student_unet_matches_peft(reference, loaded):
         without_lora = unet(z, t, encoder_hidden_states=ctx).sample.numpy()
         unet.enable_adapters()
     with lora.active_adapters(loaded.unet, GENERATOR_ADAPTERS):
-        ours = student_unet(loaded.unet, loaded.student_conv_in, jnp.asarray(nchw_to_nhwc(z)),
-                            jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
+        ours = student_unet(
+            loaded.unet,
+            loaded.student_conv_in,
+            jnp.asarray(nchw_to_nhwc(z)),
+            jnp.asarray(t.numpy()),
+            jnp.asarray(ctx.numpy()),
+        )
     assert rel_err(without_lora, ref) > 0.1  # the LoRA matters, so matching it proves it was loaded
     err = rel_err(nhwc_to_nchw(ours), ref)
     print(f"student UNet vs PEFT: rel err {err:.2e}")
@@ -194,6 +230,7 @@ def test_time_aware_encoder_matches_peft(reference, loaded):
 
 # --- 2. Round trips.
 
+
 def test_reference_export_reproduces_the_peft_checkpoint(reference, loaded):
     """Import then export gives back the reference's key names, module lists and tensors, bit for bit."""
     checkpoint, exported = reference.checkpoint, official.reference_checkpoint(loaded)
@@ -203,8 +240,12 @@ def test_reference_export_reproduces_the_peft_checkpoint(reference, loaded):
         for key, tensor in exported[section].items():
             assert tensor.dtype == torch.float32 and tensor.is_contiguous(), key
             assert torch.equal(tensor, checkpoint[section][key]), key
-    for name in ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
-                 "vae_lora_encoder_modules"):
+    for name in (
+        "unet_lora_encoder_modules",
+        "unet_lora_decoder_modules",
+        "unet_lora_others_modules",
+        "vae_lora_encoder_modules",
+    ):
         assert exported[name] == sorted(set(checkpoint[name])), name
     assert exported["rank_unet"] == exported["rank_vae"] == RANK
 
@@ -234,6 +275,7 @@ def test_round_trip_into_a_fresh_model(loaded, fresh, tmp_path, fmt):
 
 
 # --- 3. Key counts at SD-2.1 size, from shapes only.
+
 
 def test_sd21_reference_keys_from_shapes():
     from tadsr_jax.models.architectures import SD21_UNET, SD21_VAE
@@ -270,6 +312,7 @@ def test_sd21_reference_keys_from_shapes():
 
 # --- 4. Errors: one line, naming the file and the key; the model is left untouched.
 
+
 def _drop(section: str, key: str):
     return lambda c: c[section].pop(key)
 
@@ -280,13 +323,19 @@ def _set(section: str, key: str, value):
 
 BAD_CHECKPOINTS = {
     "missing tensor": (_drop("state_dict_unet", "conv_in.base_layer.bias"), "missing tensor 'conv_in.base_layer.bias'"),
-    "wrong shape": (_set("state_dict_vae", "quant_conv.lora_A.default_encoder.weight", torch.zeros(4, 8, 3, 3)),
-                    "tensor 'quant_conv.lora_A.default_encoder.weight' in 'state_dict_vae' has shape (4, 8, 3, 3)"),
+    "wrong shape": (
+        _set("state_dict_vae", "quant_conv.lora_A.default_encoder.weight", torch.zeros(4, 8, 3, 3)),
+        "tensor 'quant_conv.lora_A.default_encoder.weight' in 'state_dict_vae' has shape (4, 8, 3, 3)",
+    ),
     "wrong rank": (lambda c: c.__setitem__("rank_vae", 8), "'rank_vae' is 8 but the model's LoRA rank is 4"),
-    "unexpected key": (_set("state_dict_vae_time", "encoder.time_embedding.linear_3.weight", torch.zeros(2, 2)),
-                       "unexpected tensor 'encoder.time_embedding.linear_3.weight' in 'state_dict_vae_time'"),
-    "module list": (lambda c: c["unet_lora_decoder_modules"].remove("conv_out"),
-                    "'unet_lora_decoder_modules' lacks 'conv_out'"),
+    "unexpected key": (
+        _set("state_dict_vae_time", "encoder.time_embedding.linear_3.weight", torch.zeros(2, 2)),
+        "unexpected tensor 'encoder.time_embedding.linear_3.weight' in 'state_dict_vae_time'",
+    ),
+    "module list": (
+        lambda c: c["unet_lora_decoder_modules"].remove("conv_out"),
+        "'unet_lora_decoder_modules' lacks 'conv_out'",
+    ),
     "not a dict": (lambda c: c.__setitem__("state_dict_vae", [1, 2]), "'state_dict_vae' is a list"),
 }
 
@@ -315,8 +364,12 @@ def test_not_a_checkpoint_gets_a_short_reason_and_no_unsafe_advice(loaded, tmp_p
     content, reason = NOT_CHECKPOINTS[case]
     path = tmp_path / "tadsr.pkl"
     path.write_bytes(content)
-    _assert_fails_untouched(loaded, lambda: official.load_reference_checkpoint(loaded, str(path)), str(path),
-                            f"{path}: not a TADSR checkpoint ({reason}")
+    _assert_fails_untouched(
+        loaded,
+        lambda: official.load_reference_checkpoint(loaded, str(path)),
+        str(path),
+        f"{path}: not a TADSR checkpoint ({reason}",
+    )
     with pytest.raises(WeightsError) as error:
         official.load_reference_checkpoint(loaded, str(path))
     assert "weights_only" not in str(error.value) and len(str(error.value)) < len(str(path)) + 120, error.value
@@ -324,13 +377,21 @@ def test_not_a_checkpoint_gets_a_short_reason_and_no_unsafe_advice(loaded, tmp_p
 
 def test_reading_the_pickle_without_torch(loaded, reference, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    _assert_fails_untouched(loaded, lambda: official.load_reference_checkpoint(loaded, reference.path), reference.path,
-                            "reading the official TADSR .pkl needs PyTorch (pip install torch)")
+    _assert_fails_untouched(
+        loaded,
+        lambda: official.load_reference_checkpoint(loaded, reference.path),
+        reference.path,
+        "reading the official TADSR .pkl needs PyTorch (pip install torch)",
+    )
 
 
 def test_alpha_is_checked(loaded, reference):
-    _assert_fails_untouched(loaded, lambda: official.load_reference_checkpoint(loaded, reference.path, alpha=16.0),
-                            reference.path, "the model's LoRA alpha is 8, the checkpoint is read with alpha 16")
+    _assert_fails_untouched(
+        loaded,
+        lambda: official.load_reference_checkpoint(loaded, reference.path, alpha=16.0),
+        reference.path,
+        "the model's LoRA alpha is 8, the checkpoint is read with alpha 16",
+    )
 
 
 def test_reference_export_refuses_another_alpha(loaded, monkeypatch):

@@ -31,15 +31,19 @@ def _problems(*args) -> list[str]:
 def test_plan_gives_each_input_its_outputs_and_creates_the_folder(tmp_path):
     inputs = _inputs(tmp_path / "in", "a.png", "b.jpg")
     out = tmp_path / "new" / "out"
-    assert plan_outputs(str(tmp_path / "in"), inputs, str(out)) == {inputs[0]: [f"{out}/a.png"],
-                                                                     inputs[1]: [f"{out}/b.png"]}
+    assert plan_outputs(str(tmp_path / "in"), inputs, str(out)) == {
+        inputs[0]: [f"{out}/a.png"],
+        inputs[1]: [f"{out}/b.png"],
+    }
     assert plan_outputs(str(tmp_path / "in"), inputs[:1], str(out), sweep_suffixes([100, 700])) == {
-        inputs[0]: [f"{out}/a_t100.png", f"{out}/a_t700.png", f"{out}/a_sweep.png"]}
+        inputs[0]: [f"{out}/a_t100.png", f"{out}/a_t700.png", f"{out}/a_sweep.png"]
+    }
     assert os.listdir(out) == []  # the write probe is gone
 
 
-@pytest.mark.parametrize("suffixes, more", [(("",), ""), (sweep_suffixes([100, 300, 500]), " (and 3 more outputs)")],
-                         ids=["single", "sweep"])
+@pytest.mark.parametrize(
+    "suffixes, more", [(("",), ""), (sweep_suffixes([100, 300, 500]), " (and 3 more outputs)")], ids=["single", "sweep"]
+)
 def test_inputs_with_one_stem_are_refused_one_line_per_clash(tmp_path, suffixes, more):
     inputs = _inputs(tmp_path / "in", "a.jpg", "a.png", "b.png", "c.png", "c.tif", "c.webp")
     out = tmp_path / "out"
@@ -49,7 +53,8 @@ def test_inputs_with_one_stem_are_refused_one_line_per_clash(tmp_path, suffixes,
         f"{inputs[0]} and {inputs[1]} would be written to one file, {out}/a{first}{more}: rename one, or run them "
         f"separately",
         f"{inputs[3]}, {inputs[4]} and {inputs[5]} would be written to one file, {out}/c{first}{more}: rename one, "
-        f"or run them separately"]
+        f"or run them separately",
+    ]
     assert not out.exists()
 
 
@@ -67,7 +72,8 @@ def test_the_input_folder_as_output_is_refused(tmp_path, link):
 def test_an_output_that_is_an_input_file_is_refused(tmp_path):
     (photo,) = _inputs(tmp_path / "out", "photo.png")
     assert _problems(photo, [photo], str(tmp_path / "out")) == [
-        f"--output {tmp_path / 'out'}: {photo} would overwrite the input {photo}"]
+        f"--output {tmp_path / 'out'}: {photo} would overwrite the input {photo}"
+    ]
     assert plan_outputs(photo, [photo], str(tmp_path / "out"), sweep_suffixes([100]))  # other names: fine
 
 
@@ -75,21 +81,25 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
     inputs = _inputs(tmp_path / "in", "a.png")
     (tmp_path / "results").write_text("a file")
     assert _problems(str(tmp_path / "in"), inputs, str(tmp_path / "results")) == [
-        f"--output {tmp_path / 'results'}: exists and is not a folder (give a folder to write into)"]
+        f"--output {tmp_path / 'results'}: exists and is not a folder (give a folder to write into)"
+    ]
     assert _problems(str(tmp_path / "in"), inputs, str(tmp_path / "results" / "sr")) == [
-        f"--output {tmp_path / 'results' / 'sr'}: cannot create the folder: Not a directory"]
+        f"--output {tmp_path / 'results' / 'sr'}: cannot create the folder: Not a directory"
+    ]
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
     """Tests run as root, for whom permission bits do not stop writes: the probe is made to fail as a read-only
     file system would make it."""
+
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", read_only)
     inputs = _inputs(tmp_path / "in", "a.png")
     assert _problems(str(tmp_path / "in"), inputs, str(tmp_path / "out")) == [
-        f"--output {tmp_path / 'out'}: cannot write in the folder: Read-only file system"]
+        f"--output {tmp_path / 'out'}: cannot write in the folder: Read-only file system"
+    ]
 
 
 @pytest.mark.parametrize("case", ["same_stem", "input_folder", "output_is_file", "repeated_timestep"])
@@ -126,10 +136,22 @@ def test_an_out_of_range_scale_is_refused_before_the_model_loads(tmp_path, monke
 def _launch_sr(tmp_path, folder, output, *flags) -> subprocess.CompletedProcess:
     """launch/sr.py on the tiny config with a generator file that does not exist (so any model load would fail)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, os.path.join(repo, "launch", "sr.py"),
-                           f"--config={os.path.join(repo, 'configs/tiny.py')}", f"--generator={tmp_path / 'none'}",
-                           f"--input={folder}", f"--output={output}", *flags],
-                          capture_output=True, text=True, cwd=repo, timeout=300, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, "launch", "sr.py"),
+            f"--config={os.path.join(repo, 'configs/tiny.py')}",
+            f"--generator={tmp_path / 'none'}",
+            f"--input={folder}",
+            f"--output={output}",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
@@ -152,5 +174,6 @@ def test_launcher_refuses_with_one_line_per_problem_before_loading_weights(tmp_p
         f"sr: error: {folder / 'a.jpg'} and {folder / 'a.png'} would be written to one file, {output}/a_t100.png "
         f"(and 2 more outputs): rename one, or run them separately",
         f"sr: error: {folder / 'b.png'} and {folder / 'b.webp'} would be written to one file, {output}/b_t100.png "
-        f"(and 2 more outputs): rename one, or run them separately"]
+        f"(and 2 more outputs): rename one, or run them separately",
+    ]
     assert not output.exists()

@@ -36,9 +36,12 @@ METRIC_NOISE = 3e-6
 
 def _worker_env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     return env
 
 
@@ -49,8 +52,15 @@ def _run_workers(arg_lists: list[list[str]], devices: int, log_dir: Path, timeou
         try:
             for i, args in enumerate(arg_lists):
                 log = logs.enter_context(open(log_dir / f"worker{i}.log", "w"))
-                procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], cwd=REPO,
-                                              env=_worker_env(devices), stdout=log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), *args],
+                        cwd=REPO,
+                        env=_worker_env(devices),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 if any(p.returncode not in (None, 0) for p in procs):
@@ -65,8 +75,11 @@ def _run_workers(arg_lists: list[list[str]], devices: int, log_dir: Path, timeou
                     p.wait()
     failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        report = "\n".join(f"--- worker {i} exit {rc}{' (killed: timeout or a sibling failed)' if rc < 0 else ''}"
-                           f" ---\n{(log_dir / f'worker{i}.log').read_text()[-3000:]}" for i, rc in failed)
+        report = "\n".join(
+            f"--- worker {i} exit {rc}{' (killed: timeout or a sibling failed)' if rc < 0 else ''}"
+            f" ---\n{(log_dir / f'worker{i}.log').read_text()[-3000:]}"
+            for i, rc in failed
+        )
         pytest.fail(f"parallel worker failed:\n{report}")
 
 
@@ -95,35 +108,49 @@ def one_device(tmp_path_factory) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------------------------- pure rules, in-process
 
-@pytest.mark.parametrize("data, fsdp, devices, expected", [
-    (-1, 1, 8, (8, 1)), (2, -1, 8, (2, 4)), (-1, 8, 8, (1, 8)), (4, 2, 8, (4, 2)), (-1, 1, 1, (1, 1)),
-])
+
+@pytest.mark.parametrize(
+    "data, fsdp, devices, expected",
+    [
+        (-1, 1, 8, (8, 1)),
+        (2, -1, 8, (2, 4)),
+        (-1, 8, 8, (1, 8)),
+        (4, 2, 8, (4, 2)),
+        (-1, 1, 1, (1, 1)),
+    ],
+)
 def test_mesh_shape(data, fsdp, devices, expected):
     assert parallel.mesh_shape(data, fsdp, devices) == expected
 
 
-@pytest.mark.parametrize("data, fsdp, devices, message", [
-    (4, 4, 8, "data=4 x fsdp=4 = 16 devices, but there are 8 devices"),
-    (3, -1, 8, "8 devices cannot be split into data=3 x fsdp=-1 (8 is not divisible by 3)"),
-    (-1, -1, 8, "at most one axis size may be -1"),
-    (0, 8, 8, "axis sizes must be positive or -1"),
-])
+@pytest.mark.parametrize(
+    "data, fsdp, devices, message",
+    [
+        (4, 4, 8, "data=4 x fsdp=4 = 16 devices, but there are 8 devices"),
+        (3, -1, 8, "8 devices cannot be split into data=3 x fsdp=-1 (8 is not divisible by 3)"),
+        (-1, -1, 8, "at most one axis size may be -1"),
+        (0, 8, 8, "axis sizes must be positive or -1"),
+    ],
+)
 def test_mesh_shape_errors(data, fsdp, devices, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parallel.mesh_shape(data, fsdp, devices)
 
 
-@pytest.mark.parametrize("shape, fsdp, expected", [
-    ((64, 512), 4, P(None, "fsdp")),  # largest divisible dimension
-    ((4096, 8), 4, P("fsdp")),  # ... wherever it is
-    ((1001, 64), 4, P(None, "fsdp")),  # the largest dimension is not divisible: the next one
-    ((512, 512), 4, P(None, "fsdp")),  # tie: the last one
-    ((3, 3, 320, 640), 8, P(None, None, None, "fsdp")),  # conv kernel: output channels
-    ((1001, 999), 4, P()),  # nothing divisible
-    ((64, 127), 4, P()),  # below min_size
-    ((), 4, P()),  # scalars (step counts)
-    ((64, 512), 1, P()),  # no fsdp axis
-])
+@pytest.mark.parametrize(
+    "shape, fsdp, expected",
+    [
+        ((64, 512), 4, P(None, "fsdp")),  # largest divisible dimension
+        ((4096, 8), 4, P("fsdp")),  # ... wherever it is
+        ((1001, 64), 4, P(None, "fsdp")),  # the largest dimension is not divisible: the next one
+        ((512, 512), 4, P(None, "fsdp")),  # tie: the last one
+        ((3, 3, 320, 640), 8, P(None, None, None, "fsdp")),  # conv kernel: output channels
+        ((1001, 999), 4, P()),  # nothing divisible
+        ((64, 127), 4, P()),  # below min_size
+        ((), 4, P()),  # scalars (step counts)
+        ((64, 512), 1, P()),  # no fsdp axis
+    ],
+)
 def test_param_spec(shape, fsdp, expected):
     assert parallel.param_spec(shape, fsdp, min_size=8192) == expected
 
@@ -147,23 +174,29 @@ def test_mesh_config_defaults():
     assert (config.data, config.fsdp, config.fsdp_min_size) == (-1, 1, 2**20)
 
 
-@pytest.mark.parametrize("flags, given", [
-    ({"coordinator_address": "10.0.0.1:1234"}, "coordinator_address"),
-    ({"num_processes": 2, "process_id": 0}, "num_processes, process_id"),
-])
+@pytest.mark.parametrize(
+    "flags, given",
+    [
+        ({"coordinator_address": "10.0.0.1:1234"}, "coordinator_address"),
+        ({"num_processes": 2, "process_id": 0}, "num_processes, process_id"),
+    ],
+)
 def test_initialize_needs_all_three_flags(flags, given):
     with pytest.raises(ValueError, match=f"together \\(got only {given}\\)"):
         parallel.initialize(**flags)
 
 
-@pytest.mark.parametrize("env, tpu_vm, flags, expected_call", [
-    ({}, False, {}, None),  # a workstation: single process
-    ({"SLURM_NTASKS": "4"}, False, {}, None),  # inside an sbatch script, not under srun
-    ({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}, False, {}, None),  # srun with one task
-    ({"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-4]"}, False, {}, ()),  # srun: auto-detect
-    ({}, True, {}, ()),  # Cloud TPU VM: auto-detect
-    ({}, False, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}, ("h:1", 2, 1)),
-])
+@pytest.mark.parametrize(
+    "env, tpu_vm, flags, expected_call",
+    [
+        ({}, False, {}, None),  # a workstation: single process
+        ({"SLURM_NTASKS": "4"}, False, {}, None),  # inside an sbatch script, not under srun
+        ({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}, False, {}, None),  # srun with one task
+        ({"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-4]"}, False, {}, ()),  # srun: auto-detect
+        ({}, True, {}, ()),  # Cloud TPU VM: auto-detect
+        ({}, False, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}, ("h:1", 2, 1)),
+    ],
+)
 def test_initialize_dispatch(monkeypatch, env, tpu_vm, flags, expected_call):
     for name in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(name)
@@ -180,6 +213,7 @@ def test_initialize_dispatch(monkeypatch, env, tpu_vm, flags, expected_call):
 
 # --------------------------------------------------------------------------------- simulated devices
 
+
 @pytest.mark.slow
 def test_rules_on_8_devices(tmp_path):
     _run_workers([["unit", str(tmp_path / "unit.json")]], 8, tmp_path)
@@ -190,8 +224,14 @@ def test_rules_on_8_devices(tmp_path):
     assert got["mesh_axis_names"] == ["data", "fsdp"]
     assert got["err_indivisible"] == "mesh: 8 devices cannot be split into data=3 x fsdp=-1 (8 is not divisible by 3)"
     assert got["err_product"] == "mesh: data=4 x fsdp=4 = 16 devices, but there are 8 devices"
-    assert got["specs_fsdp4"] == {"big": "P(None, 'fsdp')", "conv": "P(None, None, None, 'fsdp')", "count": "P()",
-                                  "odd": "P()", "small": "P()", "square": "P(None, 'fsdp')"}
+    assert got["specs_fsdp4"] == {
+        "big": "P(None, 'fsdp')",
+        "conv": "P(None, None, None, 'fsdp')",
+        "count": "P()",
+        "odd": "P()",
+        "small": "P()",
+        "square": "P(None, 'fsdp')",
+    }
     assert set(got["specs_fsdp1"].values()) == {"P()"}
     assert (got["linear_kernel"], got["linear_bias"]) == ("P(None, 'fsdp')", "P()")  # nnx.State in, State out
     assert got["replicated"] == "P()"
@@ -264,8 +304,22 @@ def test_validation_over_two_processes_equals_one(tmp_path):
     common = ["validate", f"--images={images}"]
     _run_workers([[*common[:1], str(tmp_path / "one"), *common[1:]]], 2, tmp_path, timeout=300)
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    _run_workers([[common[0], str(tmp_path / f"two{i}"), *common[1:], f"--coordinator={address}",
-                   "--num_processes=2", f"--process_id={i}"] for i in range(2)], 1, tmp_path, timeout=300)
+    _run_workers(
+        [
+            [
+                common[0],
+                str(tmp_path / f"two{i}"),
+                *common[1:],
+                f"--coordinator={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ]
+            for i in range(2)
+        ],
+        1,
+        tmp_path,
+        timeout=300,
+    )
     one = json.loads((tmp_path / "one.json").read_text())
     one_rows = np.load(tmp_path / "one.npz")
     assert one["images"] == 3 and one["compiled_samplers"] == 1

@@ -19,8 +19,9 @@ def _kept_bytes(fn, *args, dtype: str | None = None) -> float:
 def test_bf16_resnet_block_keeps_no_float32_map():
     """GroupNorm's statistics are float32; its float32 copies of the map were the largest saved activations (22 of
     72 GiB in the SD-2.1 step at 4 images). Only bf16 maps (and per-group statistics, if any) may be kept."""
-    block = ResnetBlock2D(32, 64, groups=8, eps=1e-5, temb_channels=16, time_mode="scale_shift", dtype=jnp.bfloat16,
-                          rngs=nnx.Rngs(0))
+    block = ResnetBlock2D(
+        32, 64, groups=8, eps=1e-5, temb_channels=16, time_mode="scale_shift", dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
     graphdef, params = nnx.split(block)
     x = jnp.ones((2, 16, 16, 32), jnp.bfloat16)
     temb = jnp.ones((2, 16), jnp.bfloat16)

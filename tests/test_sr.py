@@ -46,8 +46,10 @@ def trained_tadsr(folder: str, seed: int = 1):
     model, tokenizer, schedule = build_tadsr(folder, CONFIG.model)
     rng = np.random.default_rng(seed)
     state = nnx.state(model, GENERATOR)
-    nnx.update(model, jax.tree.map(
-        lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32)), state))
+    nnx.update(
+        model,
+        jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32)), state),
+    )
     return model, tokenizer, schedule
 
 
@@ -119,7 +121,7 @@ def test_tile_offsets_follow_the_reference():
 def test_gaussian_weights_are_the_reference_x_profile_on_both_axes():
     tile = 40
     x = np.arange(tile)
-    profile = np.exp(-(x - (tile - 1) / 2) ** 2 / (2 * 0.01 * tile ** 2)) / np.sqrt(2 * np.pi * 0.01)
+    profile = np.exp(-((x - (tile - 1) / 2) ** 2) / (2 * 0.01 * tile**2)) / np.sqrt(2 * np.pi * 0.01)
     np.testing.assert_allclose(gaussian_weights(tile), np.outer(profile, profile), rtol=1e-6)  # measured 5.5e-8
 
 
@@ -141,9 +143,11 @@ def test_tiled_unet_one_tile_is_exact_and_several_tiles_are_close(sr_model):
     assert rel_err(one, untiled) == 0.0
     several = nnx.jit(lambda unet, x: tiled_call(lambda tile: unet(tile, t, ctx), x, 32, 16))(sr_model.unet, z)
     diff = np.asarray(several, np.float64) - np.asarray(untiled, np.float64)
-    rms, peak = (float(v / np.std(untiled)) for v in (np.sqrt(np.mean(diff ** 2)), np.abs(diff).max()))
-    print(f"\ntiled UNet (48x64 latent, 32-pixel tiles, overlap 16) vs untiled, relative to std: rms {rms:.3g}, "
-          f"max {peak:.3g}")
+    rms, peak = (float(v / np.std(untiled)) for v in (np.sqrt(np.mean(diff**2)), np.abs(diff).max()))
+    print(
+        f"\ntiled UNet (48x64 latent, 32-pixel tiles, overlap 16) vs untiled, relative to std: rms {rms:.3g}, "
+        f"max {peak:.3g}"
+    )
     # README (tiling): attention and convolutions see one tile; measured rms 0.14, max 1.1 on this random UNet.
     assert 0 < rms <= 0.25
 
@@ -208,8 +212,9 @@ def direct_generator(sr_model):
 
 
 @pytest.mark.parametrize("scale,side", [(1, 64), (2, 32), (3, 32)])
-def test_other_scales_equal_the_generator_on_the_bicubic_upscaled_input(sr_model, upscaler, direct_generator, scale,
-                                                                         side):
+def test_other_scales_equal_the_generator_on_the_bicubic_upscaled_input(
+    sr_model, upscaler, direct_generator, scale, side
+):
     """Output exactly scale x the input, and equal to the one-step generator run directly on the input's bicubic
     x scale upscale (same posterior key, the same colour fix against that upscale). process_size = scale keeps
     the short-side rule out of it (tested above); working sizes of 64 and 96 need no padding or tiling."""
@@ -221,15 +226,23 @@ def test_other_scales_equal_the_generator_on_the_bicubic_upscaled_input(sr_model
     bicubic = np.asarray(Image.fromarray(image).resize((scale * side,) * 2, Image.BICUBIC), np.float32) / 127.5 - 1
     ids = jnp.asarray(upscaler.tokens([""]))
     t = jnp.asarray([settings.settings.timestep], jnp.int32)
-    direct = direct_generator(sr_model.vae, sr_model.unet, jnp.asarray(bicubic[None]), t,
-                              sr_model.text_encoder(ids), jax.random.key(settings.settings.seed))[0]
+    direct = direct_generator(
+        sr_model.vae,
+        sr_model.unet,
+        jnp.asarray(bicubic[None]),
+        t,
+        sr_model.text_encoder(ids),
+        jax.random.key(settings.settings.seed),
+    )[0]
     ours = settings(bicubic[None], [""], [settings.settings.timestep])[0]
     err = rel_err(ours, direct)
     fixed = color_fix((direct + 1) / 2, jnp.asarray((bicubic + 1) / 2), settings.settings.color_fix)
     want = np.asarray(np.round(np.clip(np.asarray(fixed), 0, 1) * 255), np.uint8)
     diff = np.abs(out.astype(int) - want.astype(int))
-    print(f"x{scale}: pipeline vs direct generator rel err {err:.2e}; uint8 max diff {diff.max()}, "
-          f"{np.mean(diff > 0):.2%} of values differ")
+    print(
+        f"x{scale}: pipeline vs direct generator rel err {err:.2e}; uint8 max diff {diff.max()}, "
+        f"{np.mean(diff > 0):.2%} of values differ"
+    )
     assert err <= 3e-4  # float32, two compilations of one computation: measured 2.1e-5 .. 3.2e-5 (x1, x2, x3)
     assert diff.max() <= 1
 
@@ -303,8 +316,9 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
     assert len(params) == len(reference)
     for ours, want in zip(params, reference):
         assert ours.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(ours).view(np.uint16),
-                                      np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
+        np.testing.assert_array_equal(
+            np.asarray(ours).view(np.uint16), np.asarray(want.astype(jnp.bfloat16)).view(np.uint16)
+        )
 
 
 def test_bfloat16_program_holds_no_float32_copy_of_the_weights(sd_folder):
@@ -362,9 +376,17 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     bad = _bad_inputs(inputs)
     converted = _converted_inputs(inputs)
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(REPO, "launch", "sr.py"), "--config", os.path.join(REPO, "configs/tiny.py"),
-           f"--config.model.pretrained={sd_folder}", f"--generator={generator_file}", f"--input={inputs}",
-           f"--output={out}", "--timestep=300"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "sr.py"),
+        "--config",
+        os.path.join(REPO, "configs/tiny.py"),
+        f"--config.model.pretrained={sd_folder}",
+        f"--generator={generator_file}",
+        f"--input={inputs}",
+        f"--output={out}",
+        "--timestep=300",
+    ]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -381,8 +403,15 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["written"] == len(written) and summary["failed"] == len(bad)
 
-    sweep = subprocess.run(cmd[:-1] + [f"--input={inputs / 'astronaut.png'}", "--sweep=100,700"],
-                           capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
+    sweep = subprocess.run(
+        cmd[:-1] + [f"--input={inputs / 'astronaut.png'}", "--sweep=100,700"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "timestep sweep:  50%" in sweep.stderr and "1/2" in sweep.stderr  # progress per timestep
     sheet = Image.open(out / "astronaut_sweep.png")
@@ -391,8 +420,9 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
     assert np.abs(a - b).mean() > 0.5
 
 
-def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(tmp_path, sd_folder, generator_file,
-                                                                      compilation_cache):
+def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
+    tmp_path, sd_folder, generator_file, compilation_cache
+):
     from tadsr_jax import metrics
 
     lq, hr = tmp_path / "lq", tmp_path / "hr"
@@ -402,9 +432,18 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(tmp_path,
         Image.fromarray(sample(name, (128, 128))).save(hr / f"{name}.png")
         Image.fromarray(sample(name, (32, 32))).save(lq / f"{name}.png")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, os.path.join(REPO, "launch", "evaluate.py"),
-           "--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}",
-           f"--generator={generator_file}", f"--lq={lq}", f"--hr={hr}", f"--output={out}", "--sweep=100,700"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "evaluate.py"),
+        "--config",
+        os.path.join(REPO, "configs/tiny.py"),
+        f"--config.model.pretrained={sd_folder}",
+        f"--generator={generator_file}",
+        f"--lq={lq}",
+        f"--hr={hr}",
+        f"--output={out}",
+        "--sweep=100,700",
+    ]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -421,29 +460,62 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(tmp_path,
     assert (out / "metrics.md").read_text().splitlines()[0] == "| Dataset | Metric | t=100 | t=700 |"
     with Image.open(out / "sweep.png") as plot:
         assert plot.format == "PNG"
-    again = subprocess.run([*cmd[:1], cmd[1], f"--sr={out / 'sr'}", f"--hr={hr}", f"--output={tmp_path / 'again'}",
-                            "--sweep=100,700"], capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    again = subprocess.run(
+        [*cmd[:1], cmd[1], f"--sr={out / 'sr'}", f"--hr={hr}", f"--output={tmp_path / 'again'}", "--sweep=100,700"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
 
 
-def test_convert_to_the_reference_format_then_sr_gives_the_same_image(tmp_path, sd_folder, generator_file,
-                                                                      compilation_cache):
+def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
+    tmp_path, sd_folder, generator_file, compilation_cache
+):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     config = ["--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}"]
     pkl = tmp_path / "tadsr.pkl"
-    convert = subprocess.run([sys.executable, os.path.join(REPO, "launch", "convert.py"), "--what=generator",
-                              *config, f"--generator={generator_file}", f"--out={pkl}"],
-                             capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
+    convert = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "convert.py"),
+            "--what=generator",
+            *config,
+            f"--generator={generator_file}",
+            f"--out={pkl}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert convert.returncode == 0 and pkl.is_file(), convert.stderr[-3000:]
     image = tmp_path / "astronaut.png"
     Image.fromarray(sample("astronaut", (32, 32))).save(image)
     outputs = {}
     for flag in (f"--generator={generator_file}", f"--tadsr_ckpt={pkl}"):
         out = tmp_path / flag.split("=")[0].strip("-")
-        run = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sr.py"), *config, flag,
-                              f"--input={image}", f"--output={out}"],
-                             capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
+        run = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO, "launch", "sr.py"),
+                *config,
+                flag,
+                f"--input={image}",
+                f"--output={out}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+            env=env,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         outputs[flag] = np.asarray(Image.open(out / "astronaut.png"))
     first, second = outputs.values()
@@ -478,8 +550,9 @@ def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, sd_folder
 
     def warnings(weights: str, **kwargs) -> list[str]:
         log = io.StringIO()
-        report = session.run(config, str(inputs), str(tmp_path / "out"), WeightsSource(generator=weights), log=log,
-                             **kwargs)
+        report = session.run(
+            config, str(inputs), str(tmp_path / "out"), WeightsSource(generator=weights), log=log, **kwargs
+        )
         assert len(report.failed) == 1
         return [line for line in log.getvalue().splitlines() if "trained" in line]
 

@@ -31,12 +31,18 @@ def _diffusers_lrs(kind: str, config: ml_collections.ConfigDict, lr_end: float |
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
     if lr_end is None:
-        scheduler = get_scheduler(kind, optimizer=optimizer, num_warmup_steps=config.warmup_steps,
-                                  num_training_steps=config.steps, num_cycles=config.lr_num_cycles,
-                                  power=config.lr_power)
+        scheduler = get_scheduler(
+            kind,
+            optimizer=optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.steps,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
+        )
     else:
-        scheduler = get_polynomial_decay_schedule_with_warmup(optimizer, config.warmup_steps, config.steps,
-                                                              lr_end=lr_end, power=config.lr_power)
+        scheduler = get_polynomial_decay_schedule_with_warmup(
+            optimizer, config.warmup_steps, config.steps, lr_end=lr_end, power=config.lr_power
+        )
     lrs = []
     for _ in range(config.steps):
         lrs.append(scheduler.get_last_lr()[0])
@@ -78,18 +84,27 @@ def test_every_get_scheduler_kind_is_covered():
     assert set(LR_SCHEDULES) == {kind for kind, _, _ in CASES}
 
 
-@pytest.mark.parametrize("changes, line", [
-    ({"lr_schedule": "cosine_annealing"},
-     "train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, constant_with_warmup, linear, cosine, "
-     "cosine_with_restarts, polynomial)"),
-    ({"lr_schedule": "constant", "warmup_steps": 500},
-     "train.warmup_steps=500 does nothing with train.lr_schedule='constant' (as in diffusers' get_scheduler): use "
-     "'constant_with_warmup', or warmup_steps=0"),
-    ({"lr_schedule": "linear", "warmup_steps": STEPS},
-     f"train.warmup_steps must be in 0..{STEPS - 1} (train.steps - 1), got {STEPS}"),
-    ({"lr_schedule": "polynomial", "lr_end": LR}, "train.lr_end (5e-05) must be below train.lr (5e-05)"),
-    ({"lr_schedule": "cosine_with_restarts", "lr_num_cycles": 0}, "train.lr_num_cycles must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "changes, line",
+    [
+        (
+            {"lr_schedule": "cosine_annealing"},
+            "train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, constant_with_warmup, linear, "
+            "cosine, cosine_with_restarts, polynomial)",
+        ),
+        (
+            {"lr_schedule": "constant", "warmup_steps": 500},
+            "train.warmup_steps=500 does nothing with train.lr_schedule='constant' (as in diffusers' get_scheduler): "
+            "use 'constant_with_warmup', or warmup_steps=0",
+        ),
+        (
+            {"lr_schedule": "linear", "warmup_steps": STEPS},
+            f"train.warmup_steps must be in 0..{STEPS - 1} (train.steps - 1), got {STEPS}",
+        ),
+        ({"lr_schedule": "polynomial", "lr_end": LR}, "train.lr_end (5e-05) must be below train.lr (5e-05)"),
+        ({"lr_schedule": "cosine_with_restarts", "lr_num_cycles": 0}, "train.lr_num_cycles must be at least 1, got 0"),
+    ],
+)
 def test_bad_lr_schedule_is_one_line_naming_the_key(changes, line):
     with pytest.raises(ValueError) as error:
         learning_rate(_train_config(**changes))
@@ -128,13 +143,16 @@ def _batch(trainer, seed: int, size: int) -> dict:
 
     rng = np.random.default_rng(seed)
     prompts = ["", "a photo of a cat", "coffee", "grass, sky"] * (size // 4 + 1)
-    host = {"lq": rng.uniform(-1, 1, (size, CROP, CROP, 3)).astype(np.float32),
-            "hq": rng.uniform(-1, 1, (size, CROP, CROP, 3)).astype(np.float32),
-            "input_ids": trainer.tokenize(prompts[:size])}
+    host = {
+        "lq": rng.uniform(-1, 1, (size, CROP, CROP, 3)).astype(np.float32),
+        "hq": rng.uniform(-1, 1, (size, CROP, CROP, 3)).astype(np.float32),
+        "input_ids": trainer.tokenize(prompts[:size]),
+    }
     return parallel.global_batch(host, trainer.batch_sharding)
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
+
 
 def test_micro_batches_take_every_device_block_in_turn():
     from tadsr_jax.train.step import micro_batches
@@ -142,8 +160,12 @@ def test_micro_batches_take_every_device_block_in_turn():
     rows = np.arange(16).reshape(16, 1) * np.ones((1, 3))
     got = np.asarray(micro_batches(rows, 2, 4))[..., 0]  # 4 devices with 4 rows each, 2 micro-batches
     assert got.tolist() == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
-    assert np.asarray(micro_batches(rows, 4, 1))[:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
-                                                                        [12, 13, 14, 15]]
+    assert np.asarray(micro_batches(rows, 4, 1))[:, :, 0].tolist() == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12, 13, 14, 15],
+    ]
 
 
 SHARDED_MICRO_BATCHES = """
@@ -177,10 +199,21 @@ def test_micro_batches_stay_on_the_devices_of_their_rows():
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-c", SHARDED_MICRO_BATCHES], capture_output=True, text=True, env=env,
-                         cwd=repo, timeout=300, check=True)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", SHARDED_MICRO_BATCHES],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=repo,
+        timeout=300,
+        check=True,
+    )
     got = json.loads(run.stdout.splitlines()[-1])
     assert got["moved"] == [] and got["spec"] == "P(None, ('data', 'fsdp'))"
     assert got["collectives"] == {"split": [], "mean": ["all-reduce"]}
@@ -212,8 +245,9 @@ def test_accumulating_4_micro_batches_of_1_trains_as_one_batch_of_4(tiny_sd, tmp
         trainer = build(_tiny_config(tiny_sd, batch_size=4, accumulate_steps=accumulate), str(tmp_path))
         state, initial, metrics = trainer.state, _flat(trainer.state), []
         for seed in (1, 2):
-            state, values = trainer.step_fn(state, trainer.frozen, trainer.rest, _batch(trainer, seed, 4),
-                                            trainer.neg_context)
+            state, values = trainer.step_fn(
+                state, trainer.frozen, trainer.rest, _batch(trainer, seed, 4), trainer.neg_context
+            )
             metrics.append(host_metrics(values))
         runs[accumulate] = initial, _flat(state), metrics
     (initial, one, one_metrics), (initial4, four, four_metrics) = runs[1], runs[4]
@@ -235,9 +269,12 @@ def test_accumulating_4_micro_batches_of_1_trains_as_one_batch_of_4(tiny_sd, tmp
         assert np.abs(ref).max() > 0, part  # trained
         changes[part] = float(np.linalg.norm(_delta(four, initial, part) - ref) / np.linalg.norm(ref))
     worst = max(errors, key=errors.get)
-    print(f"\naccumulate 4 x 1 vs batch 4, 2 updates (relative): worst {worst} {errors[worst]:.1e}; "
-          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items() if "/" in k and "loss" not in k)
-          + "; parameter changes " + ", ".join(f"{k} {v:.1e}" for k, v in changes.items()))
+    print(
+        f"\naccumulate 4 x 1 vs batch 4, 2 updates (relative): worst {worst} {errors[worst]:.1e}; "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items() if "/" in k and "loss" not in k)
+        + "; parameter changes "
+        + ", ".join(f"{k} {v:.1e}" for k, v in changes.items())
+    )
     # Losses, gradient norms, parameters and Adam's moments differ by float32 noise of different reduction orders
     # (a batch of 4 vs 4 of 1, summed): measured worst 8.9e-6, step 2's generator gradient norm (step 1: 1.1e-7),
     # parameters 5.1e-6, moments 8.4e-7; the bound is 11x above. Summing instead of averaging the micro-batches
@@ -278,8 +315,11 @@ def _generator_leaves(state) -> dict[str, np.ndarray]:
     """{'unet/.../a': array} of a train state's generator, named as in a generator export."""
     from train_worker import flat_state
 
-    return {k.removeprefix("generator/").removesuffix("/value"): v for k, v in flat_state(state).items()
-            if k.startswith("generator/")}
+    return {
+        k.removeprefix("generator/").removesuffix("/value"): v
+        for k, v in flat_state(state).items()
+        if k.startswith("generator/")
+    }
 
 
 def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, exported_generator, tmp_path):
@@ -305,24 +345,27 @@ def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, exp
     assert all(np.array_equal(leaves[k], exported[k]) for k in exported)
     assert int(np.asarray(state.step)) == 0
     fresh = optimizer(config.train).init(state.generator)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(state.generator_opt), jax.tree.leaves(fresh)))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(state.generator_opt), jax.tree.leaves(fresh))
+    )
 
     rng = np.random.default_rng(5)
     lq = np.clip(rng.normal(0, 0.4, (1, SR_SIZE, SR_SIZE, 3)), -1, 1).astype(np.float32)
     t = config.sr.timestep
     batch = parallel.global_batch({"lq": lq, "input_ids": trainer.tokenize([""])}, trainer.batch_sharding)
     timesteps = parallel.global_batch({"t": np.full(1, t, np.int32)}, trainer.batch_sharding)["t"]
-    ours = np.asarray(trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, timesteps,
-                                        jax.random.key(SR_SEED)))
+    ours = np.asarray(trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, timesteps, jax.random.key(SR_SEED)))
     model = load_sr_model(config, tiny_sd, WeightsSource(generator=exported_generator))
     upscaler = Upscaler(model, SRSettings.from_config(config.sr, color_fix="none", seed=SR_SEED))
     ref = np.asarray(upscaler(lq, [""], [t]))
     err = float(np.abs(ours - ref).max())
     moved = float(np.abs(ref - lq).mean())
-    print(f"\nfine-tuning step 0 vs inference on the export: max |SR difference| {err:.1e}, mean "
-          f"{np.abs(ours - ref).mean():.1e} (SR moves the LQ by {moved:.2f} on average, "
-          f"{np.mean(np.abs(ref) < 1):.0%} of the values unclipped)")
+    print(
+        f"\nfine-tuning step 0 vs inference on the export: max |SR difference| {err:.1e}, mean "
+        f"{np.abs(ours - ref).mean():.1e} (SR moves the LQ by {moved:.2f} on average, "
+        f"{np.mean(np.abs(ref) < 1):.0%} of the values unclipped)"
+    )
     assert np.mean(np.abs(ref) < 1) > 0.5 and moved > 0.01
     # Inference folds the LoRA factors into the kernels (W + s B A), training applies them beside (W x + s B A x):
     # float32 rounding of the two, measured 1.4e-5 at most (images in [-1, 1]); the bound is 10x above. Training
@@ -350,27 +393,45 @@ def test_a_workdir_with_checkpoints_resumes_without_reading_init_generator(tiny_
     assert not any(np.any(v) for k, v in _generator_leaves(state).items() if k.endswith("/b"))  # fresh adapters
 
 
-@pytest.mark.parametrize("args, line", [
-    (["--config.train.lr_schedule=cosine_annealing"],
-     "train: error: train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, constant_with_warmup, "
-     "linear, cosine, cosine_with_restarts, polynomial)"),
-    (["--config.train.batch_size=6", "--config.train.accumulate_steps=4"],
-     "train: error: train.batch_size=6 must be divisible by train.accumulate_steps x devices = 4 x 1 (every device "
-     "gets the same rows in every micro-batch)"),
-    (["--config.model.init_generator=tadsr.ckpt"],
-     "train: error: model.init_generator=tadsr.ckpt: not a .pkl (the reference's tadsr.pkl), a .safetensors export "
-     "(launch/convert.py --what=generator) or a training workdir"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--config.train.lr_schedule=cosine_annealing"],
+            "train: error: train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, "
+            "constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)",
+        ),
+        (
+            ["--config.train.batch_size=6", "--config.train.accumulate_steps=4"],
+            "train: error: train.batch_size=6 must be divisible by train.accumulate_steps x devices = 4 x 1 (every "
+            "device gets the same rows in every micro-batch)",
+        ),
+        (
+            ["--config.model.init_generator=tadsr.ckpt"],
+            "train: error: model.init_generator=tadsr.ckpt: not a .pkl (the reference's tadsr.pkl), a .safetensors "
+            "export (launch/convert.py --what=generator) or a training workdir",
+        ),
+    ],
+)
 def test_train_py_refuses_bad_settings_in_one_line_before_loading(args, line, tmp_path):
     import os
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py",
-                          f"--workdir={tmp_path / 'w'}", *args], capture_output=True, text=True, cwd=repo, env=env,
-                         timeout=300, check=False)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
+    run = subprocess.run(
+        [sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", *args],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert (run.returncode, run.stderr.splitlines()) == (2, [line])
     assert not (tmp_path / "w" / "tiny_sd").exists()  # stopped before writing or loading any weights

@@ -54,13 +54,22 @@ WORKER = Path(__file__).with_name("train_worker.py")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # The tiny config kept small and identical for every run, TA-VSD on (LPIPS parity is tested in test_lpips.py).
 CROP = 16
-CONFIG = ["--config=configs/tiny.py", "--config.loss.lpips=0", "--config.loss.vsd=1",
-          "--config.train.batch_size=8", f"--config.data.crop_size={CROP}", "--config.train.log_every=1"]
+CONFIG = [
+    "--config=configs/tiny.py",
+    "--config.loss.lpips=0",
+    "--config.loss.vsd=1",
+    "--config.train.batch_size=8",
+    f"--config.data.crop_size={CROP}",
+    "--config.train.log_every=1",
+]
 MESH_4x2 = ["--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1024"]
 # The sharded runs also recompute activations (tadsr_jax/nn/remat.py), so comparing them with the plain 1-device
 # run checks that remat changes memory, not the training.
-REMAT = ["--config.model.remat.unet=full", "--config.model.remat.vae_encoder=full",
-         "--config.model.remat.vae_decoder=dots"]
+REMAT = [
+    "--config.model.remat.unet=full",
+    "--config.model.remat.vae_encoder=full",
+    "--config.model.remat.vae_decoder=dots",
+]
 STEPS = 3  # the sharding / multi-host comparisons
 RESUME_STEPS, CHECKPOINT_EVERY = 6, 2
 # Relative, sharded vs unsharded or 2 processes vs 1 (only the order of float reductions differs). Measured after 3
@@ -75,20 +84,28 @@ _STARTED: list[subprocess.Popen] = []
 
 # ------------------------------------------------------------------------------------------------ processes
 
+
 class Run:
     """One child process with its log file."""
 
     def __init__(self, name: str, argv: list[str], devices: int, shared: SimpleNamespace, *, nice: int = 0):
         self.name, self.log_path = name, shared.root / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
-        env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-                   TRAIN_WORKER_PARENT_PID=str(os.getpid()), TRAIN_WORKER_NICE=str(nice),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-                   JAX_COMPILATION_CACHE_DIR=str(shared.cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env.update(
+            JAX_PLATFORMS="cpu",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            PYTHONUNBUFFERED="1",
+            TRAIN_WORKER_PARENT_PID=str(os.getpid()),
+            TRAIN_WORKER_NICE=str(nice),
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+            JAX_COMPILATION_CACHE_DIR=str(shared.cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        )
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, str(WORKER), *argv], cwd=REPO, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER), *argv], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         _STARTED.append(self.proc)
 
     def log(self) -> str:
@@ -117,8 +134,10 @@ def wait_all(*runs: Run, timeout: float = TIMEOUT_S) -> None:
         r.kill()
     failed = [r for r in runs if r.proc.returncode != 0]
     if failed:
-        pytest.fail("training run failed (negative exit: killed after a timeout or a sibling's failure):\n"
-                    + "\n".join(r.tail() for r in failed))
+        pytest.fail(
+            "training run failed (negative exit: killed after a timeout or a sibling's failure):\n"
+            + "\n".join(r.tail() for r in failed)
+        )
 
 
 def wait_for(condition, run: Run, what: str, timeout: float = TIMEOUT_S, interval: float = 0.05):
@@ -146,6 +165,7 @@ def _kill_children():
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+
 def read_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
     """The train state of checkpoint `step` as host arrays, whatever devices or processes saved it."""
     import orbax.checkpoint as ocp
@@ -172,8 +192,9 @@ def relative_error(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], prefi
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def assert_same_training(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], what: str,
-                         errors: dict[str, float]) -> None:
+def assert_same_training(
+    got: dict[str, np.ndarray], ref: dict[str, np.ndarray], what: str, errors: dict[str, float]
+) -> None:
     for part in ("generator/", "fake_score/", "generator_opt/", "fake_score_opt/"):
         err = relative_error(got, ref, part)
         errors[f"{what} {part[:-1]}"] = err
@@ -182,6 +203,7 @@ def assert_same_training(got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
 
 
 # ------------------------------------------------------------------------------------------------ the runs
+
 
 @pytest.fixture(scope="module")
 def shared(request, tmp_path_factory) -> SimpleNamespace:
@@ -193,14 +215,22 @@ def shared(request, tmp_path_factory) -> SimpleNamespace:
 
     root = tmp_path_factory.mktemp("training")
     config = get_config()
-    model = write_random_sd_folder(str(root / "random_sd"), unet=config.model.unet.to_dict(),
-                                   vae=config.model.vae.to_dict(), text_encoder=config.model.text_encoder.to_dict(),
-                                   seed=0)
+    model = write_random_sd_folder(
+        str(root / "random_sd"),
+        unet=config.model.unet.to_dict(),
+        vae=config.model.vae.to_dict(),
+        text_encoder=config.model.text_encoder.to_dict(),
+        seed=0,
+    )
     images = root / "sample_images"
     write_sample_images(str(images), TRAIN_SAMPLES, size=config.data.sample_size)
     (root / "cache").mkdir()
-    args = [*CONFIG, "--config.train.sample_every=0", f"--config.model.pretrained={model}",
-            f"--config.data.path={images}"]
+    args = [
+        *CONFIG,
+        "--config.train.sample_every=0",
+        f"--config.model.pretrained={model}",
+        f"--config.data.path={images}",
+    ]
     measured: dict[str, float] = {}
     yield SimpleNamespace(root=root, cache=root / "cache", args=args, errors=measured)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -218,23 +248,64 @@ def runs(shared) -> SimpleNamespace:
 
     The 1-device run goes first in line for the CPU: every later run loads its program from the cache.
     """
-    steps = ["steps", *shared.args, f"--config.train.steps={STEPS}", f"--steps={STEPS}",
-             f"--config.train.checkpoint_every={CHECKPOINT_EVERY}"]
-    one = Run("one", [*steps, "--nan_checks", f"--workdir={shared.root / 'one'}",
-                      f"--out={shared.root / 'one' / 'out'}"], 1, shared)
-    eight = Run("eight", [*steps, *MESH_4x2, *REMAT, f"--workdir={shared.root / 'eight'}",
-                          f"--out={shared.root / 'eight' / 'out'}"], 8, shared, nice=5)
+    steps = [
+        "steps",
+        *shared.args,
+        f"--config.train.steps={STEPS}",
+        f"--steps={STEPS}",
+        f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+    ]
+    one = Run(
+        "one",
+        [*steps, "--nan_checks", f"--workdir={shared.root / 'one'}", f"--out={shared.root / 'one' / 'out'}"],
+        1,
+        shared,
+    )
+    eight = Run(
+        "eight",
+        [*steps, *MESH_4x2, *REMAT, f"--workdir={shared.root / 'eight'}", f"--out={shared.root / 'eight' / 'out'}"],
+        8,
+        shared,
+        nice=5,
+    )
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    two = [Run(f"two{i}", [*_multihost_command(shared.root / "two"), f"--coordinator_address={address}",
-                           "--num_processes=2", f"--process_id={i}"], 4, shared, nice=5) for i in range(2)]
-    return SimpleNamespace(one=one, eight=eight, two=two, one_out=shared.root / "one" / "out",
-                           eight_out=shared.root / "eight" / "out", two_dir=shared.root / "two")
+    two = [
+        Run(
+            f"two{i}",
+            [
+                *_multihost_command(shared.root / "two"),
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            4,
+            shared,
+            nice=5,
+        )
+        for i in range(2)
+    ]
+    return SimpleNamespace(
+        one=one,
+        eight=eight,
+        two=two,
+        one_out=shared.root / "one" / "out",
+        eight_out=shared.root / "eight" / "out",
+        two_dir=shared.root / "two",
+    )
 
 
 def _multihost_command(workdir: Path, *inputs: str) -> list[str]:
     """launch/train.py for `two` and `one_process`: the stand-in and images of the workdir, unless `inputs` say."""
-    return ["cli", *CONFIG, *MESH_4x2, *REMAT, f"--config.train.steps={STEPS}", f"--config.train.sample_every={STEPS}",
-            *inputs, f"--workdir={workdir}"]
+    return [
+        "cli",
+        *CONFIG,
+        *MESH_4x2,
+        *REMAT,
+        f"--config.train.steps={STEPS}",
+        f"--config.train.sample_every={STEPS}",
+        *inputs,
+        f"--workdir={workdir}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +313,17 @@ def one_process(shared, runs) -> SimpleNamespace:
     """`two`'s command as 1 process x 8 devices on its stand-in and images, once they are complete (it logged its
     first step) and the 8-device train step is compiled (`eight` is done)."""
     wait_for(lambda: re.search(r"step 1: \{", runs.two[0].log()), runs.two[0], "two's first step", interval=0.5)
-    wait_for(lambda: Path(f"{runs.eight_out}.npz").exists(), runs.eight, "the 8-device program is compiled",
-             interval=0.5)
-    inputs = [f"--config.model.pretrained={runs.two_dir / 'tiny_sd'}",
-              f"--config.data.path={runs.two_dir / 'sample_images'}"]
+    wait_for(
+        lambda: Path(f"{runs.eight_out}.npz").exists(), runs.eight, "the 8-device program is compiled", interval=0.5
+    )
+    inputs = [
+        f"--config.model.pretrained={runs.two_dir / 'tiny_sd'}",
+        f"--config.data.path={runs.two_dir / 'sample_images'}",
+    ]
     workdir = shared.root / "one_process"
-    return SimpleNamespace(run=Run("one_process", _multihost_command(workdir, *inputs), 8, shared, nice=5),
-                           workdir=workdir)
+    return SimpleNamespace(
+        run=Run("one_process", _multihost_command(workdir, *inputs), 8, shared, nice=5), workdir=workdir
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -259,15 +334,19 @@ def _start_runs_early(request):
 
 
 def _resume_command(shared, workdir: Path) -> list[str]:
-    return ["cli", *shared.args, f"--config.train.steps={RESUME_STEPS}",
-            f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", f"--workdir={workdir}"]
+    return [
+        "cli",
+        *shared.args,
+        f"--config.train.steps={RESUME_STEPS}",
+        f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+        f"--workdir={workdir}",
+    ]
 
 
 @pytest.fixture(scope="module")
 def interrupted(shared, runs) -> SimpleNamespace:
     """Runs A and B (see the module docstring), started once the 1-device program is in the cache."""
-    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device program is compiled",
-             interval=0.5)
+    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device program is compiled", interval=0.5)
     a_dir, b_dir = shared.root / "A", shared.root / "B"
     a = Run("A", _resume_command(shared, a_dir), 1, shared, nice=2)
     b1 = Run("B1", _resume_command(shared, b_dir), 1, shared)
@@ -290,20 +369,23 @@ def interrupted(shared, runs) -> SimpleNamespace:
     sigterm_at = time.monotonic()
     with contextlib.suppress(subprocess.TimeoutExpired):
         b2.proc.wait(timeout=300)
-    terminated = SimpleNamespace(rc=b2.proc.poll(), exit_s=time.monotonic() - sigterm_at,
-                                 complete=complete_steps(b_dir))
+    terminated = SimpleNamespace(
+        rc=b2.proc.poll(), exit_s=time.monotonic() - sigterm_at, complete=complete_steps(b_dir)
+    )
     b2.kill()
     terminated.log = b2.log()
     # Rerun again: resumes from the SIGTERM checkpoint and finishes.
     b3 = Run("B3", _resume_command(shared, b_dir), 1, shared)
     wait_all(a, b3)
-    return SimpleNamespace(a_dir=a_dir, b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3,
-                           intruder=intruder)
+    return SimpleNamespace(
+        a_dir=a_dir, b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3, intruder=intruder
+    )
 
 
 def flip_byte_of_largest_array_file(step_dir: Path) -> Path:
-    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
-               key=lambda p: p.stat().st_size)
+    path = max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size
+    )
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
@@ -324,30 +406,55 @@ def damaged(shared, interrupted) -> SimpleNamespace:
 # ------------------------------------------------------------------------------------- LoRA targets, in-process
 
 SD21_ENCODER_SAMPLES = [
-    "conv_in", "down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.1.proj_out",
+    "conv_in",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.attentions.1.proj_out",
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_out.0",
     "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
-    "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.2", "down_blocks.1.resnets.0.conv_shortcut",
-    "down_blocks.3.resnets.1.conv2", "down_blocks.0.downsamplers.0.conv", "down_blocks.2.downsamplers.0.conv"]
+    "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.2",
+    "down_blocks.1.resnets.0.conv_shortcut",
+    "down_blocks.3.resnets.1.conv2",
+    "down_blocks.0.downsamplers.0.conv",
+    "down_blocks.2.downsamplers.0.conv",
+]
 SD21_DECODER_SAMPLES = [
-    "conv_out", "up_blocks.0.upsamplers.0.conv", "up_blocks.2.upsamplers.0.conv", "up_blocks.0.resnets.0.conv1",
-    "up_blocks.3.resnets.2.conv_shortcut", "up_blocks.1.resnets.0.conv_shortcut", "up_blocks.3.attentions.2.proj_out",
+    "conv_out",
+    "up_blocks.0.upsamplers.0.conv",
+    "up_blocks.2.upsamplers.0.conv",
+    "up_blocks.0.resnets.0.conv1",
+    "up_blocks.3.resnets.2.conv_shortcut",
+    "up_blocks.1.resnets.0.conv_shortcut",
+    "up_blocks.3.attentions.2.proj_out",
     "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2"]
+    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2",
+]
 SD21_OTHERS = sorted(
     [f"mid_block.resnets.{i}.conv{j}" for i in (0, 1) for j in (1, 2)]
     + ["mid_block.attentions.0.proj_in", "mid_block.attentions.0.proj_out"]
-    + [f"mid_block.attentions.0.transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
-       for p in ("to_q", "to_k", "to_v", "to_out.0")]
-    + ["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
-       "mid_block.attentions.0.transformer_blocks.0.ff.net.2"])
+    + [
+        f"mid_block.attentions.0.transformer_blocks.0.{a}.{p}"
+        for a in ("attn1", "attn2")
+        for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    + [
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    ]
+)
 SD21_VAE_SAMPLES = [
-    "encoder.conv_in", "encoder.conv_out", "quant_conv", "encoder.down_blocks.0.downsamplers.0.conv",
-    "encoder.down_blocks.2.downsamplers.0.conv", "encoder.down_blocks.1.resnets.0.conv_shortcut",
-    "encoder.down_blocks.2.resnets.0.conv_shortcut", "encoder.down_blocks.3.resnets.1.conv2",
-    "encoder.mid_block.resnets.1.conv1", "encoder.mid_block.attentions.0.to_q",
-    "encoder.mid_block.attentions.0.to_out.0"]
+    "encoder.conv_in",
+    "encoder.conv_out",
+    "quant_conv",
+    "encoder.down_blocks.0.downsamplers.0.conv",
+    "encoder.down_blocks.2.downsamplers.0.conv",
+    "encoder.down_blocks.1.resnets.0.conv_shortcut",
+    "encoder.down_blocks.2.resnets.0.conv_shortcut",
+    "encoder.down_blocks.3.resnets.1.conv2",
+    "encoder.mid_block.resnets.1.conv1",
+    "encoder.mid_block.attentions.0.to_q",
+    "encoder.mid_block.attentions.0.to_out.0",
+]
 
 
 def test_lora_targets_at_sd21_size():
@@ -392,8 +499,9 @@ def _tiny_tadsr(fake_score_groups):
         unet = UNet2DConditionModel(UNetConfig.from_dict(model.unet.to_dict()), rngs=rngs)
         vae = AutoencoderKL(VAEConfig.from_dict(model.vae.to_dict()), time_aware=True, rngs=rngs)
         text = CLIPTextConfig.from_dict(model.text_encoder.to_dict())
-        return TADSR(unet, vae, CLIPTextModel(text, rngs=rngs), None, fake_score_groups=fake_score_groups,
-                     rngs=nnx.Rngs(1))
+        return TADSR(
+            unet, vae, CLIPTextModel(text, rngs=rngs), None, fake_score_groups=fake_score_groups, rngs=nnx.Rngs(1)
+        )
 
     return nnx.eval_shape(make)
 
@@ -437,8 +545,9 @@ def test_tiny_tadsr_adapters_and_trainable_sets(fake_groups):
     vae = {m: a for m, a in with_lora.items() if m.startswith("vae.")}
     assert set(vae) == {f"vae.{t}" for t in vae_encoder_lora_targets(model.vae)}
     assert all(a == {"default_encoder": GeneratorLoRA} for a in vae.values())
-    adapted_unet = {m for ms in groups.values() for m in ms} - ({"unet.conv_in"} - {
-        m for g in fake_groups for m in groups[g]})
+    adapted_unet = {m for ms in groups.values() for m in ms} - (
+        {"unet.conv_in"} - {m for g in fake_groups for m in groups[g]}
+    )
     assert set(with_lora) == {*adapted_unet, "student_conv_in", *vae}
 
     _, generator, fake, frozen, rest = nnx.split(model, GENERATOR, FAKE_SCORE, FROZEN, ...)
@@ -459,6 +568,7 @@ def test_tiny_tadsr_adapters_and_trainable_sets(fake_groups):
 
 # ------------------------------------------------------------------------------------------------ training
 
+
 def test_kill9_then_resume_equals_uninterrupted(shared, interrupted):
     killed = interrupted.killed
     assert killed.rc == -signal.SIGKILL
@@ -471,8 +581,9 @@ def test_kill9_then_resume_equals_uninterrupted(shared, interrupted):
     got, ref = read_state(interrupted.b_dir, RESUME_STEPS), read_state(interrupted.a_dir, RESUME_STEPS)
     assert sorted(got) == sorted(ref)
     different = [k for k in ref if not np.array_equal(got[k], ref[k])]
-    worst = max((float(np.abs(got[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in different),
-                default=0.0)
+    worst = max(
+        (float(np.abs(got[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in different), default=0.0
+    )
     shared.errors["kill -9 + SIGTERM + resumes vs uninterrupted: leaves differing"] = len(different)
     shared.errors["kill -9 + SIGTERM + resumes vs uninterrupted: worst leaf (relative)"] = worst
     assert worst <= 1e-6, f"{len(different)} leaves differ, worst {worst:.2e}: {different[:5]}"
@@ -526,7 +637,7 @@ def test_8_devices_match_1_device(shared, runs):
     meta = json.loads(Path(f"{runs.eight_out}.json").read_text())
     assert meta["device_count"] == 8 and meta["mesh"] == {"data": 4, "fsdp": 2}
     assert 0 < meta["frozen_sharded"] < meta["frozen_leaves"]  # some frozen weights really are FSDP-split
-    (_, shape, shard_shapes), = meta["sharded_example"]
+    ((_, shape, shard_shapes),) = meta["sharded_example"]
     assert len(shard_shapes) == 1 and np.prod(shard_shapes[0]) * 2 == np.prod(shape), meta["sharded_example"]
     assert meta["state_specs"] == ["P()"] and meta["batch_shard_shapes"] == [[1, CROP, CROP, 3]]
     one_losses, eight_losses = np.load(f"{runs.one_out}.npz")["losses"], np.load(f"{runs.eight_out}.npz")["losses"]
@@ -566,8 +677,9 @@ def test_two_processes_match_one_process(shared, runs, one_process):
             assert abs(a - b) <= LOGGED_ROUNDING + TOLERANCE * abs(b), f"step {step}: {name} {a} vs {b}"
             worst = max(worst, abs(a - b) / max(abs(b), 1e-30))
     shared.errors["2x4 processes vs 1x8: logged metrics (worst, relative, 6-decimal logs)"] = worst
-    assert_same_training(read_state(runs.two_dir, STEPS), read_state(one_process.workdir, STEPS),
-                         "2x4 processes vs 1x8", shared.errors)
+    assert_same_training(
+        read_state(runs.two_dir, STEPS), read_state(one_process.workdir, STEPS), "2x4 processes vs 1x8", shared.errors
+    )
     sample = f"samples/step_{STEPS:08d}.png"
     images = [np.asarray(Image.open(d / sample), np.int16) for d in (runs.two_dir, one_process.workdir)]
     grey_levels = int(np.abs(images[0] - images[1]).max())
@@ -616,8 +728,10 @@ def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted)
     model, _, _ = build_tadsr(folder, config.model, fake_score_groups=config.model.fake_score_groups)
     trained = load_generator_weights(model, WeightsSource(workdir=str(interrupted.a_dir)), config)
     assert trained == [1, config.train.max_student_timestep]
-    loaded = {"generator/" + "/".join(map(str, path)): np.asarray(v[...])
-              for path, v in nnx.to_flat_state(nnx.state(model, GENERATOR))}
+    loaded = {
+        "generator/" + "/".join(map(str, path)): np.asarray(v[...])
+        for path, v in nnx.to_flat_state(nnx.state(model, GENERATOR))
+    }
     # Orbax names each variable's leaf `.../value`.
     saved = {k.removesuffix("/value"): v for k, v in read_state(interrupted.a_dir, RESUME_STEPS).items()}
     assert sorted(loaded) == sorted(k for k in saved if k.startswith("generator/"))

@@ -15,16 +15,31 @@ from tadsr_jax.nn import lora
 from tadsr_jax.weights.loaders import load_unet
 
 SD2_LIKE = dict(  # linear projections, per-block head counts, upcast attention, as SD-2.1-base
-    sample_size=16, layers_per_block=2, block_out_channels=(32, 64, 64), cross_attention_dim=24,
+    sample_size=16,
+    layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    cross_attention_dim=24,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=8)
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
+    norm_num_groups=8,
+)
 SD1_LIKE = dict(  # 1x1-conv projections, one head count for all blocks, attention in the last block too
-    sample_size=16, layers_per_block=1, block_out_channels=(32, 48, 64), cross_attention_dim=16,
+    sample_size=16,
+    layers_per_block=1,
+    block_out_channels=(32, 48, 64),
+    cross_attention_dim=16,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=4, use_linear_projection=False, norm_num_groups=16, transformer_layers_per_block=2,
-    freq_shift=1, flip_sin_to_cos=False)
+    attention_head_dim=4,
+    use_linear_projection=False,
+    norm_num_groups=16,
+    transformer_layers_per_block=2,
+    freq_shift=1,
+    flip_sin_to_cos=False,
+)
 
 
 # One compiled call per model structure, shared by the tests below.
@@ -67,8 +82,12 @@ def test_unet_bf16_close_to_fp32(unet_pair):
     latents, t, context = _inputs(torch_unet.config.cross_attention_dim)
     with torch.no_grad():
         ref = torch_unet(latents, t, context).sample.numpy()
-        theirs = copy.deepcopy(torch_unet).to(torch.bfloat16)(
-            latents.bfloat16(), t, context.bfloat16()).sample.float().numpy()
+        theirs = (
+            copy.deepcopy(torch_unet)
+            .to(torch.bfloat16)(latents.bfloat16(), t, context.bfloat16())
+            .sample.float()
+            .numpy()
+        )
     ours = run(unet_bf16, jnp.asarray(nchw_to_nhwc(latents)), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()))
     assert ours.dtype == jnp.bfloat16
     ours_err = np.abs(nhwc_to_nchw(ours) - ref).mean() / ref.std()
@@ -89,8 +108,15 @@ def test_remat_changes_memory_not_results(unet_pair, policy):
     latents, t, context = _inputs(torch_unet.config.cross_attention_dim)
     args = (jnp.asarray(nchw_to_nhwc(latents)), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()))
     model = nnx.clone(unet)
-    lora.add_adapter(model, "a", _LoRA, ["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"], rank=2,
-                     alpha=4.0, rngs=nnx.Rngs(0))
+    lora.add_adapter(
+        model,
+        "a",
+        _LoRA,
+        ["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"],
+        rank=2,
+        alpha=4.0,
+        rngs=nnx.Rngs(0),
+    )
     graphdef, trained, frozen = nnx.split(model, _LoRA, nnx.Param)
 
     def grads(remat: str):

@@ -17,8 +17,14 @@ from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 from benchmarks.torch_reference import time_aware_moments
 from tadsr_jax.weights.loaders import load_vae
 
-TINY = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, latent_channels=4, layers_per_block=2)
+TINY = dict(
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=8,
+    latent_channels=4,
+    layers_per_block=2,
+)
 TIMESTEPS = torch.tensor([1, 999])
 # max |ours - theirs| / std(theirs), float32 in two summation orders: measured up to 9.6e-6 (decoder), 1.06e-5
 # (time-aware encoder logvar; 1e-4 was 9.4x that), so 28x below; a transposed weight or wrong constant errs by 1e-1.
@@ -112,16 +118,22 @@ def test_time_aware_with_zero_time_layers_is_the_stock_encoder(torch_vae, vae_fo
 
 # --- A PyTorch re-statement of docs/method.md 1.1 on top of diffusers' stock encoder modules.
 
+
 def _time_tensors(encoder, seed: int) -> dict[str, torch.Tensor]:
     """The 4 + 2 * (#ResNets) new tensors of a TimeAwareAutoencoderKL, random."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
-    tensors = {"encoder.time_embedding.linear_1.weight": rand(256, 128),
-               "encoder.time_embedding.linear_1.bias": rand(256),
-               "encoder.time_embedding.linear_2.weight": rand(256, 256),
-               "encoder.time_embedding.linear_2.bias": rand(256)}
-    resnets = [(f"down_blocks.{i}.resnets.{j}", r) for i, block in enumerate(encoder.down_blocks)
-               for j, r in enumerate(block.resnets)]
+    tensors = {
+        "encoder.time_embedding.linear_1.weight": rand(256, 128),
+        "encoder.time_embedding.linear_1.bias": rand(256),
+        "encoder.time_embedding.linear_2.weight": rand(256, 256),
+        "encoder.time_embedding.linear_2.bias": rand(256),
+    }
+    resnets = [
+        (f"down_blocks.{i}.resnets.{j}", r)
+        for i, block in enumerate(encoder.down_blocks)
+        for j, r in enumerate(block.resnets)
+    ]
     resnets += [(f"mid_block.resnets.{j}", r) for j, r in enumerate(encoder.mid_block.resnets)]
     for name, resnet in resnets:
         channels = resnet.conv1.out_channels
@@ -135,8 +147,11 @@ def time_vae(torch_vae, vae_folder, tmp_path_factory):
     """A TADSR-style time_vae/ folder: the stock tensors plus random time tensors."""
     time, resnets = _time_tensors(torch_vae.encoder, seed=5)
     assert len(time) == 4 + 2 * len(resnets)
-    folder = _rewrite(vae_folder, str(tmp_path_factory.mktemp("tv") / "time_vae"),
-                      lambda tensors: {**tensors, **{k: v.numpy() for k, v in time.items()}})
+    folder = _rewrite(
+        vae_folder,
+        str(tmp_path_factory.mktemp("tv") / "time_vae"),
+        lambda tensors: {**tensors, **{k: v.numpy() for k, v in time.items()}},
+    )
     return folder, time
 
 
@@ -146,8 +161,7 @@ def test_time_aware_encoder_matches_restatement(torch_vae, time_vae, images, tim
     t_batch = timesteps.expand(images.shape[0]) if timesteps.ndim == 0 else timesteps
     with torch.no_grad():
         mean, logvar = time_aware_moments(torch_vae, time, images, t_batch)
-    ours = encode(load_vae(folder, time_aware=True), jnp.asarray(nchw_to_nhwc(images)),
-                  jnp.asarray(timesteps.numpy()))
+    ours = encode(load_vae(folder, time_aware=True), jnp.asarray(nchw_to_nhwc(images)), jnp.asarray(timesteps.numpy()))
     assert rel_err(nhwc_to_nchw(ours.mean), mean.numpy()) <= TOL
     assert rel_err(nhwc_to_nchw(ours.logvar), logvar.numpy()) <= TOL
 

@@ -19,9 +19,14 @@ from tadsr_jax.nn import Attention, GroupNorm, ResnetBlock2D, attention
 # Three blocks; the encoder downsamples 45 -> 22 (odd input). Each test runs with an unbounded memory budget (every
 # map stored) and with none (upsampled maps recomputed by their readers, ResNets with conv1 recomputed and written
 # over their input where the channels allow).
-CONFIG = {"block_out_channels": (16, 32, 32), "down_block_types": ("DownEncoderBlock2D",) * 3,
-          "up_block_types": ("UpDecoderBlock2D",) * 3, "norm_num_groups": 8, "latent_channels": 4,
-          "layers_per_block": 1}
+CONFIG = {
+    "block_out_channels": (16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+}
 IMAGE_SIZE = (90, 126)  # latents 22x31: partial last strips everywhere, partial attention windows below
 STRIP_ROWS = 7  # >= 4 strips per map above the latent size; odd, so the even rounding of lazy reads runs
 TIMESTEPS = np.array([250, 999])
@@ -49,8 +54,7 @@ def _rel_err(ours, ref) -> float:
 
 def _randomized_vae(add_attention: bool) -> AutoencoderKL:
     """A time-aware VAE whose zero/one-initialised tensors (time projections, norms) are random too."""
-    vae = AutoencoderKL(VAEConfig(mid_block_add_attention=add_attention, **CONFIG), time_aware=True,
-                        rngs=nnx.Rngs(0))
+    vae = AutoencoderKL(VAEConfig(mid_block_add_attention=add_attention, **CONFIG), time_aware=True, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     for _, module in nnx.iter_modules(vae):
         if isinstance(module, GroupNorm):
@@ -110,7 +114,7 @@ class _WindowedAttention(nnx.Module):
         for i in range(0, height, WINDOW):
             windows = []
             for j in range(0, width, WINDOW):
-                window = normed[:, i:i + WINDOW, j:j + WINDOW]
+                window = normed[:, i : i + WINDOW, j : j + WINDOW]
                 tokens = window.reshape(b, -1, channels)
                 h = attention(a.to_q(tokens), a.to_k(tokens), a.to_v(tokens), a.heads, float32_logits=a.upcast)
                 windows.append(a.to_out[0](h).reshape(window.shape))
@@ -125,8 +129,10 @@ def test_windowed_attention_is_the_only_difference(images):
     image = tiled_decode(vae, global_posterior.mean, strip_rows=STRIP_ROWS, attention_window=WINDOW)
     global_image = decode(vae, global_posterior.mean)
     changed = _rel_err(posterior.mean, global_posterior.mean), _rel_err(image, global_image)
-    print(f"{WINDOW}x{WINDOW} attention windows against global attention: encode mean {changed[0]:.2e}, "
-          f"decode {changed[1]:.2e}")
+    print(
+        f"{WINDOW}x{WINDOW} attention windows against global attention: encode mean {changed[0]:.2e}, "
+        f"decode {changed[1]:.2e}"
+    )
     assert all(EXACT < e <= WINDOWED_BOUND for e in changed)
 
     # Encoder and decoder share the attention code path; checking the decoder keeps one compile out of the file.

@@ -48,8 +48,9 @@ def eval_folder(tmp_path_factory) -> str:
 
 
 def _shard(config, rows: slice = slice(0, 2)) -> validation.EvalShard:
-    return validation.load_shard(config.data, config.seed, config.train.batch_size, rows,
-                                 lambda prompts: np.zeros((len(prompts), 4), np.int32))
+    return validation.load_shard(
+        config.data, config.seed, config.train.batch_size, rows, lambda prompts: np.zeros((len(prompts), 4), np.int32)
+    )
 
 
 def test_eval_lq_is_the_training_degradation_of_the_centre_crop(eval_folder):
@@ -98,8 +99,10 @@ def test_lpips_and_dists_are_scored_when_their_weights_are_configured(eval_folde
     assert list(means) == [config.train.sample_timestep]  # eval_timesteps empty: the sample timestep
     scorer = evaluation.Scorer(["psnr", "ssim", "lpips", "dists"], **nets)
     mask = validator.shard.mask
-    scores = [scorer(sr.astype(np.float32) / 255, validator.shard.hq[k].astype(np.float32) / 255)
-              for k, sr in enumerate(validator.outputs({}, {}, {}, config.train.sample_timestep))]
+    scores = [
+        scorer(sr.astype(np.float32) / 255, validator.shard.hq[k].astype(np.float32) / 255)
+        for k, sr in enumerate(validator.outputs({}, {}, {}, config.train.sample_timestep))
+    ]
     for name, mean in means[config.train.sample_timestep].items():
         expected = np.mean(np.concatenate([s[name][m] for s, m in zip(scores, mask)]))
         assert expected > 0 and abs(mean - expected) <= 1e-12 * expected, name  # the same float64 sums: measured 0
@@ -108,17 +111,30 @@ def test_lpips_and_dists_are_scored_when_their_weights_are_configured(eval_folde
 
 def test_eval_every_without_a_set_is_one_line_before_anything_loads(tmp_path):
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-                             "--config.train.eval_every=5"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            "--config.train.eval_every=5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert (result.returncode, result.stdout) == (2, ""), result.stderr[-2000:]
     assert result.stderr.splitlines() == [
         "train: error: train.eval_every is 5 but data.eval.path is empty: set it to a held-out image folder, paired "
-        "list or tfds name (data.eval.source: hr_folder, paired_list or tfds)"]
+        "list or tfds name (data.eval.source: hr_folder, paired_list or tfds)"
+    ]
     assert not workdir.exists()
 
 
 # ------------------------------------------------------------------------------------------- the loop end to end
+
 
 def _events(workdir: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, str]]]:
     """Scalars and texts of the run's TensorBoard event files (TFRecord framing; tensorboardX's protos)."""
@@ -129,8 +145,8 @@ def _events(workdir: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset: offset + 8])
-            event = Event.FromString(data[offset + 12: offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 if value.HasField("simple_value"):
@@ -152,7 +168,10 @@ def trained(eval_folder, tmp_path_factory):
     def moved(state, frozen, rest, batch, neg_context):
         generator = jax.tree.map(lambda x: x + 1e-3, state.generator)
         return dataclasses.replace(state, step=state.step + 1, generator=generator), {
-            "loss/generator": jnp.float32(0), "loss/fake_score": jnp.float32(0), "finite": jnp.bool_(True)}
+            "loss/generator": jnp.float32(0),
+            "loss/fake_score": jnp.float32(0),
+            "finite": jnp.bool_(True),
+        }
 
     step_fn = jax.jit(moved)
 
@@ -196,10 +215,21 @@ def test_logged_scores_equal_evaluate_py_on_pngs_of_the_outputs(trained, tmp_pat
             for r in np.flatnonzero(shard.mask[k]):
                 Image.fromarray(sr[r]).save(sr_dir / f"img{k}{r}_t{t}.png")
                 Image.fromarray(shard.hq[k, r]).save(hr_dir / f"img{k}{r}.png")
-    result = subprocess.run([sys.executable, "launch/evaluate.py", f"--sr={sr_dir}", f"--hr={hr_dir}",
-                             f"--sweep={','.join(map(str, TIMESTEPS))}", f"--output={tmp_path / 'report'}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            f"--sr={sr_dir}",
+            f"--hr={hr_dir}",
+            f"--sweep={','.join(map(str, TIMESTEPS))}",
+            f"--output={tmp_path / 'report'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     launcher = json.loads(result.stdout.strip().splitlines()[-1])
     differences = {}

@@ -16,10 +16,17 @@ from torch_utils import randomize_
 from tadsr_jax.weights.convert import WeightsError, state_to_torch
 from tadsr_jax.weights.loaders import load_unet
 
-TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(16, 32), cross_attention_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=8,
-                 use_linear_projection=True)
+TINY_UNET = dict(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(16, 32),
+    cross_attention_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -109,9 +116,11 @@ def test_folder_problems_are_one_line_errors(folder, tmp_path):
 
 
 def test_import_pulls_in_neither_torch_nor_tensorflow():
-    code = ("import sys, tadsr_jax, tadsr_jax.nn, tadsr_jax.models.unet, tadsr_jax.models.vae, "
-            "tadsr_jax.models.clip_text, tadsr_jax.weights.loaders, tadsr_jax.diffusion; "
-            "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers') if m in sys.modules))")
+    code = (
+        "import sys, tadsr_jax, tadsr_jax.nn, tadsr_jax.models.unet, tadsr_jax.models.vae, "
+        "tadsr_jax.models.clip_text, tadsr_jax.weights.loaders, tadsr_jax.diffusion; "
+        "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -126,12 +135,24 @@ def test_random_folder_loads_in_diffusers_and_transformers(tmp_path):
     from tadsr_jax.weights.loaders import load_networks
     from tadsr_jax.weights.tiny import write_random_sd_folder
 
-    text_cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    max_position_embeddings=12, hidden_act="gelu")
-    vae_cfg = dict(block_out_channels=[16], layers_per_block=1, norm_num_groups=8,
-                   down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"])
-    folder = write_random_sd_folder(str(tmp_path / "sd"), unet={**TINY_UNET, "cross_attention_dim": 16},
-                                    vae=vae_cfg, text_encoder=text_cfg, seed=3)
+    text_cfg = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        hidden_act="gelu",
+    )
+    vae_cfg = dict(
+        block_out_channels=[16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+    )
+    folder = write_random_sd_folder(
+        str(tmp_path / "sd"), unet={**TINY_UNET, "cross_attention_dim": 16}, vae=vae_cfg, text_encoder=text_cfg, seed=3
+    )
     nets = load_networks(folder)
 
     torch_unet = TorchUNet.from_pretrained(os.path.join(folder, "unet")).eval()

@@ -1,19 +1,19 @@
 """Subprocess worker for tests/test_training.py: every training run there is one of these processes.
 
-    python tests/train_worker.py cli [launch/train.py flags...]
-        launch/train.py itself, except that the persistent compilation cache is the test session's
-        (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla, and that with
-        several processes the train step is compiled before its first call and the processes meet at a
-        barrier before running it (see `_CompileThenBarrier`).
-    python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
-        [--nan_checks] [--config.X=Y ...]
-        `loop.build` + the jitted step on the pipeline's first N global batches; writes every step's losses and
-        the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
-        With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
-        must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
-        NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
-        check points (counting the host's reads of device values per step); writes what happened to
-        OUT.nan.json.
+python tests/train_worker.py cli [launch/train.py flags...]
+    launch/train.py itself, except that the persistent compilation cache is the test session's
+    (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla, and that with
+    several processes the train step is compiled before its first call and the processes meet at a
+    barrier before running it (see `_CompileThenBarrier`).
+python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
+    [--nan_checks] [--config.X=Y ...]
+    `loop.build` + the jitted step on the pipeline's first N global batches; writes every step's losses and
+    the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
+    With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
+    must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
+    NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
+    check points (counting the host's reads of device values per step); writes what happened to
+    OUT.nan.json.
 """
 
 from __future__ import annotations
@@ -100,8 +100,14 @@ def _batches(trainer, config, workdir: str, count: int):
     from tadsr_jax.data.pipeline import make_train_iterator
     from tadsr_jax.train.loop import resolve_data
 
-    iterator = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=config.train.batch_size,
-                                   seed=config.seed, process_index=0, process_count=1, tokenize=trainer.tokenize)
+    iterator = make_train_iterator(
+        resolve_data(config.data, workdir),
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=0,
+        process_count=1,
+        tokenize=trainer.tokenize,
+    )
     return [next(iterator) for _ in range(count)]
 
 
@@ -132,13 +138,20 @@ def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None
         losses.append([values["loss/generator"], values["loss/fake_score"]])
     np.savez(out + ".npz", losses=np.array(losses), **{f"state/{k}": v for k, v in flat_state(state).items()})
     frozen = nnx.to_flat_state(trainer.frozen)
-    sharded = [(".".join(map(str, path)), list(v[...].shape),
-                sorted({tuple(s.data.shape) for s in v[...].addressable_shards}))
-               for path, v in frozen if "fsdp" in str(v[...].sharding.spec)]
-    meta = {"device_count": jax.device_count(), "mesh": dict(trainer.batch_sharding.mesh.shape),
-            "frozen_leaves": len(frozen), "frozen_sharded": len(sharded), "sharded_example": sharded[:1],
-            "state_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)}),
-            "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["lq"].addressable_shards})}
+    sharded = [
+        (".".join(map(str, path)), list(v[...].shape), sorted({tuple(s.data.shape) for s in v[...].addressable_shards}))
+        for path, v in frozen
+        if "fsdp" in str(v[...].sharding.spec)
+    ]
+    meta = {
+        "device_count": jax.device_count(),
+        "mesh": dict(trainer.batch_sharding.mesh.shape),
+        "frozen_leaves": len(frozen),
+        "frozen_sharded": len(sharded),
+        "sharded_example": sharded[:1],
+        "state_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)}),
+        "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["lq"].addressable_shards}),
+    }
     with open(out + ".json", "w") as f:
         json.dump(meta, f)
     if nan_checks:
@@ -207,6 +220,7 @@ class _HostReads:
                 if isinstance(x, jax.Array):
                     self._count()
                 return read(x, *args, **kwargs)
+
             return wrapper
 
         ArrayImpl._value, np.asarray, np.array = property(counted_value), counted(asarray), counted(array)
@@ -232,8 +246,9 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     bad["lq"] = bad["lq"].copy()
     bad["lq"][1, 3, 5, 2] = np.nan
     before = flat_state(state)
-    new, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest,
-                                   parallel.global_batch(bad, trainer.batch_sharding), trainer.neg_context)
+    new, metrics = trainer.step_fn(
+        state, trainer.frozen, trainer.rest, parallel.global_batch(bad, trainer.batch_sharding), trainer.neg_context
+    )
     values = host_metrics(metrics)
     after = flat_state(new)
     result["bad_finite"] = values["finite"]
@@ -243,8 +258,13 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     result["state_leaves"] = len(before)
     result["step_before"], result["step_after"] = int(before["step"]), int(after["step"])
     # ... and a good batch afterwards trains normally again.
-    _, metrics = trainer.step_fn(new, trainer.frozen, trainer.rest,
-                                 parallel.global_batch(host_batch, trainer.batch_sharding), trainer.neg_context)
+    _, metrics = trainer.step_fn(
+        new,
+        trainer.frozen,
+        trainer.rest,
+        parallel.global_batch(host_batch, trainer.batch_sharding),
+        trainer.neg_context,
+    )
     result["next_finite"] = host_metrics(metrics)["finite"]
 
     # 2. Through the loop: checkpoint at step 2, a NaN batch at step 3. `build` is the one already done
@@ -265,15 +285,22 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     result["checkpoint_entries"] = sorted(os.listdir(os.path.join(train_dir, "checkpoints")))
     checkpointer = Checkpointer(train_dir, keep=3, async_save=False)
     result["latest_step"] = checkpointer.latest_step()
-    data = real_iterator(loop.resolve_data(config.data, train_dir), global_batch_size=config.train.batch_size,
-                         seed=config.seed, process_index=0, process_count=1, tokenize=trainer.tokenize)
+    data = real_iterator(
+        loop.resolve_data(config.data, train_dir),
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=0,
+        process_count=1,
+        tokenize=trainer.tokenize,
+    )
     restored = flat_state(checkpointer.restore(abstract_like(fresh().state), data, 2))
     checkpointer.close()
     result["restored_step"] = int(restored["step"])
     result["restored_finite"] = all(bool(np.all(np.isfinite(v))) for k, v in restored.items() if k != "key")
     initial_flat = flat_state(initial)
-    result["restored_trained"] = any(not np.array_equal(v, initial_flat[k])
-                                     for k, v in restored.items() if k.startswith("generator/"))
+    result["restored_trained"] = any(
+        not np.array_equal(v, initial_flat[k]) for k, v in restored.items() if k.startswith("generator/")
+    )
 
     # 3. A NaN between check points: nothing logged before the end, a checkpoint every 4 steps, NaN batches at
     # steps 5 and 7 (6 is finite). Checked at step 8 only, the error names step 5, and nothing is read back from

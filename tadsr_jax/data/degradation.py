@@ -167,8 +167,9 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float | None = None, the
     return k / k.sum()
 
 
-def generalized_gaussian_kernel(size: int, sigma_x: float, sigma_y: float | None, theta: float,
-                                beta: float) -> np.ndarray:
+def generalized_gaussian_kernel(
+    size: int, sigma_x: float, sigma_y: float | None, theta: float, beta: float
+) -> np.ndarray:
     """exp(-q^beta / 2), normalised (Pascal et al. 2013; beta = 1 is the Gaussian)."""
     if sigma_y is None:
         sigma_y, theta = sigma_x, 0.0
@@ -212,10 +213,16 @@ def draw_beta(rng: np.random.Generator, beta_range: Sequence[float]) -> float:
     return rng.uniform(beta_range[0], 1.0) if rng.random() < 0.5 else rng.uniform(1.0, beta_range[1])
 
 
-def random_mixed_kernel(rng: np.random.Generator, kernel_list: Sequence[str], kernel_prob: Sequence[float],
-                        size: int, sigma_range: Sequence[float], betag_range: Sequence[float],
-                        betap_range: Sequence[float],
-                        rotation_range: Sequence[float] = ROTATION_RANGE) -> tuple[str, np.ndarray]:
+def random_mixed_kernel(
+    rng: np.random.Generator,
+    kernel_list: Sequence[str],
+    kernel_prob: Sequence[float],
+    size: int,
+    sigma_range: Sequence[float],
+    betag_range: Sequence[float],
+    betap_range: Sequence[float],
+    rotation_range: Sequence[float] = ROTATION_RANGE,
+) -> tuple[str, np.ndarray]:
     """(type, kernel): a type drawn from kernel_list with kernel_prob, sigma_x (and for *aniso sigma_y, rotation)
     uniform in their ranges, beta by `draw_beta` (basicsr's `random_mixed_kernels` without kernel noise)."""
     name = kernel_list[rng.choice(len(kernel_list), p=kernel_prob)]
@@ -235,9 +242,16 @@ def kernel_sizes(max_size: int) -> tuple[int, ...]:
     return tuple(range(MIN_KERNEL_SIZE, max_size + 1, 2))
 
 
-def random_blur_kernel(rng: np.random.Generator, max_size: int, sinc_prob: float, kernel_list: Sequence[str],
-                       kernel_prob: Sequence[float], sigma_range: Sequence[float], betag_range: Sequence[float],
-                       betap_range: Sequence[float]) -> tuple[str, np.ndarray]:
+def random_blur_kernel(
+    rng: np.random.Generator,
+    max_size: int,
+    sinc_prob: float,
+    kernel_list: Sequence[str],
+    kernel_prob: Sequence[float],
+    sigma_range: Sequence[float],
+    betag_range: Sequence[float],
+    betap_range: Sequence[float],
+) -> tuple[str, np.ndarray]:
     """(type, kernel) of one blur stage: size uniform in `kernel_sizes(max_size)`; with sinc_prob a "sinc" of
     cutoff U(pi/3, pi) (size < 13) or U(pi/5, pi), else `random_mixed_kernel`."""
     sizes = kernel_sizes(max_size)
@@ -274,8 +288,8 @@ def _trim(kernel: np.ndarray) -> np.ndarray:
     mass = np.abs(kernel)
     total, c = mass.sum(), kernel.shape[0] // 2
     for r in range(c):
-        if total - mass[c - r:c + r + 1, c - r:c + r + 1].sum() <= _KERNEL_TOL / 2:
-            return kernel[c - r:c + r + 1, c - r:c + r + 1]
+        if total - mass[c - r : c + r + 1, c - r : c + r + 1].sum() <= _KERNEL_TOL / 2:
+            return kernel[c - r : c + r + 1, c - r : c + r + 1]
     return kernel
 
 
@@ -307,8 +321,8 @@ def _correlate_direct(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     step = _DIRECT_TAPS // size
     out = None
     for a in range(0, size, step):
-        band = kernel[a:a + step]
-        part = cv2.filter2D(padded[a:a + h + band.shape[0] - 1], -1, band, anchor=(0, 0))[:h, :w]
+        band = kernel[a : a + step]
+        part = cv2.filter2D(padded[a : a + h + band.shape[0] - 1], -1, band, anchor=(0, 0))[:h, :w]
         out = part.copy() if out is None else cv2.add(out, part, dst=out)
     return out
 
@@ -364,7 +378,7 @@ def rescale(img: np.ndarray, factor: float, mode: str) -> np.ndarray:
     if min(h, w) * factor < 1:
         return resize(img, size, mode)
     out = cv2.resize(img, None, fx=factor, fy=factor, interpolation=RESIZE_MODES[mode])
-    return out if out.shape[:2] == size else np.ascontiguousarray(out[:size[0], :size[1]])
+    return out if out.shape[:2] == size else np.ascontiguousarray(out[: size[0], : size[1]])
 
 
 def _draw_scale(rng: np.random.Generator, resize_prob: Sequence[float], resize_range: Sequence[float]) -> float:
@@ -444,8 +458,14 @@ def poisson_noise(rng: np.random.Generator, img: np.ndarray, scale: float, gray:
     return (poisson_counts(rng, levels, vals).astype(np.float32) / np.float32(vals) - x) * np.float32(scale)
 
 
-def random_add_noise(rng: np.random.Generator, img: np.ndarray, gaussian_prob: float, noise_range: Sequence[float],
-                     poisson_scale_range: Sequence[float], gray_prob: float) -> np.ndarray:
+def random_add_noise(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    gaussian_prob: float,
+    noise_range: Sequence[float],
+    poisson_scale_range: Sequence[float],
+    gray_prob: float,
+) -> np.ndarray:
     """Gaussian noise (sigma ~ U(noise_range)) with gaussian_prob, else Poisson noise (scale ~
     U(poisson_scale_range)); gray with gray_prob; the sum clamped to [0, 1]."""
     if rng.random() < gaussian_prob:
@@ -498,10 +518,26 @@ class RealESRGANDegradation:
 
     def _kernels(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = self.config
-        _, kernel1 = random_blur_kernel(rng, c.blur_kernel_size, c.sinc_prob, c.kernel_list, c.kernel_prob,
-                                        c.blur_sigma, c.betag_range, c.betap_range)
-        _, kernel2 = random_blur_kernel(rng, c.blur_kernel_size2, c.sinc_prob2, c.kernel_list2, c.kernel_prob2,
-                                        c.blur_sigma2, c.betag_range2, c.betap_range2)
+        _, kernel1 = random_blur_kernel(
+            rng,
+            c.blur_kernel_size,
+            c.sinc_prob,
+            c.kernel_list,
+            c.kernel_prob,
+            c.blur_sigma,
+            c.betag_range,
+            c.betap_range,
+        )
+        _, kernel2 = random_blur_kernel(
+            rng,
+            c.blur_kernel_size2,
+            c.sinc_prob2,
+            c.kernel_list2,
+            c.kernel_prob2,
+            c.blur_sigma2,
+            c.betag_range2,
+            c.betap_range2,
+        )
         return kernel1, kernel2, random_final_sinc(rng, c.blur_kernel_size, c.final_sinc_prob)
 
     def degrade(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -516,16 +552,16 @@ class RealESRGANDegradation:
 
         out = filter2d(hr.astype(np.float32) / np.float32(255), kernel1)
         out = rescale(out, _draw_scale(rng, c.resize_prob, c.resize_range), _draw_mode(rng))
-        out = random_add_noise(rng, out, c.gaussian_noise_prob, c.noise_range, c.poisson_scale_range,
-                               c.gray_noise_prob)
+        out = random_add_noise(rng, out, c.gaussian_noise_prob, c.noise_range, c.poisson_scale_range, c.gray_noise_prob)
         out = random_jpeg(rng, out, c.jpeg_range)
 
         if rng.random() < c.second_blur_prob:
             out = filter2d(out, kernel2)
         s = _draw_scale(rng, c.resize_prob2, c.resize_range2)
         out = resize(out, (max(1, int(h / self.scale * s)), max(1, int(w / self.scale * s))), _draw_mode(rng))
-        out = random_add_noise(rng, out, c.gaussian_noise_prob2, c.noise_range2, c.poisson_scale_range2,
-                               c.gray_noise_prob2)
+        out = random_add_noise(
+            rng, out, c.gaussian_noise_prob2, c.noise_range2, c.poisson_scale_range2, c.gray_noise_prob2
+        )
         lr_size = (h // self.scale, w // self.scale)
         if rng.random() < 0.5:
             out = filter2d(resize(out, lr_size, _draw_mode(rng)), sinc)

@@ -27,9 +27,14 @@ from tadsr_jax.data.transforms import BicubicDegradation, Degradation, MakeTrain
 SOURCES = {
     "paired_list": lambda config: PairedListSource(config.path),
     "hr_folder": lambda config: HRFolderSource(config.path, config.captions),
-    "tfds": lambda config: TfdsSource(config.path, config.split, data_dir=config.tfds_data_dir,
-                                      image_key=config.image_key, lr_key=config.lr_key,
-                                      prompt_key=config.prompt_key),
+    "tfds": lambda config: TfdsSource(
+        config.path,
+        config.split,
+        data_dir=config.tfds_data_dir,
+        image_key=config.image_key,
+        lr_key=config.lr_key,
+        prompt_key=config.prompt_key,
+    ),
 }
 DEGRADATIONS = ("realesrgan", "bicubic")
 
@@ -128,8 +133,7 @@ class _ProcessRows(grain.MapDataset):
         return self._parent[(batch * self._process_count + self._process_index) * self._local_batch + row]
 
     def __str__(self) -> str:
-        return (f"_ProcessRows(local_batch={self._local_batch}, process {self._process_index} "
-                f"of {self._process_count})")
+        return f"_ProcessRows(local_batch={self._local_batch}, process {self._process_index} of {self._process_count})"
 
 
 class _Tokenize:
@@ -153,8 +157,10 @@ def _check(config: ml_collections.ConfigDict, global_batch_size: int, process_in
         raise ValueError("data.source is 'mixture' but data.mixture is empty")
     for name, entry in components(config):
         if entry.source not in SOURCES:
-            raise ValueError(f"{name}.source must be one of {sorted(SOURCES)}"
-                             f"{' or mixture' if name == 'data' else ''}, got {entry.source!r}")
+            raise ValueError(
+                f"{name}.source must be one of {sorted(SOURCES)}"
+                f"{' or mixture' if name == 'data' else ''}, got {entry.source!r}"
+            )
         if not entry.path:
             raise ValueError(f"{name}.path is empty: set it to the list file, image folder or tfds name")
         if not entry.weight > 0:
@@ -162,20 +168,28 @@ def _check(config: ml_collections.ConfigDict, global_batch_size: int, process_in
     if config.degradation not in DEGRADATIONS:
         raise ValueError(f"data.degradation must be one of {DEGRADATIONS}, got {config.degradation!r}")
     if config.crop_size <= 0 or config.crop_size % config.scale:
-        raise ValueError(f"data.crop_size ({config.crop_size}) must be a positive multiple of data.scale "
-                         f"({config.scale})")
+        raise ValueError(
+            f"data.crop_size ({config.crop_size}) must be a positive multiple of data.scale ({config.scale})"
+        )
     if not 0.0 <= config.synthetic_prob <= 1.0:
         raise ValueError(f"data.synthetic_prob must be in [0, 1], got {config.synthetic_prob}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of the process count "
-                         f"{process_count}")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not a positive multiple of the process count {process_count}"
+        )
 
 
-def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                        process_index: int, process_count: int,
-                        tokenize: Callable[[list[str]], np.ndarray] | None = None) -> grain.DatasetIterator:
+def make_train_iterator(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    tokenize: Callable[[list[str]], np.ndarray] | None = None,
+) -> grain.DatasetIterator:
     """An endless iterator of this process's batches: {"hq", "lq"} float32 (B, crop, crop, 3) in [-1, 1], plus
     "input_ids" int32 (B, T) when `tokenize` is given, else "prompt" (B,) str; B = global_batch_size //
     process_count. Checkpoint it with `get_state()` / `set_state()`.
@@ -183,25 +197,37 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     _check(data_config, global_batch_size, process_index, process_count)
     local_batch = global_batch_size // process_count
     transform = make_transform(data_config)
-    sources = [(grain.MapDataset.source(SOURCES[entry.source](entry)).seed(seed + i).shuffle().repeat(None),
-                entry.weight) for i, (_, entry) in enumerate(components(data_config))]
-    dataset = (sources[0][0] if len(sources) == 1
-               else grain.MapDataset.mix([d for d, _ in sources], [w for _, w in sources]).seed(seed))
-    dataset = _ProcessRows(dataset.random_map(transform), local_batch=local_batch, process_index=process_index,
-                          process_count=process_count)
-    read = grain.ReadOptions(num_threads=data_config.read_threads,
-                             prefetch_buffer_size=max(1, data_config.read_threads, data_config.prefetch * local_batch))
+    sources = [
+        (grain.MapDataset.source(SOURCES[entry.source](entry)).seed(seed + i).shuffle().repeat(None), entry.weight)
+        for i, (_, entry) in enumerate(components(data_config))
+    ]
+    dataset = (
+        sources[0][0]
+        if len(sources) == 1
+        else grain.MapDataset.mix([d for d, _ in sources], [w for _, w in sources]).seed(seed)
+    )
+    dataset = _ProcessRows(
+        dataset.random_map(transform), local_batch=local_batch, process_index=process_index, process_count=process_count
+    )
+    read = grain.ReadOptions(
+        num_threads=data_config.read_threads,
+        prefetch_buffer_size=max(1, data_config.read_threads, data_config.prefetch * local_batch),
+    )
     # Records whose files fail to decode come out as None and are dropped here; if more than half of a window of
     # 1000 fail, grain raises instead of looping forever over a broken data set.
     examples = grain.experimental.WithOptionsIterDataset(
-        dataset.to_iter_dataset(read), grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.5))
+        dataset.to_iter_dataset(read), grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.5)
+    )
     batches = examples.batch(local_batch, drop_remainder=True)
     if data_config.num_workers > 0:
         # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they are still unparsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data_config.num_workers, per_worker_buffer_size=max(1, data_config.prefetch)))
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_config.num_workers, per_worker_buffer_size=max(1, data_config.prefetch)
+            )
+        )
     if tokenize is not None:
         batches = batches.map(_Tokenize(tokenize, local_batch))
     return iter(batches)

@@ -11,13 +11,36 @@ from PIL import Image
 
 from tadsr_jax import storage
 
-SAMPLE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-                "camera", "coins")
+SAMPLE_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "camera",
+    "coins",
+)
 # The demo evaluates on these; offline tiny training never sees them.
 HELD_OUT_SAMPLES = ("astronaut", "coffee", "camera")
 # Every other single image scikit-image ships (no download): photos, textures, text, microscopy.
-TRAIN_SAMPLES = ("chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "coins", "brick", "clock",
-                 "colorwheel", "grass", "gravel", "moon", "page", "retina", "text", "cell")
+TRAIN_SAMPLES = (
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "coins",
+    "brick",
+    "clock",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "retina",
+    "text",
+    "cell",
+)
 
 
 def sample_image(name: str, size: int) -> Image.Image:
@@ -50,8 +73,13 @@ def _save_png(image: Image.Image, path: str) -> None:
     storage.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_paired_list(folder: str, names: Sequence[str] = SAMPLE_NAMES, size: int = 96, scale: int = 4,
-                      prompts: Sequence[str] | None = None) -> str:
+def write_paired_list(
+    folder: str,
+    names: Sequence[str] = SAMPLE_NAMES,
+    size: int = 96,
+    scale: int = 4,
+    prompts: Sequence[str] | None = None,
+) -> str:
     """Writes `hr/<name>.png`, its PIL-bicubic x`scale` downscale `lr/<name>.png`, and `train.txt` with lines
     `hr/<name>.png lr/<name>.png <prompt>` (paths relative to the list; prompt defaults to the name with
     underscores as spaces). Returns the list file's path.

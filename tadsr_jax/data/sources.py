@@ -99,8 +99,9 @@ def parse_paired_list(list_path: str) -> list[Record]:
             if not tokens:
                 continue
             if len(tokens) < 2:
-                logger.warning("%s:%d: skipping line with fewer than 2 fields (HR_path LR_path prompt...)",
-                               list_path, number)
+                logger.warning(
+                    "%s:%d: skipping line with fewer than 2 fields (HR_path LR_path prompt...)", list_path, number
+                )
                 continue
             hr, lr = (p if storage.is_url(p) else os.path.join(base, p) for p in tokens[:2])
             records.append(Record(hr=hr, lr=lr, prompt=" ".join(tokens[2:])))
@@ -130,8 +131,10 @@ class HRFolderSource(_RecordSource):
         if not storage.isdir(folder):
             raise FileNotFoundError(f"HR image folder not found: {folder}")
         captions = read_captions(captions_path) if captions_path else {}
-        records = [Record(hr=os.path.join(folder, name), lr=None, prompt=captions.get(os.path.normpath(name), ""))
-                   for name in list_images(folder)]
+        records = [
+            Record(hr=os.path.join(folder, name), lr=None, prompt=captions.get(os.path.normpath(name), ""))
+            for name in list_images(folder)
+        ]
         super().__init__(folder, _keep_readable(records))
         if not self.records:
             raise ValueError(f"no readable image in folder {folder}")
@@ -142,8 +145,16 @@ class TfdsSource:
     graph). `image_key` is the HR feature; `lr_key` an optional paired LR feature; `prompt_key` an optional text
     feature (else empty prompts)."""
 
-    def __init__(self, name: str, split: str, *, data_dir: str = "", image_key: str = "image", lr_key: str = "",
-                 prompt_key: str = ""):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        *,
+        data_dir: str = "",
+        image_key: str = "image",
+        lr_key: str = "",
+        prompt_key: str = "",
+    ):
         try:
             import tensorflow_datasets as tfds
         except ImportError:
@@ -152,9 +163,11 @@ class TfdsSource:
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
         except Exception as err:  # tfds raises many types for unknown, unprepared or non-ArrayRecord datasets
-            raise ValueError(f"tfds dataset {self.path} cannot be read ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); it must be prepared in data_dir with "
-                             f"file_format=array_record (tfds build {name} --file_format=array_record)") from None
+            raise ValueError(
+                f"tfds dataset {self.path} cannot be read ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); it must be prepared in data_dir with "
+                f"file_format=array_record (tfds build {name} --file_format=array_record)"
+            ) from None
         features = self._source.dataset_info.features
         for role, key in (("image_key", image_key), ("lr_key", lr_key), ("prompt_key", prompt_key)):
             if key and key not in features:

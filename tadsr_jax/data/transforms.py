@@ -97,8 +97,9 @@ class MakeTrainPair(grain.transforms.RandomMap):
     central one (validation sets: the rng then only drives the degradation).
     """
 
-    def __init__(self, crop_size: int, scale: int, flip: bool, synthetic_prob: float, degrade: Degradation,
-                 centre: bool = False):
+    def __init__(
+        self, crop_size: int, scale: int, flip: bool, synthetic_prob: float, degrade: Degradation, centre: bool = False
+    ):
         self.crop_size = crop_size
         self.scale = scale
         self.flip = flip

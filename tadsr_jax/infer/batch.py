@@ -37,8 +37,9 @@ def _load(path: str, report: RunReport, log: TextIO) -> LoadedImage | None:
     return image
 
 
-def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_for: Callable[[str], str], *,
-                        log: TextIO = sys.stderr) -> RunReport:
+def super_resolve_files(
+    upscaler: Upscaler, outputs: Mapping[str, str], prompt_for: Callable[[str], str], *, log: TextIO = sys.stderr
+) -> RunReport:
     """Each readable input image -> its output path (`outputs`, from outputs.plan_outputs) at x settings.scale;
     same-shape images share a batch.
 
@@ -63,8 +64,9 @@ def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_f
             if not _write(outputs[image.path], out, report, log):
                 continue
             h, w = image.pixels.shape[:2]
-            tqdm.write(f"{image.path}: {w}x{h} -> {out.shape[1]}x{out.shape[0]} in {seconds:.2f} s{compile_note}",
-                       file=log)
+            tqdm.write(
+                f"{image.path}: {w}x{h} -> {out.shape[1]}x{out.shape[0]} in {seconds:.2f} s{compile_note}", file=log
+            )
         bar.update(len(batch))
 
     for path in outputs:
@@ -72,8 +74,9 @@ def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_f
         if image is None:
             bar.update(1)
             continue
-        shape = padded_shape(working_size(*image.pixels.shape[:2], settings.process_size, settings.scale),
-                             settings.bucket)
+        shape = padded_shape(
+            working_size(*image.pixels.shape[:2], settings.process_size, settings.scale), settings.bucket
+        )
         pending.setdefault(shape, []).append(image)
         if len(pending[shape]) == settings.batch_size:
             flush(shape)
@@ -83,14 +86,19 @@ def super_resolve_files(upscaler: Upscaler, outputs: Mapping[str, str], prompt_f
     return report
 
 
-def sweep_files(upscaler: Upscaler, outputs: Mapping[str, Sequence[str]], prompt_for: Callable[[str], str],
-                timesteps: Sequence[int], *, log: TextIO = sys.stderr) -> RunReport:
+def sweep_files(
+    upscaler: Upscaler,
+    outputs: Mapping[str, Sequence[str]],
+    prompt_for: Callable[[str], str],
+    timesteps: Sequence[int],
+    *,
+    log: TextIO = sys.stderr,
+) -> RunReport:
     """Each input image at every timestep -> its output paths (`outputs`, from outputs.plan_outputs with
     sweep_suffixes): one per timestep, written as it comes, then the contact sheet (the bicubic input, then one
     labelled panel per timestep). The progress bar advances per (image, timestep)."""
     report = RunReport()
-    bar = tqdm(total=len(outputs) * len(timesteps), unit="output", desc="timestep sweep", file=log,
-               disable=not outputs)
+    bar = tqdm(total=len(outputs) * len(timesteps), unit="output", desc="timestep sweep", file=log, disable=not outputs)
     for path, targets in outputs.items():
         image = _load(path, report, log)
         if image is None:
@@ -105,8 +113,10 @@ def sweep_files(upscaler: Upscaler, outputs: Mapping[str, Sequence[str]], prompt
             bar.update(1)
         _write(targets[-1], contact_sheet(panels), report, log)
         (h, w), (out_h, out_w) = image.pixels.shape[:2], panels[0][1].shape[:2]
-        tqdm.write(f"{path}: {w}x{h} -> {out_w}x{out_h} at {len(timesteps)} timesteps in "
-                   f"{time.perf_counter() - start:.1f} s", file=log)
+        tqdm.write(
+            f"{path}: {w}x{h} -> {out_w}x{out_h} at {len(timesteps)} timesteps in {time.perf_counter() - start:.1f} s",
+            file=log,
+        )
     bar.close()
     return report
 

@@ -21,8 +21,7 @@ _WAVELET_RADII = (1, 2, 4, 8, 16)
 
 def _as_float32_images(target: jax.Array, source: jax.Array) -> tuple[jax.Array, jax.Array]:
     if jnp.shape(target) != jnp.shape(source):
-        raise ValueError(f"target and source must have the same shape, got {jnp.shape(target)} and "
-                         f"{jnp.shape(source)}")
+        raise ValueError(f"target and source must have the same shape, got {jnp.shape(target)} and {jnp.shape(source)}")
     if jnp.ndim(target) not in (3, 4):
         raise ValueError(f"expected (H, W, C) or (B, H, W, C) images, got shape {jnp.shape(target)}")
     return jnp.asarray(target, jnp.float32), jnp.asarray(source, jnp.float32)
@@ -56,8 +55,9 @@ def _blur(images: jax.Array, radius: int) -> jax.Array:
     blurred = jnp.pad(images, pad_width, mode="edge")
     for axis in _HEIGHT_WIDTH:
         size = images.shape[axis]
-        before, centre, after = (lax.slice_in_dim(blurred, start, start + size, axis=axis)
-                                 for start in (0, radius, 2 * radius))
+        before, centre, after = (
+            lax.slice_in_dim(blurred, start, start + size, axis=axis) for start in (0, radius, 2 * radius)
+        )
         blurred = 0.25 * before + 0.5 * centre + 0.25 * after
     return blurred
 

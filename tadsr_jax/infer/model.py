@@ -64,22 +64,33 @@ class WeightsSource:
         return any(dataclasses.asdict(self).values())
 
     def describe(self) -> str:
-        return (self.tadsr_ckpt and f"reference checkpoint {self.tadsr_ckpt}") or (
-            self.generator and f"generator export {self.generator}") or (
-            self.workdir and f"latest checkpoint of {self.workdir}") or "untrained adapters"
+        return (
+            (self.tadsr_ckpt and f"reference checkpoint {self.tadsr_ckpt}")
+            or (self.generator and f"generator export {self.generator}")
+            or (self.workdir and f"latest checkpoint of {self.workdir}")
+            or "untrained adapters"
+        )
 
 
-def build_tadsr(pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=(),
-                text_encoder_dtype=jnp.float32) -> tuple:
+def build_tadsr(
+    pretrained: str, model_config: ml_collections.ConfigDict, *, fake_score_groups=(), text_encoder_dtype=jnp.float32
+) -> tuple:
     """(TADSR in float32 with freshly initialised adapters, tokenizer, schedule) on the SD folder `pretrained`.
 
     The text encoder alone is in `text_encoder_dtype`: it carries no adapter, so it needs no float32 copy for a
     merge, and serving loads it in its own dtype (a quarter of SD-2.1's weights: a lower bfloat16 peak).
     """
     nets = load_networks(pretrained, dtype=jnp.float32, text_encoder_dtype=text_encoder_dtype)
-    model = TADSR(nets.unet, nets.vae, nets.text_encoder, None, rank=model_config.lora_rank,
-                  alpha=model_config.lora_alpha, fake_score_groups=tuple(fake_score_groups),
-                  rngs=nnx.Rngs(0))
+    model = TADSR(
+        nets.unet,
+        nets.vae,
+        nets.text_encoder,
+        None,
+        rank=model_config.lora_rank,
+        alpha=model_config.lora_alpha,
+        fake_score_groups=tuple(fake_score_groups),
+        rngs=nnx.Rngs(0),
+    )
     return model, nets.tokenizer, nets.schedule
 
 
@@ -109,8 +120,11 @@ def restore_generator(model: TADSR, workdir: str, config: ml_collections.ConfigD
     keeps it) and the timesteps it was trained at (None for checkpoints saved before they were recorded). Only the
     generator is read: no optimizer is built and the fake score and optimizer states stay on disk."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = {"generator": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device),
-                                          nnx.state(model, GENERATOR))}
+    abstract = {
+        "generator": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device), nnx.state(model, GENERATOR)
+        )
+    }
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     try:
         restored = checkpointer.restore_latest(abstract, partial=True)
@@ -145,22 +159,30 @@ def cast(module: nnx.Module, dtype) -> None:
             variable.set_value(variable[...].astype(dtype))
 
 
-def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *,
-                  dtype: str = "float32") -> SRModel:
+def load_sr_model(
+    config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *, dtype: str = "float32"
+) -> SRModel:
     """SD folder `pretrained` + the generator from `source`, merged, cast to `dtype` ('float32' | 'bfloat16')."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
-    model, tokenizer, schedule = build_tadsr(pretrained, config.model, fake_score_groups=groups,
-                                             text_encoder_dtype=DTYPES[dtype])
+    model, tokenizer, schedule = build_tadsr(
+        pretrained, config.model, fake_score_groups=groups, text_encoder_dtype=DTYPES[dtype]
+    )
     trained = load_generator_weights(model, source, config)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
         cast(network, DTYPES[dtype])
     runtime.release_free_memory()
-    return SRModel(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer,
-                   schedule=schedule, trained_timesteps=trained)
+    return SRModel(
+        unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        trained_timesteps=trained,
+    )
 
 
 def export_generator(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, out: str) -> str:

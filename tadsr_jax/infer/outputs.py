@@ -28,8 +28,9 @@ def sweep_suffixes(timesteps: Sequence[int]) -> list[str]:
     return [f"_t{t}" for t in timesteps] + ["_sweep"]
 
 
-def plan_outputs(input_path: str, inputs: Sequence[str], output_dir: str,
-                 suffixes: Sequence[str] = ("",)) -> dict[str, list[str]]:
+def plan_outputs(
+    input_path: str, inputs: Sequence[str], output_dir: str, suffixes: Sequence[str] = ("",)
+) -> dict[str, list[str]]:
     """input -> its output paths (`<output_dir>/<stem><suffix>.png`, one per suffix), or OutputError.
 
     Refused: `output_dir` that exists as something other than a folder, or cannot be created or written in;
@@ -37,8 +38,11 @@ def plan_outputs(input_path: str, inputs: Sequence[str], output_dir: str,
     input file (compared as real paths); two inputs with one output path (`a.png` and `a.jpg`). The folder is
     created (if missing) and probed with a temporary file, which is removed.
     """
-    if (storage.isfile(output_dir) if storage.is_url(output_dir)
-            else os.path.lexists(output_dir) and not os.path.isdir(output_dir)):
+    if (
+        storage.isfile(output_dir)
+        if storage.is_url(output_dir)
+        else os.path.lexists(output_dir) and not os.path.isdir(output_dir)
+    ):
         raise OutputError([f"--output {output_dir}: exists and is not a folder (give a folder to write into)"])
     plan = {path: [output_path(path, output_dir, suffix) for suffix in suffixes] for path in inputs}
     problems = _overwritten_inputs(input_path, inputs, output_dir, plan) + _clashes(plan)
@@ -53,14 +57,21 @@ def _real(path: str) -> str:
     return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
 
 
-def _overwritten_inputs(input_path: str, inputs: Sequence[str], output_dir: str,
-                        plan: dict[str, list[str]]) -> list[str]:
+def _overwritten_inputs(
+    input_path: str, inputs: Sequence[str], output_dir: str, plan: dict[str, list[str]]
+) -> list[str]:
     if storage.isdir(input_path) and _real(output_dir) == _real(input_path):
-        return [f"--output {output_dir}: is the input folder; its outputs would replace or join the inputs "
-                f"(give another folder)"]
+        return [
+            f"--output {output_dir}: is the input folder; its outputs would replace or join the inputs "
+            f"(give another folder)"
+        ]
     real_inputs = {_real(path): path for path in inputs}
-    return [f"--output {output_dir}: {target} would overwrite the input {real_inputs[_real(target)]}"
-            for targets in plan.values() for target in targets if _real(target) in real_inputs]
+    return [
+        f"--output {output_dir}: {target} would overwrite the input {real_inputs[_real(target)]}"
+        for targets in plan.values()
+        for target in targets
+        if _real(target) in real_inputs
+    ]
 
 
 def _clashes(plan: dict[str, list[str]]) -> list[str]:
@@ -106,5 +117,6 @@ def _check_writable_url(output_dir: str) -> None:
         storage.remove(probe)
     except Exception as e:  # noqa: BLE001 - TensorFlow's and fsspec's store errors are not all OSErrors
         lines = str(e).strip().splitlines()
-        raise OutputError([f"--output {output_dir}: cannot write in the folder: "
-                           f"{type(e).__name__}: {lines[0] if lines else ''}"]) from e
+        raise OutputError(
+            [f"--output {output_dir}: cannot write in the folder: {type(e).__name__}: {lines[0] if lines else ''}"]
+        ) from e

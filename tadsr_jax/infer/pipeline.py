@@ -63,11 +63,12 @@ class SRSettings:
         if self.bucket < 8 or self.bucket % 8:
             raise ValueError(f"bucket must be a positive multiple of 8 pixels, got {self.bucket}")
         if self.batch_size < 1 or self.process_size < self.scale:
-            raise ValueError(f"need batch_size >= 1 and process_size >= scale ({self.scale}), got "
-                             f"{self.batch_size}, {self.process_size}")
+            raise ValueError(
+                f"need batch_size >= 1 and process_size >= scale ({self.scale}), got "
+                f"{self.batch_size}, {self.process_size}"
+            )
         if not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError(f"need 0 <= latent_overlap < latent_tile, got {self.latent_overlap}, "
-                             f"{self.latent_tile}")
+            raise ValueError(f"need 0 <= latent_overlap < latent_tile, got {self.latent_overlap}, {self.latent_tile}")
 
     @classmethod
     def from_config(cls, sr: ml_collections.ConfigDict, **overrides) -> SRSettings:
@@ -183,8 +184,9 @@ class Upscaler:
                 return denoise(unet, z, t, c)
 
             def one(image, ctx, t, key):
-                return generate(vae, tiled_unet, schedule, image[None], t[None], ctx[None], key,
-                                sample_posterior=s.sample_posterior)[1][0]
+                return generate(
+                    vae, tiled_unet, schedule, image[None], t[None], ctx[None], key, sample_posterior=s.sample_posterior
+                )[1][0]
 
             return jax.vmap(one)(lq, context, timesteps, keys)
 
@@ -253,12 +255,29 @@ class Upscaler:
             return jnp.stack([f(tile) for tile in tqdm(tiles, desc="UNet tiles", unit="tile", leave=False)])
 
         def unet(z, timesteps, ctx, conv_in=None):
-            return tiled_call(lambda tile: self._unet_tile(self.params, tile, timesteps, ctx), z,
-                              self.settings.latent_tile, self.settings.latent_overlap, map_tiles=tiles_one_by_one)
+            return tiled_call(
+                lambda tile: self._unet_tile(self.params, tile, timesteps, ctx),
+                z,
+                self.settings.latent_tile,
+                self.settings.latent_overlap,
+                map_tiles=tiles_one_by_one,
+            )
 
-        return jnp.concatenate([
-            generate(vae, unet, self.model.schedule, lq[i:i + 1], t[i:i + 1], context[i:i + 1], keys[i],
-                     sample_posterior=self.settings.sample_posterior)[1] for i in range(lq.shape[0])])
+        return jnp.concatenate(
+            [
+                generate(
+                    vae,
+                    unet,
+                    self.model.schedule,
+                    lq[i : i + 1],
+                    t[i : i + 1],
+                    context[i : i + 1],
+                    keys[i],
+                    sample_posterior=self.settings.sample_posterior,
+                )[1]
+                for i in range(lq.shape[0])
+            ]
+        )
 
     def super_resolve(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
         """uint8 (H, W, 3) images -> uint8 (SH, SW, 3) (S = settings.scale), batched by padded shape."""
@@ -295,7 +314,7 @@ class Upscaler:
 
     def _batches(self, items: list) -> Iterator[list]:
         size = self.settings.batch_size
-        return (items[start:start + size] for start in range(0, len(items), size))
+        return (items[start : start + size] for start in range(0, len(items), size))
 
 
 def _filled(chunk: list, size: int) -> list:

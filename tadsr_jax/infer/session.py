@@ -24,8 +24,10 @@ def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
         return config.model.pretrained
     folder = os.path.join(workdir, "tiny_sd") if workdir else ""
     if not storage.isdir(folder):
-        raise WeightsError("no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base "
-                           "(or, for configs/tiny.py, pass the --workdir that training wrote)")
+        raise WeightsError(
+            "no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base "
+            "(or, for configs/tiny.py, pass the --workdir that training wrote)"
+        )
     return folder
 
 
@@ -44,13 +46,25 @@ def timestep_warning(trained: Sequence[int] | None, requested: Sequence[int]) ->
     outside = sorted({int(t) for t in requested if not low <= t <= high})
     if not outside:
         return None
-    return (f"warning: timestep {', '.join(map(str, outside))} is outside the range this generator was trained at "
-            f"({low}..{high}, train.max_student_timestep): expect unreliable output (e.g. false colours)")
+    return (
+        f"warning: timestep {', '.join(map(str, outside))} is outside the range this generator was trained at "
+        f"({low}..{high}, train.max_student_timestep): expect unreliable output (e.g. false colours)"
+    )
 
 
-def run(config: ml_collections.ConfigDict, input_path: str, output_dir: str, source: WeightsSource, *,
-        captions: str = "", sweep: Sequence[int] | None = None, prompt: str | None = None,
-        dtype: str | None = None, log: TextIO = sys.stderr, **overrides) -> RunReport:
+def run(
+    config: ml_collections.ConfigDict,
+    input_path: str,
+    output_dir: str,
+    source: WeightsSource,
+    *,
+    captions: str = "",
+    sweep: Sequence[int] | None = None,
+    prompt: str | None = None,
+    dtype: str | None = None,
+    log: TextIO = sys.stderr,
+    **overrides,
+) -> RunReport:
     """Super-resolve `input_path` (a file or directory) into `output_dir`; `overrides` replace config.sr values.
 
     Everything that can be checked without the model is checked before it loads: settings, inputs, and every

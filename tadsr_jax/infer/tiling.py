@@ -34,8 +34,9 @@ def gaussian_weights(tile: int) -> np.ndarray:
     return np.outer(w, w).astype(np.float32)
 
 
-def tiled_call(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, overlap: int, *,
-               map_tiles: Callable = jax.lax.map) -> jax.Array:
+def tiled_call(
+    fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, overlap: int, *, map_tiles: Callable = jax.lax.map
+) -> jax.Array:
     """`fn` over (1, h, w, C) -> (1, h, w, C') applied to overlapping square tiles of `z`, blended.
 
     A latent within one tile is not tiled; otherwise the tile side is min(tile, h, w) as in the reference. Tiles
@@ -49,12 +50,12 @@ def tiled_call(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, ov
         return fn(z)
     side = min(tile, h, w)
     positions = [(y, x) for y in tile_starts(h, side, overlap) for x in tile_starts(w, side, overlap)]
-    tiles = jnp.stack([z[0, y:y + side, x:x + side] for y, x in positions])
+    tiles = jnp.stack([z[0, y : y + side, x : x + side] for y, x in positions])
     outputs = map_tiles(lambda t: fn(t[None])[0].astype(jnp.float32), tiles)
     weights = jnp.asarray(gaussian_weights(side))[:, :, None]
     total = jnp.zeros((h, w, outputs.shape[-1]), jnp.float32)
     norm = jnp.zeros((h, w, 1), jnp.float32)
     for i, (y, x) in enumerate(positions):
-        total = total.at[y:y + side, x:x + side].add(outputs[i] * weights)
-        norm = norm.at[y:y + side, x:x + side].add(weights)
+        total = total.at[y : y + side, x : x + side].add(outputs[i] * weights)
+        norm = norm.at[y : y + side, x : x + side].add(weights)
     return (total / norm)[None]

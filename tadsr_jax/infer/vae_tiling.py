@@ -228,8 +228,7 @@ def _downsample_strip(raw, first_row, height, conv, *, groups: int):
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "window", "masked", "upcast", "groups"))
-def _attention_band(band, first_row, height, p, *, heads: int, window: int, masked: bool, upcast: bool,
-                    groups: int):
+def _attention_band(band, first_row, height, p, *, heads: int, window: int, masked: bool, upcast: bool, groups: int):
     """VAE self-attention (GroupNorm, q/k/v, softmax, out, residual) within windows of a band of rows.
 
     The band is split along its width into windows of `window` columns; with `masked`, keys outside the image
@@ -282,7 +281,7 @@ def _rows(data: np.ndarray, start: int, stop: int) -> jax.Array:
     else:
         rows = np.zeros((stop - start, *data.shape[1:]), data.dtype)
         lo, hi = max(start, 0), min(stop, data.shape[0])
-        rows[lo - start:hi - start] = data[lo:hi]
+        rows[lo - start : hi - start] = data[lo:hi]
     return jax.device_put(rows, may_alias=False)
 
 
@@ -292,8 +291,13 @@ def _fetch(src: _Map, first_row: int, rows: int, halo: int) -> jax.Array:
     return _rows(src.data, first_row // 2 - 1, (first_row + rows) // 2 + 1)
 
 
-def _sweep(height: int, rows: int, strip: Callable[[int], tuple[jax.Array | None, tuple | None]],
-           out: np.ndarray | None, group_row: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _sweep(
+    height: int,
+    rows: int,
+    strip: Callable[[int], tuple[jax.Array | None, tuple | None]],
+    out: np.ndarray | None,
+    group_row: int,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Runs `strip(a)` -> (rows [a, a + rows) of a map or None, their GroupNorm sums or None) over the map's
     strips, writes the rows into `out` and returns the map's global (mean, var) (None without sums).
 
@@ -307,30 +311,50 @@ def _sweep(height: int, rows: int, strip: Callable[[int], tuple[jax.Array | None
             stats.add(min(rows, height - a) * group_row, strip_stats)
         if out is not None:
             if pending is not None:
-                out[pending[0]:pending[0] + len(pending[1])] = pending[1]
-            pending = (a, np.asarray(y)[:height - a])
+                out[pending[0] : pending[0] + len(pending[1])] = pending[1]
+            pending = (a, np.asarray(y)[: height - a])
     if pending is not None:
-        out[pending[0]:] = pending[1]
+        out[pending[0] :] = pending[1]
     return stats.result() if stats.counts else None
 
 
-def _conv_params(conv: Conv2d, norm: GroupNorm | None = None, stats: tuple[np.ndarray, np.ndarray] | None = None,
-                 scale_shift: tuple[jax.Array, jax.Array] | None = None) -> dict:
+def _conv_params(
+    conv: Conv2d,
+    norm: GroupNorm | None = None,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
+    scale_shift: tuple[jax.Array, jax.Array] | None = None,
+) -> dict:
     """`_norm_silu_conv`'s parameters; `stats` are the global statistics of the map `norm` normalises."""
     return {"norm": None if norm is None else _norm(norm, stats), "scale_shift": scale_shift, "conv": _dense(conv)}
 
 
-def _conv_pass(src: _Map, conv: Conv2d, plan: _Plan, *, norm: GroupNorm | None = None,
-               scale_shift: tuple[jax.Array, jax.Array] | None = None, pre_conv: Conv2d | None = None,
-               residual: _Map | None = None, shortcut: Conv2d | None = None, post_conv: Conv2d | None = None,
-               out: np.ndarray | None = None, final: bool = False, store: bool = True) -> _Map:
+def _conv_pass(
+    src: _Map,
+    conv: Conv2d,
+    plan: _Plan,
+    *,
+    norm: GroupNorm | None = None,
+    scale_shift: tuple[jax.Array, jax.Array] | None = None,
+    pre_conv: Conv2d | None = None,
+    residual: _Map | None = None,
+    shortcut: Conv2d | None = None,
+    post_conv: Conv2d | None = None,
+    out: np.ndarray | None = None,
+    final: bool = False,
+    store: bool = True,
+) -> _Map:
     """A 3x3 conv and its fused neighbours over strips, into a new map or `out` (which may be `src.data`);
     with `store=False` only the output's statistics are computed (`data` is None)."""
     height, width = src.shape
     rows = plan.rows(height, even=src.upsample is not None or (residual is not None and residual.upsample is not None))
-    p = {**_conv_params(conv, norm, src.stats, scale_shift), "src_upsample": src.upsample,
-         "pre_conv": _dense(pre_conv), "residual_upsample": None if residual is None else residual.upsample,
-         "shortcut": _dense(shortcut), "post_conv": _dense(post_conv)}
+    p = {
+        **_conv_params(conv, norm, src.stats, scale_shift),
+        "src_upsample": src.upsample,
+        "pre_conv": _dense(pre_conv),
+        "residual_upsample": None if residual is None else residual.upsample,
+        "shortcut": _dense(shortcut),
+        "post_conv": _dense(post_conv),
+    }
     channels = (post_conv or conv).out_channels
     if out is None and store:
         out = np.empty((height, width, channels), np.float32 if final else plan.dtype)
@@ -356,12 +380,22 @@ def _resnet(resnet: ResnetBlock2D, x: _Map, temb: jax.Array | None, plan: _Plan)
     in_place = x.upsample is None and x.data.shape[-1] == resnet.conv2.out_channels
     if not in_place or plan.fits(x.data.shape, (height, width, resnet.conv1.out_channels)):
         h = _conv_pass(x, resnet.conv1, plan, norm=resnet.norm1)
-        return _conv_pass(h, resnet.conv2, plan, norm=resnet.norm2, scale_shift=scale_shift, residual=x,
-                          shortcut=resnet.conv_shortcut, out=h.data)
+        return _conv_pass(
+            h,
+            resnet.conv2,
+            plan,
+            norm=resnet.norm2,
+            scale_shift=scale_shift,
+            residual=x,
+            shortcut=resnet.conv_shortcut,
+            out=h.data,
+        )
     h_stats = _conv_pass(x, resnet.conv1, plan, norm=resnet.norm1, store=False).stats
-    p = {"conv1": _conv_params(resnet.conv1, resnet.norm1, x.stats),
-         "conv2": _conv_params(resnet.conv2, resnet.norm2, h_stats, scale_shift),
-         "shortcut": _dense(resnet.conv_shortcut)}
+    p = {
+        "conv1": _conv_params(resnet.conv1, resnet.norm1, x.stats),
+        "conv2": _conv_params(resnet.conv2, resnet.norm2, h_stats, scale_shift),
+        "shortcut": _dense(resnet.conv_shortcut),
+    }
     rows = max(plan.rows(height), min(2, height))  # the writes lag one strip and the reads reach 2 rows back
 
     def strip(a):
@@ -377,8 +411,9 @@ def _downsample(conv: Conv2d, x: _Map, plan: _Plan) -> _Map:
     out = np.empty((out_height, out_width, conv.out_channels), plan.dtype)
 
     def strip(a):
-        return _downsample_strip(_rows(x.data, 2 * a, 2 * (a + rows) + 1), a, out_height, _dense(conv),
-                                 groups=plan.groups)
+        return _downsample_strip(
+            _rows(x.data, 2 * a, 2 * (a + rows) + 1), a, out_height, _dense(conv), groups=plan.groups
+        )
 
     return _Map(out, _sweep(out_height, rows, strip, out, out_width * conv.out_channels // plan.groups))
 
@@ -404,13 +439,27 @@ def _attention(attn: Attention, x: _Map, plan: _Plan) -> _Map:
     height, width = x.shape
     window = plan.attention_window
     rows, cols = (height, width) if height * width <= window**2 else (window, window)
-    p = {"norm": _norm(attn.group_norm, x.stats), "to_q": _dense(attn.to_q), "to_k": _dense(attn.to_k),
-         "to_v": _dense(attn.to_v), "to_out": _dense(attn.to_out[0])}
+    p = {
+        "norm": _norm(attn.group_norm, x.stats),
+        "to_q": _dense(attn.to_q),
+        "to_k": _dense(attn.to_k),
+        "to_v": _dense(attn.to_v),
+        "to_out": _dense(attn.to_out[0]),
+    }
     masked = bool(height % rows or width % cols)
 
     def strip(a):  # a band reads only its own rows, so writing one band behind is safe too
-        return _attention_band(_rows(x.data, a, a + rows), a, height, p, heads=attn.heads, window=cols,
-                               masked=masked, upcast=attn.upcast, groups=plan.groups)
+        return _attention_band(
+            _rows(x.data, a, a + rows),
+            a,
+            height,
+            p,
+            heads=attn.heads,
+            window=cols,
+            masked=masked,
+            upcast=attn.upcast,
+            groups=plan.groups,
+        )
 
     return _Map(x.data, _sweep(height, rows, strip, x.data, width * x.data.shape[-1] // plan.groups))
 
@@ -429,8 +478,13 @@ def _plan(vae: AutoencoderKL, strip_rows: int, attention_window: int, memory_bud
         raise ValueError("tiled VAE: merge the active LoRA adapters into the VAE first (lora.merge_adapters)")
     if memory_budget is None:
         memory_budget = int(0.9 * psutil.virtual_memory().available)
-    return _Plan(strip_rows, attention_window, vae.config.norm_num_groups,
-                 np.dtype(vae.decoder.conv_in.kernel[...].dtype), memory_budget)
+    return _Plan(
+        strip_rows,
+        attention_window,
+        vae.config.norm_num_groups,
+        np.dtype(vae.decoder.conv_in.kernel[...].dtype),
+        memory_budget,
+    )
 
 
 def _encode_image(vae: AutoencoderKL, image: np.ndarray, temb: jax.Array | None, plan: _Plan) -> np.ndarray:
@@ -442,8 +496,7 @@ def _encode_image(vae: AutoencoderKL, image: np.ndarray, temb: jax.Array | None,
         if block.downsamplers is not None:
             x = _downsample(block.downsamplers[0].conv, x, plan)
     x = _mid_block(encoder.mid_block, x, temb, plan)
-    return _conv_pass(x, encoder.conv_out, plan, norm=encoder.conv_norm_out, post_conv=vae.quant_conv,
-                      final=True).data
+    return _conv_pass(x, encoder.conv_out, plan, norm=encoder.conv_norm_out, post_conv=vae.quant_conv, final=True).data
 
 
 def _decode_latent(vae: AutoencoderKL, latent: np.ndarray, plan: _Plan) -> np.ndarray:
@@ -457,15 +510,22 @@ def _decode_latent(vae: AutoencoderKL, latent: np.ndarray, plan: _Plan) -> np.nd
         if block.upsamplers is not None:
             conv = block.upsamplers[0].conv
             height, width = 2 * x.data.shape[0], 2 * x.data.shape[1]
-            store = plan.fits((height, width, conv.out_channels),
-                              (height, width, blocks[i + 1].resnets[0].conv1.out_channels))
+            store = plan.fits(
+                (height, width, conv.out_channels), (height, width, blocks[i + 1].resnets[0].conv1.out_channels)
+            )
             x = _upsample(conv, x, plan, store=store)
     return _conv_pass(x, decoder.conv_out, plan, norm=decoder.conv_norm_out, final=True).data
 
 
-def tiled_encode(vae: AutoencoderKL, images: np.ndarray | jax.Array, timesteps: jax.Array | int | None = None, *,
-                 strip_rows: int = 256, attention_window: int = 64,
-                 memory_budget: int | None = None) -> DiagonalGaussian:
+def tiled_encode(
+    vae: AutoencoderKL,
+    images: np.ndarray | jax.Array,
+    timesteps: jax.Array | int | None = None,
+    *,
+    strip_rows: int = 256,
+    attention_window: int = 64,
+    memory_budget: int | None = None,
+) -> DiagonalGaussian:
     """`vae.encode(images, timesteps)` for (B, H, W, 3) images in [-1, 1] of any size, one image at a time.
 
     `memory_budget`: bytes of feature maps to hold on the host at once (see the module docstring); None: 90% of
@@ -481,8 +541,14 @@ def tiled_encode(vae: AutoencoderKL, images: np.ndarray | jax.Array, timesteps: 
     return DiagonalGaussian.from_moments(jnp.asarray(np.stack(moments)))
 
 
-def tiled_decode(vae: AutoencoderKL, latents: np.ndarray | jax.Array, *, strip_rows: int = 64,
-                 attention_window: int = 64, memory_budget: int | None = None) -> np.ndarray:
+def tiled_decode(
+    vae: AutoencoderKL,
+    latents: np.ndarray | jax.Array,
+    *,
+    strip_rows: int = 64,
+    attention_window: int = 64,
+    memory_budget: int | None = None,
+) -> np.ndarray:
     """`vae.decode(latents)` for (B, h, w, latent_channels) latents of any size, one latent at a time (float32);
     `memory_budget` as in `tiled_encode`."""
     plan = _plan(vae, strip_rows, attention_window, memory_budget)
@@ -492,15 +558,18 @@ def tiled_decode(vae: AutoencoderKL, latents: np.ndarray | jax.Array, *, strip_r
 class StripwiseVAE:
     """An `AutoencoderKL` whose encode/decode run strip-wise on the host (for images too large for one pass)."""
 
-    def __init__(self, vae: AutoencoderKL, *, encode_rows: int = 256, decode_rows: int = 64,
-                 attention_window: int = 64):
+    def __init__(
+        self, vae: AutoencoderKL, *, encode_rows: int = 256, decode_rows: int = 64, attention_window: int = 64
+    ):
         self.vae, self.config = vae, vae.config
         self.encode_rows, self.decode_rows, self.attention_window = encode_rows, decode_rows, attention_window
 
     def encode(self, images: jax.Array, timesteps: jax.Array | int | None = None) -> DiagonalGaussian:
-        return tiled_encode(self.vae, images, timesteps, strip_rows=self.encode_rows,
-                            attention_window=self.attention_window)
+        return tiled_encode(
+            self.vae, images, timesteps, strip_rows=self.encode_rows, attention_window=self.attention_window
+        )
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        return jnp.asarray(tiled_decode(self.vae, latents, strip_rows=self.decode_rows,
-                                        attention_window=self.attention_window))
+        return jnp.asarray(
+            tiled_decode(self.vae, latents, strip_rows=self.decode_rows, attention_window=self.attention_window)
+        )

@@ -14,9 +14,18 @@ from tadsr_jax.models.vae import AutoencoderKL
 from tadsr_jax.nn import Conv2d
 
 
-def generate(vae: AutoencoderKL, unet: UNet2DConditionModel, schedule: NoiseSchedule, lq: jax.Array,
-             timesteps: jax.Array, context: jax.Array, key: jax.Array, *, conv_in: Conv2d | None = None,
-             sample_posterior: bool = True) -> tuple[jax.Array, jax.Array]:
+def generate(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    lq: jax.Array,
+    timesteps: jax.Array,
+    context: jax.Array,
+    key: jax.Array,
+    *,
+    conv_in: Conv2d | None = None,
+    sample_posterior: bool = True,
+) -> tuple[jax.Array, jax.Array]:
     """LQ images (B,H,W,3) in [-1, 1], already at output size -> (x0 latents, SR images in [-1, 1]).
 
     The latent is sampled from the posterior with `key` (the reference always samples); `sample_posterior=False`

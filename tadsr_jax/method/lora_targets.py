@@ -12,8 +12,22 @@ from flax import nnx
 from tadsr_jax.nn.lora import lora_hosts
 from tadsr_jax.nn.naming import BASE_PARAMS, path_to_torch_key
 
-UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                 "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+UNET_PATTERNS = (
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv_out",
+    "proj_out",
+    "proj_in",
+    "ff.net.2",
+    "ff.net.0.proj",
+)
 VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
 UNET_GROUPS = ("encoder", "decoder", "others")
 
@@ -50,7 +64,10 @@ def unet_lora_groups(unet: nnx.Module) -> dict[str, list[str]]:
 
 def vae_encoder_lora_targets(vae: nnx.Module) -> list[str]:
     """The VAE encoder's LoRA modules (32 at SD size): encoder convs/attention, no time layers, plus quant_conv."""
-    modules = {n.removesuffix(".weight") for n in _weight_names(vae)
-               if any(p in n for p in VAE_PATTERNS) and "encoder" in n and "time" not in n}
+    modules = {
+        n.removesuffix(".weight")
+        for n in _weight_names(vae)
+        if any(p in n for p in VAE_PATTERNS) and "encoder" in n and "time" not in n
+    }
     modules.add("quant_conv")
     return _checked(vae, modules)

@@ -43,15 +43,17 @@ def timestep_blur(images: jax.Array, t: jax.Array) -> jax.Array:
     x = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     x = x.transpose(1, 2, 0, 3).reshape(1, h + 2 * pad, w + 2 * pad, b * c)
     conv = lambda x, kernel: jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=b * c)
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=b * c
+    )
     x = conv(conv(x, taps.reshape(MAX_BLUR_TAPS, 1, 1, b * c)), taps.reshape(1, MAX_BLUR_TAPS, 1, b * c))
     return x.reshape(h, w, b, c).transpose(2, 0, 1, 3)
 
 
 def blurred_mse(pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:
     """mean((Blur_t(pred) - Blur_t(target))^2) over all elements."""
-    return jnp.mean(jnp.square(timestep_blur(pred.astype(jnp.float32), t)
-                               - timestep_blur(target.astype(jnp.float32), t)))
+    return jnp.mean(
+        jnp.square(timestep_blur(pred.astype(jnp.float32), t) - timestep_blur(target.astype(jnp.float32), t))
+    )
 
 
 def student_timesteps(num: int = 50, max_timestep: int = 999) -> np.ndarray:

@@ -37,8 +37,12 @@ from tadsr_jax.weights.files import torch_load, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"
 SECTIONS = (UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION)
-MODULE_LISTS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
-                "vae_lora_encoder_modules")
+MODULE_LISTS = (
+    "unet_lora_encoder_modules",
+    "unet_lora_decoder_modules",
+    "unet_lora_others_modules",
+    "vae_lora_encoder_modules",
+)
 RANK_KEYS = ("rank_unet", "rank_vae")
 PEFT_DEFAULT_ALPHA = 8.0  # the reference's LoraConfig leaves lora_alpha at PEFT's default
 GENERATOR_FORMAT, GENERATOR_VERSION = "tadsr-jax-generator", 1
@@ -85,7 +89,7 @@ def _reference_place(path: Path) -> tuple[str, str, tuple[str, str] | None]:
     if not is_lora:
         return _FULL_TENSOR_SECTIONS[root], path_to_torch_key(tuple(inner)), None
     at = inner.index("lora")
-    module, (adapter, factor) = module_name(inner[:at]), inner[at + 1:]
+    module, (adapter, factor) = module_name(inner[:at]), inner[at + 1 :]
     network, section = _LORA_PLACES[root]
     target = (f"{network}_lora_{adapter.removeprefix('default_')}_modules", module)
     return section, f"{module}.lora_{factor.upper()}.{adapter}.weight", target
@@ -122,12 +126,15 @@ def _generator_values(model: TADSR) -> dict[Path, np.ndarray]:
 
 def _update_generator(model: TADSR, values: Mapping[Path, np.ndarray]) -> None:
     """Write every generator leaf of `model` in place, cast to the leaf's dtype."""
-    flat = [(path, variable.replace(jnp.asarray(values[path], variable.dtype)))
-            for path, variable in nnx.to_flat_state(nnx.state(model, GENERATOR))]
+    flat = [
+        (path, variable.replace(jnp.asarray(values[path], variable.dtype)))
+        for path, variable in nnx.to_flat_state(nnx.state(model, GENERATOR))
+    ]
     nnx.update(model, nnx.from_flat_state(flat))
 
 
 # ---------------------------------------------------------------------------------------- shared checks
+
 
 def _check_tensors(source: str, where: str, found: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
     """Raise on the first missing, mis-shaped or unexpected tensor of `found` (anything with a `.shape`)."""
@@ -135,8 +142,9 @@ def _check_tensors(source: str, where: str, found: Mapping[str, Any], expected: 
         if key not in found:
             raise WeightsError(f"{source}: missing tensor {key!r}{where}")
         if tuple(found[key].shape) != shape:
-            raise WeightsError(f"{source}: tensor {key!r}{where} has shape {tuple(found[key].shape)}, "
-                               f"the model expects {shape}")
+            raise WeightsError(
+                f"{source}: tensor {key!r}{where} has shape {tuple(found[key].shape)}, the model expects {shape}"
+            )
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise WeightsError(f"{source}: unexpected tensor {unexpected[0]!r}{where} (the model has no such leaf)")
@@ -162,6 +170,7 @@ def _first_line(error: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------- reference pickle
 
+
 def _torch(message: str):
     try:
         import torch
@@ -178,8 +187,10 @@ def reference_checkpoint(model: TADSR) -> dict[str, Any]:
     torch = _torch("writing the official TADSR .pkl needs PyTorch (pip install torch)")
     rank, alpha = _rank_and_alpha(model)
     if not math.isclose(alpha, PEFT_DEFAULT_ALPHA):
-        raise WeightsError(f"the official TADSR .pkl implies LoRA alpha {PEFT_DEFAULT_ALPHA:g} (it does not store "
-                           f"alpha); this model's is {alpha:g}: export it with save_generator instead")
+        raise WeightsError(
+            f"the official TADSR .pkl implies LoRA alpha {PEFT_DEFAULT_ALPHA:g} (it does not store "
+            f"alpha); this model's is {alpha:g}: export it with save_generator instead"
+        )
     entries = reference_entries(model)
     values = _generator_values(model)
     checkpoint: dict[str, Any] = {section: {} for section in SECTIONS}
@@ -220,11 +231,15 @@ def _check_rank_and_alpha(model: TADSR, path: str, checkpoint: Mapping[str, Any]
     rank, model_alpha = _rank_and_alpha(model)
     for key in RANK_KEYS:
         if checkpoint[key] != rank:
-            raise WeightsError(f"{path}: {key!r} is {checkpoint[key]!r} but the model's LoRA rank is {rank} "
-                               f"(build TADSR with rank={checkpoint[key]!r})")
+            raise WeightsError(
+                f"{path}: {key!r} is {checkpoint[key]!r} but the model's LoRA rank is {rank} "
+                f"(build TADSR with rank={checkpoint[key]!r})"
+            )
     if not math.isclose(model_alpha, alpha):
-        raise WeightsError(f"{path}: the model's LoRA alpha is {model_alpha:g}, the checkpoint is read with alpha "
-                           f"{alpha:g} (the pickle does not store it; build TADSR with alpha={alpha:g} or pass alpha=)")
+        raise WeightsError(
+            f"{path}: the model's LoRA alpha is {model_alpha:g}, the checkpoint is read with alpha "
+            f"{alpha:g} (the pickle does not store it; build TADSR with alpha={alpha:g} or pass alpha=)"
+        )
 
 
 def load_reference_checkpoint(model: TADSR, path: str, *, alpha: float = PEFT_DEFAULT_ALPHA) -> None:
@@ -241,11 +256,13 @@ def load_reference_checkpoint(model: TADSR, path: str, *, alpha: float = PEFT_DE
     for section in SECTIONS:
         expected = {e.key: e.torch_shape for e in entries if e.section == section}
         _check_tensors(path, f" in {section!r}", checkpoint[section], expected)
-    _update_generator(model, {e.path: e.from_torch(checkpoint[e.section][e.key].detach().float().numpy())
-                              for e in entries})
+    _update_generator(
+        model, {e.path: e.from_torch(checkpoint[e.section][e.key].detach().float().numpy()) for e in entries}
+    )
 
 
 # ---------------------------------------------------------------------------------------- our export
+
 
 def _flat_name(path: Path) -> str:
     return "/".join(map(str, path))
@@ -254,8 +271,13 @@ def _flat_name(path: Path) -> str:
 def generator_manifest(model: TADSR) -> dict[str, Any]:
     """What `save_generator` records about the model, and `load_generator` requires of it."""
     rank, alpha = _rank_and_alpha(model)
-    return {"format": GENERATOR_FORMAT, "version": GENERATOR_VERSION, "rank": rank, "alpha": alpha,
-            "lora_modules": _module_lists(reference_entries(model))}
+    return {
+        "format": GENERATOR_FORMAT,
+        "version": GENERATOR_VERSION,
+        "rank": rank,
+        "alpha": alpha,
+        "lora_modules": _module_lists(reference_entries(model)),
+    }
 
 
 def save_generator(model: TADSR, path: str, metadata: dict | None = None) -> None:

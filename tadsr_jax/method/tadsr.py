@@ -78,9 +78,18 @@ def _retype(layer: Linear | Conv2d, variable_type: type[nnx.Param]) -> None:
 
 
 class TADSR(nnx.Module):
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 lpips: LPIPS | None, *, rank: int = 4, alpha: float = 8.0,
-                 fake_score_groups: Sequence[str] = ("others",), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        lpips: LPIPS | None,
+        *,
+        rank: int = 4,
+        alpha: float = 8.0,
+        fake_score_groups: Sequence[str] = ("others",),
+        rngs: nnx.Rngs,
+    ):
         if not vae.encoder.time_aware:
             raise ValueError("TADSR needs the time-aware VAE (load_vae(..., time_aware=True))")
         unknown = set(fake_score_groups) - set(UNET_GROUPS)
@@ -96,16 +105,18 @@ class TADSR(nnx.Module):
         groups = unet_lora_groups(unet)
         for group, targets in groups.items():
             student_targets = [t for t in targets if t != "conv_in"]
-            lora.add_adapter(unet, f"default_{group}", GeneratorLoRA, student_targets, rank=rank, alpha=alpha,
-                             rngs=rngs)
-        lora.add_adapter(self.student_conv_in, "default_encoder", GeneratorLoRA, [""], rank=rank, alpha=alpha,
-                         rngs=rngs)
+            lora.add_adapter(
+                unet, f"default_{group}", GeneratorLoRA, student_targets, rank=rank, alpha=alpha, rngs=rngs
+            )
+        lora.add_adapter(
+            self.student_conv_in, "default_encoder", GeneratorLoRA, [""], rank=rank, alpha=alpha, rngs=rngs
+        )
         for group in fake_score_groups:
-            lora.add_adapter(unet, fake_adapter(group), FakeScoreLoRA, groups[group], rank=rank, alpha=alpha,
-                             rngs=rngs)
+            lora.add_adapter(unet, fake_adapter(group), FakeScoreLoRA, groups[group], rank=rank, alpha=alpha, rngs=rngs)
 
-        lora.add_adapter(vae, VAE_ADAPTER, GeneratorLoRA, vae_encoder_lora_targets(vae), rank=rank, alpha=alpha,
-                         rngs=rngs)
+        lora.add_adapter(
+            vae, VAE_ADAPTER, GeneratorLoRA, vae_encoder_lora_targets(vae), rank=rank, alpha=alpha, rngs=rngs
+        )
         for _, module in nnx.iter_modules(vae.encoder):
             if isinstance(module, TimestepEmbedding):
                 _retype(module.linear_1, GeneratorParam)
@@ -117,11 +128,28 @@ class TADSR(nnx.Module):
         lora.set_active_adapters(self.student_conv_in, ["default_encoder"])
         lora.set_active_adapters(unet, [])
 
-    def student(self, schedule: NoiseSchedule, lq: jax.Array, t: jax.Array, context: jax.Array, key: jax.Array,
-                *, sample_posterior: bool = True) -> tuple[jax.Array, jax.Array]:
+    def student(
+        self,
+        schedule: NoiseSchedule,
+        lq: jax.Array,
+        t: jax.Array,
+        context: jax.Array,
+        key: jax.Array,
+        *,
+        sample_posterior: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
         with lora.active_adapters(self.unet, GENERATOR_ADAPTERS):
-            return generate(self.vae, self.unet, schedule, lq, t, context, key, conv_in=self.student_conv_in,
-                            sample_posterior=sample_posterior)
+            return generate(
+                self.vae,
+                self.unet,
+                schedule,
+                lq,
+                t,
+                context,
+                key,
+                conv_in=self.student_conv_in,
+                sample_posterior=sample_posterior,
+            )
 
     def fake_score(self, z_t: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
         with lora.active_adapters(self.unet, self.fake_adapters):
@@ -141,8 +169,15 @@ class GeneratorOutputs:
     losses: dict[str, jax.Array]
 
 
-def generator_loss(model: TADSR, schedule: NoiseSchedule, batch: dict[str, jax.Array], neg_context: jax.Array,
-                   student_t: jax.Array, key: jax.Array, cfg: LossConfig) -> tuple[jax.Array, GeneratorOutputs]:
+def generator_loss(
+    model: TADSR,
+    schedule: NoiseSchedule,
+    batch: dict[str, jax.Array],
+    neg_context: jax.Array,
+    student_t: jax.Array,
+    key: jax.Array,
+    cfg: LossConfig,
+) -> tuple[jax.Array, GeneratorOutputs]:
     """L2 (timestep-blurred) + LPIPS + TA-VSD for one batch; `student_t` (B,) are the generator timesteps.
 
     `batch` holds `lq`, `hq` (B,H,W,3) in [-1, 1] and `input_ids` (B, T); `neg_context` is the negative
@@ -169,24 +204,38 @@ def generator_loss(model: TADSR, schedule: NoiseSchedule, batch: dict[str, jax.A
     return total, GeneratorOutputs(x0, images, context, terms)
 
 
-def _ta_vsd(model: TADSR, schedule: NoiseSchedule, x0: jax.Array, context: jax.Array, neg_context: jax.Array,
-            student_t: jax.Array, key: jax.Array, cfg: LossConfig) -> jax.Array:
+def _ta_vsd(
+    model: TADSR,
+    schedule: NoiseSchedule,
+    x0: jax.Array,
+    context: jax.Array,
+    neg_context: jax.Array,
+    student_t: jax.Array,
+    key: jax.Array,
+    cfg: LossConfig,
+) -> jax.Array:
     t = losses.teacher_timestep(student_t, cfg.teacher_scale, cfg.teacher_shift)
     noise = prng.normal(key, x0.shape, jnp.float32)
     z_t = jax.lax.stop_gradient(schedule.add_noise(x0, noise, t))
     eps_fake = model.fake_score(z_t, t, context).astype(jnp.float32)
     b = x0.shape[0]
-    both = model.teacher(jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
-                         jnp.concatenate([jnp.broadcast_to(neg_context, context.shape), context]))
+    both = model.teacher(
+        jnp.concatenate([z_t, z_t]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([jnp.broadcast_to(neg_context, context.shape), context]),
+    )
     eps_uncond, eps_cond = jnp.split(both.astype(jnp.float32), [b])
     eps_real = losses.classifier_free_guidance(
-        eps_uncond, eps_cond, losses.guidance_scale(t, cfg.cfg_base, cfg.cfg_per_step))
-    return losses.distribution_matching_loss(x0, schedule.eps_to_x0(z_t, eps_fake, t),
-                                             schedule.eps_to_x0(z_t, eps_real, t))
+        eps_uncond, eps_cond, losses.guidance_scale(t, cfg.cfg_base, cfg.cfg_per_step)
+    )
+    return losses.distribution_matching_loss(
+        x0, schedule.eps_to_x0(z_t, eps_fake, t), schedule.eps_to_x0(z_t, eps_real, t)
+    )
 
 
-def fake_score_loss(model: TADSR, schedule: NoiseSchedule, x0: jax.Array, context: jax.Array,
-                    key: jax.Array) -> jax.Array:
+def fake_score_loss(
+    model: TADSR, schedule: NoiseSchedule, x0: jax.Array, context: jax.Array, key: jax.Array
+) -> jax.Array:
     """eps-prediction loss of the fake score on the detached generator latent, its own t ~ U{0..999}; `key` as in
     `generator_loss`."""
     k_t, k_noise = prng.split(key)

@@ -44,11 +44,15 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"CLIP text encoder: unsupported hidden_act {self.hidden_act!r} "
-                             f"(supported: {', '.join(map(repr, _ACTIVATIONS))})")
+            raise ValueError(
+                f"CLIP text encoder: unsupported hidden_act {self.hidden_act!r} "
+                f"(supported: {', '.join(map(repr, _ACTIVATIONS))})"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIP text encoder: hidden_size {self.hidden_size} does not split into "
-                             f"{self.num_attention_heads} heads")
+            raise ValueError(
+                f"CLIP text encoder: hidden_size {self.hidden_size} does not split into "
+                f"{self.num_attention_heads} heads"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
@@ -60,8 +64,7 @@ class CLIPTextConfig:
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype: DTypeLike, rngs: nnx.Rngs):
         self.token_embedding = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype,
-                                            rngs=rngs)
+        self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(input_ids.shape[1]))
@@ -106,8 +109,9 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype: DTypeLike, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(config, dtype=dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List(
+            [CLIPEncoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers:
@@ -126,15 +130,18 @@ class CLIPTextModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CLIP text encoder: {input_ids.shape[1]} tokens exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"CLIP text encoder: {input_ids.shape[1]} tokens exceed max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
         return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int) -> np.ndarray:
     """(len(prompts), max_length) int32 ids: <|startoftext|> prompt <|endoftext|>, padded and truncated as SD does."""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="np").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
+    ).input_ids
     return ids.astype(np.int32)
 
 

@@ -42,8 +42,12 @@ class L2Pool2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out_h, out_w = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2
         p = jnp.pad(jnp.square(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
-        p = 0.25 * p[:, 0:2 * out_h - 1:2] + 0.5 * p[:, 1:2 * out_h:2] + 0.25 * p[:, 2:2 * out_h + 1:2]
-        p = 0.25 * p[:, :, 0:2 * out_w - 1:2] + 0.5 * p[:, :, 1:2 * out_w:2] + 0.25 * p[:, :, 2:2 * out_w + 1:2]
+        p = 0.25 * p[:, 0 : 2 * out_h - 1 : 2] + 0.5 * p[:, 1 : 2 * out_h : 2] + 0.25 * p[:, 2 : 2 * out_h + 1 : 2]
+        p = (
+            0.25 * p[:, :, 0 : 2 * out_w - 1 : 2]
+            + 0.5 * p[:, :, 1 : 2 * out_w : 2]
+            + 0.25 * p[:, :, 2 : 2 * out_w + 1 : 2]
+        )
         return jnp.sqrt(p + L2POOL_EPS)
 
 

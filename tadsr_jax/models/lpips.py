@@ -63,7 +63,7 @@ class MaxPool2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s = self.kernel_size, self.stride
         rows, cols = s * ((x.shape[1] - k) // s) + 1, s * ((x.shape[2] - k) // s) + 1
-        taps = [x[:, i:i + rows:s, j:j + cols:s] for i in range(k) for j in range(k)]  # row-major window order
+        taps = [x[:, i : i + rows : s, j : j + cols : s] for i in range(k) for j in range(k)]  # row-major window order
         m = functools.reduce(jnp.maximum, taps)
         out = taps[-1]
         for tap in reversed(taps[:-1]):
@@ -109,7 +109,7 @@ def alexnet_features(*, dtype, rngs: nnx.Rngs) -> nnx.List:
 def feature_taps(features: nnx.List, h: jax.Array, indices: Sequence[int]) -> list[jax.Array]:
     """The activations after the layers at `indices` of `features` applied to h."""
     taps = []
-    for i, layer in enumerate(features[:max(indices) + 1]):
+    for i, layer in enumerate(features[: max(indices) + 1]):
         h = layer(h)
         if i in indices:
             taps.append(h)

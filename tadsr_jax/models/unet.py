@@ -27,13 +27,28 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 # diffusers options we do not implement, with the only value we accept.
 _UNSUPPORTED_UNLESS = {
-    "act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None,
-    "encoder_hid_dim": None, "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
-    "dual_cross_attention": False, "only_cross_attention": False, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "num_class_embeds": None, "attention_type": "default",
-    "time_embedding_dim": None, "timestep_post_act": None, "mid_block_scale_factor": 1,
-    "resnet_out_scale_factor": 1.0, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None, "class_embeddings_concat": False,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "num_class_embeds": None,
+    "attention_type": "default",
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "mid_block_scale_factor": 1,
+    "resnet_out_scale_factor": 1.0,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+    "class_embeddings_concat": False,
 }
 
 
@@ -87,24 +102,54 @@ class UNetConfig:
         return cfg
 
     def heads(self) -> tuple[int, ...]:
-        return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels),
-                          "num_attention_heads")
+        return _per_block(
+            self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels), "num_attention_heads"
+        )
 
 
 class UNetDownBlock(nnx.Module):
     """DownBlock2D (resnets) or CrossAttnDownBlock2D (resnets + spatial transformers), then a stride-2 conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int, num_layers: int,
-                 heads: int | None, transformer_layers: int, add_downsample: bool, cfg: UNetConfig,
-                 dtype, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups,
-                          eps=cfg.norm_eps, temb_channels=temb_channels, dtype=dtype, rngs=rngs)
-            for i in range(num_layers)])
-        self.attentions = None if heads is None else nnx.List([
-            _transformer(out_channels, heads, transformer_layers, cfg, dtype, rngs) for _ in range(num_layers)])
-        self.downsamplers = nnx.List([Downsample2D(out_channels, padding=cfg.downsample_padding, dtype=dtype,
-                                                   rngs=rngs)]) if add_downsample else None
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int,
+        num_layers: int,
+        heads: int | None,
+        transformer_layers: int,
+        add_downsample: bool,
+        cfg: UNetConfig,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    groups=cfg.norm_num_groups,
+                    eps=cfg.norm_eps,
+                    temb_channels=temb_channels,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = (
+            None
+            if heads is None
+            else nnx.List(
+                [_transformer(out_channels, heads, transformer_layers, cfg, dtype, rngs) for _ in range(num_layers)]
+            )
+        )
+        self.downsamplers = (
+            nnx.List([Downsample2D(out_channels, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)])
+            if add_downsample
+            else None
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
@@ -122,12 +167,32 @@ class UNetDownBlock(nnx.Module):
 class UNetMidBlock(nnx.Module):
     """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet)."""
 
-    def __init__(self, channels: int, *, temb_channels: int, heads: int, transformer_layers: int,
-                 cfg: UNetConfig, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        temb_channels: int,
+        heads: int,
+        transformer_layers: int,
+        cfg: UNetConfig,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.attentions = nnx.List([_transformer(channels, heads, transformer_layers, cfg, dtype, rngs)])
-        self.resnets = nnx.List([
-            ResnetBlock2D(channels, channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                          temb_channels=temb_channels, dtype=dtype, rngs=rngs) for _ in range(2)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    channels,
+                    channels,
+                    groups=cfg.norm_num_groups,
+                    eps=cfg.norm_eps,
+                    temb_channels=temb_channels,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(2)
+            ]
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         x = self.resnets[0](x, temb)
@@ -137,22 +202,54 @@ class UNetMidBlock(nnx.Module):
 class UNetUpBlock(nnx.Module):
     """UpBlock2D / CrossAttnUpBlock2D: each resnet takes the concatenated skip; then nearest x2 + conv."""
 
-    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *, temb_channels: int,
-                 num_layers: int, heads: int | None, transformer_layers: int, add_upsample: bool,
-                 cfg: UNetConfig, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int,
+        num_layers: int,
+        heads: int | None,
+        transformer_layers: int,
+        add_upsample: bool,
+        cfg: UNetConfig,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         resnets = []
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_output_channels if i == 0 else out_channels
-            resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, groups=cfg.norm_num_groups,
-                                         eps=cfg.norm_eps, temb_channels=temb_channels, dtype=dtype, rngs=rngs))
+            resnets.append(
+                ResnetBlock2D(
+                    resnet_in + skip_channels,
+                    out_channels,
+                    groups=cfg.norm_num_groups,
+                    eps=cfg.norm_eps,
+                    temb_channels=temb_channels,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
         self.resnets = nnx.List(resnets)
-        self.attentions = None if heads is None else nnx.List([
-            _transformer(out_channels, heads, transformer_layers, cfg, dtype, rngs) for _ in range(num_layers)])
+        self.attentions = (
+            None
+            if heads is None
+            else nnx.List(
+                [_transformer(out_channels, heads, transformer_layers, cfg, dtype, rngs) for _ in range(num_layers)]
+            )
+        )
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
-    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
-                 upsample_size: tuple[int, int] | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        skips: list[jax.Array],
+        temb: jax.Array,
+        context: jax.Array,
+        upsample_size: tuple[int, int] | None,
+    ) -> jax.Array:
         for i, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
@@ -163,10 +260,17 @@ class UNetUpBlock(nnx.Module):
 
 
 def _transformer(channels: int, heads: int, layers: int, cfg: UNetConfig, dtype, rngs) -> Transformer2DModel:
-    return Transformer2DModel(channels, heads=heads, cross_attention_dim=cfg.cross_attention_dim,
-                              num_layers=layers, norm_groups=cfg.norm_num_groups,
-                              use_linear_projection=cfg.use_linear_projection,
-                              upcast_attention=cfg.upcast_attention, dtype=dtype, rngs=rngs)
+    return Transformer2DModel(
+        channels,
+        heads=heads,
+        cross_attention_dim=cfg.cross_attention_dim,
+        num_layers=layers,
+        norm_groups=cfg.norm_num_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -186,35 +290,73 @@ class UNet2DConditionModel(nnx.Module):
         down, out_ch = [], channels[0]
         for i, block_type in enumerate(config.down_block_types):
             in_ch, out_ch = out_ch, channels[i]
-            down.append(UNetDownBlock(
-                in_ch, out_ch, temb_channels=temb_channels, num_layers=layers[i],
-                heads=heads[i] if block_type.startswith("CrossAttn") else None, transformer_layers=t_layers[i],
-                add_downsample=i < n - 1, cfg=config, dtype=dtype, rngs=rngs))
+            down.append(
+                UNetDownBlock(
+                    in_ch,
+                    out_ch,
+                    temb_channels=temb_channels,
+                    num_layers=layers[i],
+                    heads=heads[i] if block_type.startswith("CrossAttn") else None,
+                    transformer_layers=t_layers[i],
+                    add_downsample=i < n - 1,
+                    cfg=config,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
         self.down_blocks = nnx.List(down)
-        self.mid_block = UNetMidBlock(channels[-1], temb_channels=temb_channels, heads=heads[-1],
-                                      transformer_layers=t_layers[-1], cfg=config, dtype=dtype, rngs=rngs)
+        self.mid_block = UNetMidBlock(
+            channels[-1],
+            temb_channels=temb_channels,
+            heads=heads[-1],
+            transformer_layers=t_layers[-1],
+            cfg=config,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
         up, rev = [], channels[::-1]
         out_ch = rev[0]
         for i, block_type in enumerate(config.up_block_types):
             prev_ch, out_ch = out_ch, rev[i]
             in_ch = rev[min(i + 1, n - 1)]
-            up.append(UNetUpBlock(
-                in_ch, prev_ch, out_ch, temb_channels=temb_channels, num_layers=layers[::-1][i] + 1,
-                heads=heads[::-1][i] if block_type.startswith("CrossAttn") else None,
-                transformer_layers=t_layers[::-1][i], add_upsample=i < n - 1, cfg=config, dtype=dtype, rngs=rngs))
+            up.append(
+                UNetUpBlock(
+                    in_ch,
+                    prev_ch,
+                    out_ch,
+                    temb_channels=temb_channels,
+                    num_layers=layers[::-1][i] + 1,
+                    heads=heads[::-1][i] if block_type.startswith("CrossAttn") else None,
+                    transformer_layers=t_layers[::-1][i],
+                    add_upsample=i < n - 1,
+                    cfg=config,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
         self.remat = "none"  # tadsr_jax.nn.remat policy of every down, mid and up block
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | int, encoder_hidden_states: jax.Array, *,
-                 conv_in: Conv2d | None = None) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | int,
+        encoder_hidden_states: jax.Array,
+        *,
+        conv_in: Conv2d | None = None,
+    ) -> jax.Array:
         """`conv_in` replaces the model's input convolution for this call (TADSR's student trains its own)."""
         dtype = self.conv_in.kernel.dtype
         t = batch_timesteps(timesteps, sample.shape[0])
-        t_feat = timestep_sinusoid(t, self.config.block_out_channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
-                                   freq_shift=self.config.freq_shift)
+        t_feat = timestep_sinusoid(
+            t,
+            self.config.block_out_channels[0],
+            flip_sin_to_cos=self.config.flip_sin_to_cos,
+            freq_shift=self.config.freq_shift,
+        )
         temb = self.time_embedding(t_feat.astype(dtype))
         context = encoder_hidden_states.astype(dtype)
         x = (conv_in or self.conv_in)(sample.astype(dtype))

@@ -75,13 +75,33 @@ def _resnet_time_kwargs(time_aware: bool) -> dict:
 class VAEMidBlock(nnx.Module):
     """UNetMidBlock2D: resnet, single-head spatial self-attention with its own GroupNorm, resnet."""
 
-    def __init__(self, channels: int, *, groups: int, add_attention: bool, resnet_kwargs: dict, dtype,
-                 rngs: nnx.Rngs):
-        self.attentions = nnx.List([Attention(channels, heads=1, dim_head=channels, qkv_bias=True,
-                                              norm_groups=groups, norm_eps=VAE_EPS, residual_connection=True,
-                                              upcast=True, dtype=dtype, rngs=rngs)]) if add_attention else None
-        self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups=groups, eps=VAE_EPS, dtype=dtype,
-                                               rngs=rngs, **resnet_kwargs) for _ in range(2)])
+    def __init__(self, channels: int, *, groups: int, add_attention: bool, resnet_kwargs: dict, dtype, rngs: nnx.Rngs):
+        self.attentions = (
+            nnx.List(
+                [
+                    Attention(
+                        channels,
+                        heads=1,
+                        dim_head=channels,
+                        qkv_bias=True,
+                        norm_groups=groups,
+                        norm_eps=VAE_EPS,
+                        residual_connection=True,
+                        upcast=True,
+                        dtype=dtype,
+                        rngs=rngs,
+                    )
+                ]
+            )
+            if add_attention
+            else None
+        )
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(channels, channels, groups=groups, eps=VAE_EPS, dtype=dtype, rngs=rngs, **resnet_kwargs)
+                for _ in range(2)
+            ]
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         x = self.resnets[0](x, temb)
@@ -93,13 +113,35 @@ class VAEMidBlock(nnx.Module):
 class EncoderDownBlock(nnx.Module):
     """DownEncoderBlock2D: resnets, then (except the last block) a padded stride-2 conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, add_downsample: bool,
-                 resnet_kwargs: dict, dtype, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=VAE_EPS,
-                          dtype=dtype, rngs=rngs, **resnet_kwargs) for i in range(num_layers)])
-        self.downsamplers = (nnx.List([Downsample2D(out_channels, padding=0, dtype=dtype, rngs=rngs)])
-                             if add_downsample else None)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_downsample: bool,
+        resnet_kwargs: dict,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    groups=groups,
+                    eps=VAE_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                    **resnet_kwargs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            nnx.List([Downsample2D(out_channels, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         for resnet in self.resnets:
@@ -118,16 +160,35 @@ class Encoder(nnx.Module):
         resnet_kwargs = _resnet_time_kwargs(time_aware)
         self.time_aware = time_aware
         self.time_sinusoid_dim = time_sinusoid_dim(cfg)
-        self.time_embedding = (TimestepEmbedding(self.time_sinusoid_dim, TIME_EMBED_CHANNELS, dtype=dtype,
-                                                 rngs=rngs) if time_aware else None)
+        self.time_embedding = (
+            TimestepEmbedding(self.time_sinusoid_dim, TIME_EMBED_CHANNELS, dtype=dtype, rngs=rngs)
+            if time_aware
+            else None
+        )
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1, dtype=dtype, rngs=rngs)
-        self.down_blocks = nnx.List([
-            EncoderDownBlock(channels[max(i - 1, 0)], channels[i], num_layers=cfg.layers_per_block, groups=groups,
-                             add_downsample=i < len(channels) - 1, resnet_kwargs=resnet_kwargs, dtype=dtype,
-                             rngs=rngs)
-            for i in range(len(channels))])
-        self.mid_block = VAEMidBlock(channels[-1], groups=groups, add_attention=cfg.mid_block_add_attention,
-                                     resnet_kwargs=resnet_kwargs, dtype=dtype, rngs=rngs)
+        self.down_blocks = nnx.List(
+            [
+                EncoderDownBlock(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    num_layers=cfg.layers_per_block,
+                    groups=groups,
+                    add_downsample=i < len(channels) - 1,
+                    resnet_kwargs=resnet_kwargs,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(channels))
+            ]
+        )
+        self.mid_block = VAEMidBlock(
+            channels[-1],
+            groups=groups,
+            add_attention=cfg.mid_block_add_attention,
+            resnet_kwargs=resnet_kwargs,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=dtype, rngs=rngs)
         self.remat = "none"  # tadsr_jax.nn.remat policy of each down block and the mid block
@@ -151,11 +212,30 @@ class Encoder(nnx.Module):
 class DecoderUpBlock(nnx.Module):
     """UpDecoderBlock2D: resnets, then (except the last block) nearest x2 + conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, add_upsample: bool,
-                 dtype, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=VAE_EPS,
-                          dtype=dtype, rngs=rngs) for i in range(num_layers)])
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_upsample: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    groups=groups,
+                    eps=VAE_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,12 +250,23 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         rev, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
         self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, padding=1, dtype=dtype, rngs=rngs)
-        self.mid_block = VAEMidBlock(rev[0], groups=groups, add_attention=cfg.mid_block_add_attention,
-                                     resnet_kwargs={}, dtype=dtype, rngs=rngs)
-        self.up_blocks = nnx.List([
-            DecoderUpBlock(rev[max(i - 1, 0)], rev[i], num_layers=cfg.layers_per_block + 1, groups=groups,
-                           add_upsample=i < len(rev) - 1, dtype=dtype, rngs=rngs)
-            for i in range(len(rev))])
+        self.mid_block = VAEMidBlock(
+            rev[0], groups=groups, add_attention=cfg.mid_block_add_attention, resnet_kwargs={}, dtype=dtype, rngs=rngs
+        )
+        self.up_blocks = nnx.List(
+            [
+                DecoderUpBlock(
+                    rev[max(i - 1, 0)],
+                    rev[i],
+                    num_layers=cfg.layers_per_block + 1,
+                    groups=groups,
+                    add_upsample=i < len(rev) - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(rev))
+            ]
+        )
         self.conv_norm_out = GroupNorm(groups, rev[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
         self.remat = "none"  # tadsr_jax.nn.remat policy of the mid block and each up block
@@ -223,10 +314,8 @@ class AutoencoderKL(nnx.Module):
         latent = config.latent_channels
         self.encoder = Encoder(config, time_aware=time_aware, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
-        self.quant_conv = (Conv2d(2 * latent, 2 * latent, 1, dtype=dtype, rngs=rngs)
-                           if config.use_quant_conv else None)
-        self.post_quant_conv = (Conv2d(latent, latent, 1, dtype=dtype, rngs=rngs)
-                                if config.use_post_quant_conv else None)
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1, dtype=dtype, rngs=rngs) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent, latent, 1, dtype=dtype, rngs=rngs) if config.use_post_quant_conv else None
 
     def encode(self, images: jax.Array, timesteps: jax.Array | int | None = None) -> DiagonalGaussian:
         moments = self.encoder(images, timesteps)

@@ -8,7 +8,23 @@ from tadsr_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, nearest
 from tadsr_jax.nn.transformer import BasicTransformerBlock, FeedForward, Transformer2DModel
 
 __all__ = [
-    "Attention", "BasicTransformerBlock", "Conv2d", "Downsample2D", "Embedding", "FeedForward", "GroupNorm",
-    "LayerNorm", "Linear", "ResnetBlock2D", "TimestepEmbedding", "Transformer2DModel", "Upsample2D",
-    "attention", "batch_timesteps", "conv2d", "lora", "nearest_resize", "timestep_sinusoid",
+    "Attention",
+    "BasicTransformerBlock",
+    "Conv2d",
+    "Downsample2D",
+    "Embedding",
+    "FeedForward",
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "ResnetBlock2D",
+    "TimestepEmbedding",
+    "Transformer2DModel",
+    "Upsample2D",
+    "attention",
+    "batch_timesteps",
+    "conv2d",
+    "lora",
+    "nearest_resize",
+    "timestep_sinusoid",
 ]

@@ -43,8 +43,16 @@ def resolve(implementation: str, platform: str | None = None, dtype=jnp.bfloat16
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, is_causal: bool = False,
-              float32_logits: bool = False, implementation: str = "auto") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    *,
+    is_causal: bool = False,
+    float32_logits: bool = False,
+    implementation: str = "auto",
+) -> jax.Array:
     """(B, T, heads*D) queries against (B, S, heads*D) keys/values -> (B, T, heads*D)."""
     b, t, _ = q.shape
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, -1)
@@ -59,8 +67,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, is_causal
     elif implementation == "flash":
         out = flash_attention(split(q), split(k), split(v), is_causal=is_causal)
     else:
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
-                                           implementation="cudnn" if implementation == "cudnn" else "xla")
+        out = jax.nn.dot_product_attention(
+            split(q),
+            split(k),
+            split(v),
+            is_causal=is_causal,
+            implementation="cudnn" if implementation == "cudnn" else "xla",
+        )
     return out.reshape(b, t, -1).astype(dtype)
 
 
@@ -81,8 +94,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
 
     def kernel(q, k, v):
         heads_first = lambda x: x.transpose(0, 2, 1, 3)
-        out = pallas_flash.flash_attention(heads_first(q), heads_first(k), heads_first(v), causal=is_causal,
-                                           sm_scale=q.shape[-1] ** -0.5)
+        out = pallas_flash.flash_attention(
+            heads_first(q), heads_first(k), heads_first(v), causal=is_causal, sm_scale=q.shape[-1] ** -0.5
+        )
         return heads_first(out)
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -109,7 +123,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = Q
     probabilities.
     """
     b, t, n, d = q.shape
-    scale = d ** -0.5
+    scale = d**-0.5
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, T, D)
 
     def one_block(q_block: jax.Array) -> jax.Array:
@@ -134,16 +148,26 @@ class Attention(nnx.Module):
     Called on (B, T, C) tokens, or on (B, H, W, C) maps when it owns a GroupNorm (VAE mid block).
     """
 
-    def __init__(self, query_dim: int, *, heads: int, dim_head: int, cross_attention_dim: int | None = None,
-                 qkv_bias: bool = False, norm_groups: int | None = None, norm_eps: float = 1e-6,
-                 residual_connection: bool = False, upcast: bool = False, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        qkv_bias: bool = False,
+        norm_groups: int | None = None,
+        norm_eps: float = 1e-6,
+        residual_connection: bool = False,
+        upcast: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         inner = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         self.heads, self.upcast, self.residual_connection = heads, upcast, residual_connection
         self.implementation = "auto"
-        self.group_norm = (GroupNorm(norm_groups, query_dim, eps=norm_eps, dtype=dtype)
-                           if norm_groups else None)
+        self.group_norm = GroupNorm(norm_groups, query_dim, eps=norm_eps, dtype=dtype) if norm_groups else None
         self.to_q = Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_k = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_v = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -157,8 +181,14 @@ class Attention(nnx.Module):
         if self.group_norm is not None:
             x = self.group_norm(x)
         context = x if context is None else context
-        h = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                      float32_logits=self.upcast, implementation=self.implementation)
+        h = attention(
+            self.to_q(x),
+            self.to_k(context),
+            self.to_v(context),
+            self.heads,
+            float32_logits=self.upcast,
+            implementation=self.implementation,
+        )
         h = self.to_out[0](h)
         if spatial_shape is not None:
             h = h.reshape(spatial_shape)

@@ -11,8 +11,14 @@ from flax import nnx
 from tadsr_jax.nn.layers import Linear
 
 
-def timestep_sinusoid(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
-                      freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+def timestep_sinusoid(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
     """(B,) timesteps -> (B, dim) float32 features; frequencies exp(-ln(max_period) j / (dim/2 - freq_shift))."""
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)

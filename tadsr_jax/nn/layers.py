@@ -28,16 +28,27 @@ def _torch_default_uniform(rngs: nnx.Rngs, shape: Sequence[int], fan_in: int, dt
 class Linear(lora.LoRAHost):
     """y = x W + b (+ LoRA deltas of the active adapters)."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 dtype=jnp.float32, zero_init: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        zero_init: bool = False,
+        rngs: nnx.Rngs,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         shape = (in_features, out_features)
         init = jnp.zeros(shape, dtype) if zero_init else _torch_default_uniform(rngs, shape, in_features, dtype)
         self.kernel = nnx.Param(init)
         if use_bias:
-            self.bias = nnx.Param(jnp.zeros((out_features,), dtype) if zero_init
-                                  else _torch_default_uniform(rngs, (out_features,), in_features, dtype))
+            self.bias = nnx.Param(
+                jnp.zeros((out_features,), dtype)
+                if zero_init
+                else _torch_default_uniform(rngs, (out_features,), in_features, dtype)
+            )
         else:
             self.bias = None
 
@@ -62,21 +73,32 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int | Sequence
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride), padding=tuple(padding),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel, window_strides=(stride, stride), padding=tuple(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 class Conv2d(lora.LoRAHost):
     """2-D convolution, NHWC activations and HWIO kernel (PyTorch OIHW is transposed on load)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-                 padding: int = 0, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         fan_in = in_channels * kernel_size * kernel_size
-        self.kernel = nnx.Param(_torch_default_uniform(
-            rngs, (kernel_size, kernel_size, in_channels, out_channels), fan_in, dtype))
+        self.kernel = nnx.Param(
+            _torch_default_uniform(rngs, (kernel_size, kernel_size, in_channels, out_channels), fan_in, dtype)
+        )
         self.bias = nnx.Param(_torch_default_uniform(rngs, (out_channels,), fan_in, dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,15 +135,23 @@ class GroupNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
         self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
 
-    def __call__(self, x: jax.Array, *, scale_shift: tuple[jax.Array, jax.Array] | None = None,
-                 silu: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, scale_shift: tuple[jax.Array, jax.Array] | None = None, silu: bool = False
+    ) -> jax.Array:
         """GN(x), then `* (1 + scale) + shift` if given, then SiLU if `silu`; in x's dtype."""
         return _group_norm(x, self.scale[...], self.bias[...], scale_shift, self.num_groups, self.eps, silu)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5, 6), policy=jax.checkpoint_policies.nothing_saveable)
-def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None,
-                num_groups: int, eps: float, silu: bool) -> jax.Array:
+def _group_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    scale_shift: tuple[jax.Array, jax.Array] | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> jax.Array:
     shape = x.shape
     xg = x.astype(jnp.float32).reshape(shape[0], -1, num_groups, shape[-1] // num_groups)
     mean = xg.mean(axis=(1, 3), keepdims=True)

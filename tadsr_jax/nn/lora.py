@@ -59,8 +59,16 @@ def lora_hosts(model: nnx.Module) -> dict[str, LoRAHost]:
     return {module_name(path): m for path, m in nnx.iter_modules(model) if isinstance(m, LoRAHost)}
 
 
-def add_adapter(model: nnx.Module, name: str, param_type: type[LoRAParam], targets: Iterable[str], *,
-                rank: int = 4, alpha: float = 8.0, rngs: nnx.Rngs) -> int:
+def add_adapter(
+    model: nnx.Module,
+    name: str,
+    param_type: type[LoRAParam],
+    targets: Iterable[str],
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    rngs: nnx.Rngs,
+) -> int:
     """Attach adapter `name` to each target module (by dotted name). Returns the number of modules adapted."""
     if not issubclass(param_type, LoRAParam):
         raise TypeError(f"adapter {name!r}: {param_type.__name__} is not a LoRAParam subclass")
@@ -68,8 +76,9 @@ def add_adapter(model: nnx.Module, name: str, param_type: type[LoRAParam], targe
     targets = sorted(set(targets))
     unknown = [t for t in targets if t not in hosts]
     if unknown:
-        raise ValueError(f"adapter {name!r}: no LoRA-capable module named {unknown[0]!r}"
-                         f" ({len(unknown)} unknown targets)")
+        raise ValueError(
+            f"adapter {name!r}: no LoRA-capable module named {unknown[0]!r} ({len(unknown)} unknown targets)"
+        )
     for target in targets:
         host = hosts[target]
         if name in host.lora:

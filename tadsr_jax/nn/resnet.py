@@ -20,9 +20,19 @@ class ResnetBlock2D(nnx.Module):
     identical to the unconditioned one.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, groups: int, eps: float,
-                 temb_channels: int | None = None, time_mode: str = "add", zero_init_time: bool = False,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        groups: int,
+        eps: float,
+        temb_channels: int | None = None,
+        time_mode: str = "add",
+        zero_init_time: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if time_mode not in TIME_MODES:
             raise ValueError(f"time_mode must be one of {TIME_MODES}, got {time_mode!r}")
         self.time_mode = time_mode
@@ -35,8 +45,9 @@ class ResnetBlock2D(nnx.Module):
             self.time_emb_proj = Linear(temb_channels, proj_out, dtype=dtype, zero_init=zero_init_time, rngs=rngs)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
-                              if in_channels != out_channels else None)
+        self.conv_shortcut = (
+            Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         h = self.conv1(self.norm1(x, silu=True))

@@ -65,8 +65,26 @@ CHIPS = {  # by jax.Device.device_kind
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # Bytes per element by the dtype names of HLO text (pred, s32) and of jax's short array types (bool, i32).
-_BYTES = {"pred": 1, "bool": 1, "s8": 1, "i8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "i16": 2, "u16": 2,
-          "f32": 4, "s32": 4, "i32": 4, "u32": 4, "f64": 8, "s64": 8, "i64": 8, "u64": 8}
+_BYTES = {
+    "pred": 1,
+    "bool": 1,
+    "s8": 1,
+    "i8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "i16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "i32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "i64": 8,
+    "u64": 8,
+}
 
 
 def topology_devices(name: str) -> list[jax.Device]:
@@ -78,17 +96,21 @@ def topology_devices(name: str) -> list[jax.Device]:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--topology={name}: not a TPU topology this libtpu knows ({str(e).splitlines()[0]}); "
-                         "names look like v5e:2x2, v5p:2x2x4, v6e:4x4") from None
+        raise ValueError(
+            f"--topology={name}: not a TPU topology this libtpu knows ({str(e).splitlines()[0]}); "
+            "names look like v5e:2x2, v5p:2x2x4, v6e:4x4"
+        ) from None
 
 
 def architectures(config: ml_collections.ConfigDict) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
     """The networks' configs: `config.model.unet/vae/text_encoder` where set (tiny configs), else SD-2.1-base's
     (what configs/tadsr_sd21.py loads from its pretrained folder)."""
     model = config.model
-    return (UNetConfig.from_dict(model.unet.to_dict() or SD21_UNET),
-            VAEConfig.from_dict(model.vae.to_dict() or SD21_VAE),
-            CLIPTextConfig.from_dict(model.text_encoder.to_dict() or SD21_TEXT_ENCODER))
+    return (
+        UNetConfig.from_dict(model.unet.to_dict() or SD21_UNET),
+        VAEConfig.from_dict(model.vae.to_dict() or SD21_VAE),
+        CLIPTextConfig.from_dict(model.text_encoder.to_dict() or SD21_TEXT_ENCODER),
+    )
 
 
 def abstract_model(config: ml_collections.ConfigDict, platform: str | None = None):
@@ -100,9 +122,14 @@ def abstract_model(config: ml_collections.ConfigDict, platform: str | None = Non
     def build():
         rngs = nnx.Rngs(0)
         lpips = LPIPS(dtype=dtype, rngs=rngs) if config.loss.lpips else None
-        return make_model(config, UNet2DConditionModel(unet_cfg, dtype=dtype, rngs=rngs),
-                          AutoencoderKL(vae_cfg, time_aware=True, dtype=dtype, rngs=rngs),
-                          CLIPTextModel(text_cfg, dtype=dtype, rngs=rngs), lpips, platform)
+        return make_model(
+            config,
+            UNet2DConditionModel(unet_cfg, dtype=dtype, rngs=rngs),
+            AutoencoderKL(vae_cfg, time_aware=True, dtype=dtype, rngs=rngs),
+            CLIPTextModel(text_cfg, dtype=dtype, rngs=rngs),
+            lpips,
+            platform,
+        )
 
     return nnx.eval_shape(build), text_cfg
 
@@ -125,24 +152,32 @@ class CompiledProgram:
     crop_size: int  # their side, pixels
 
 
-def _train_step_trace(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
-                      mesh: jax.sharding.Mesh) -> jax.stages.Traced:
+def _train_step_trace(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device], mesh: jax.sharding.Mesh
+) -> jax.stages.Traced:
     model, text_cfg = abstract_model(config, devices[0].platform)
     graphdef, generator, fake_score, frozen, rest = split_model(model)
-    state = jax.eval_shape(functools.partial(init_state, tx=optimizer(config.train), seed=config.seed),
-                           generator, fake_score)
+    state = jax.eval_shape(
+        functools.partial(init_state, tx=optimizer(config.train), seed=config.seed), generator, fake_score
+    )
     program = step_program(config, graphdef, NoiseSchedule.stable_diffusion(), mesh, state, frozen, rest)
 
     batch, size = config.train.batch_size, config.data.crop_size
     parallel.process_rows(batch, num_processes=len({d.process_index for d in devices}), num_devices=len(devices))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=program.batch_sharding)
-    tokens = jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32,
-                                  sharding=program.batch_sharding)
-    neg_context = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings, text_cfg.hidden_size),
-                                       jnp.dtype(config.model.dtype), sharding=program.replicated)
-    args = (_with_sharding(state, program.state_sharding), _with_sharding(frozen, program.frozen_sharding),
-            _with_sharding(rest, program.rest_sharding), {"lq": images, "hq": images, "input_ids": tokens},
-            neg_context)
+    tokens = jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32, sharding=program.batch_sharding)
+    neg_context = jax.ShapeDtypeStruct(
+        (1, text_cfg.max_position_embeddings, text_cfg.hidden_size),
+        jnp.dtype(config.model.dtype),
+        sharding=program.replicated,
+    )
+    args = (
+        _with_sharding(state, program.state_sharding),
+        _with_sharding(frozen, program.frozen_sharding),
+        _with_sharding(rest, program.rest_sharding),
+        {"lq": images, "hq": images, "input_ids": tokens},
+        neg_context,
+    )
     return program.step_fn.trace(*args)
 
 
@@ -162,13 +197,18 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     return CompiledProgram(
         compiled=traced.lower().compile(),
         model_flops=matmul_flops(_train_step_trace(_without_recomputation(config), devices, mesh)),
-        executed_flops=matmul_flops(traced), num_devices=len(devices),
-        num_hosts=len({d.process_index for d in devices}), mesh_shape=dict(mesh.shape),
-        global_batch=config.train.batch_size, crop_size=config.data.crop_size)
+        executed_flops=matmul_flops(traced),
+        num_devices=len(devices),
+        num_hosts=len({d.process_index for d in devices}),
+        mesh_shape=dict(mesh.shape),
+        global_batch=config.train.batch_size,
+        crop_size=config.data.crop_size,
+    )
 
 
-def compile_sr(config: ml_collections.ConfigDict, device: jax.Device, *, size: int, batch: int,
-               dtype: str) -> CompiledProgram:
+def compile_sr(
+    config: ml_collections.ConfigDict, device: jax.Device, *, size: int, batch: int, dtype: str
+) -> CompiledProgram:
     """The SR program of `launch/sr.py` (`Upscaler`, settings from `config.sr`) for `batch` working images of
     `size` x `size` pixels, networks in `dtype`, on one chip."""
     unet_cfg, vae_cfg, text_cfg = architectures(config)
@@ -184,25 +224,38 @@ def compile_sr(config: ml_collections.ConfigDict, device: jax.Device, *, size: i
         unet, vae, text_encoder = nnx.eval_shape(build)
         for net in (unet, vae):
             set_attention_implementation(net, implementation, device.platform)
-        upscaler = Upscaler(SRModel(unet, vae, text_encoder, tokenizer=None, schedule=NoiseSchedule.stable_diffusion()),
-                            SRSettings.from_config(config.sr, batch_size=batch))
+        upscaler = Upscaler(
+            SRModel(unet, vae, text_encoder, tokenizer=None, schedule=NoiseSchedule.stable_diffusion()),
+            SRSettings.from_config(config.sr, batch_size=batch),
+        )
         on_chip = jax.sharding.SingleDeviceSharding(device)
         keys = jax.eval_shape(lambda: jnp.stack([jax.random.key(0)] * batch))
-        args = (upscaler.params,
-                jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-                jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32),
-                jax.ShapeDtypeStruct((batch,), jnp.int32), keys)
+        args = (
+            upscaler.params,
+            jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch, text_cfg.max_position_embeddings), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            keys,
+        )
         args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), args)
         return upscaler.forward.trace(*args)
 
     traced = trace(config.model.attention)
-    return CompiledProgram(compiled=traced.lower().compile(), model_flops=matmul_flops(trace("xla")),
-                           executed_flops=matmul_flops(traced), num_devices=1, num_hosts=1, mesh_shape={},
-                           global_batch=batch, crop_size=size)
+    return CompiledProgram(
+        compiled=traced.lower().compile(),
+        model_flops=matmul_flops(trace("xla")),
+        executed_flops=matmul_flops(traced),
+        num_devices=1,
+        num_hosts=1,
+        mesh_shape={},
+        global_batch=batch,
+        crop_size=size,
+    )
 
 
-def saved_activations(config: ml_collections.ConfigDict, platform: str | None = None,
-                      batch: int | None = None) -> list[dict[str, Any]]:
+def saved_activations(
+    config: ml_collections.ConfigDict, platform: str | None = None, batch: int | None = None
+) -> list[dict[str, Any]]:
     """What the generator's backward pass keeps from its forward pass, by source line, largest first.
 
     These saved activations are what grows a train step's temporaries with the batch (the frozen weights and
@@ -215,22 +268,34 @@ def saved_activations(config: ml_collections.ConfigDict, platform: str | None = 
     generator = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), generator)
     batch = batch or config.train.batch_size
     size, tokens = config.data.crop_size, text_cfg.max_position_embeddings
-    inputs = {"lq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-              "hq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-              "input_ids": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
-              "neg_context": jax.ShapeDtypeStruct((1, tokens, text_cfg.hidden_size), jnp.dtype(config.model.dtype)),
-              "student_t": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    inputs = {
+        "lq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        "hq": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
+        "neg_context": jax.ShapeDtypeStruct((1, tokens, text_cfg.hidden_size), jnp.dtype(config.model.dtype)),
+        "student_t": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
     loss_cfg = LossConfig(**config.loss.to_dict())
 
     def loss(generator, fake_score, frozen, rest, inputs):
         # Everything but the generator is a constant of the differentiation, as in the train step.
         fake_score, frozen, rest, inputs = jax.lax.stop_gradient((fake_score, frozen, rest, inputs))
         model = nnx.merge(graphdef, generator, fake_score, frozen, rest)
-        return generator_loss(model, NoiseSchedule.stable_diffusion(), inputs, inputs["neg_context"],
-                              inputs["student_t"], jax.random.key(0), loss_cfg)[0]
+        return generator_loss(
+            model,
+            NoiseSchedule.stable_diffusion(),
+            inputs,
+            inputs["neg_context"],
+            inputs["student_t"],
+            jax.random.key(0),
+            loss_cfg,
+        )[0]
 
-    return [e for e in residuals_by_source(loss, generator, fake_score, frozen, rest, inputs)
-            if "saved_activations" not in e["source"]]  # the stop_gradient copies of arguments above
+    return [
+        e
+        for e in residuals_by_source(loss, generator, fake_score, frozen, rest, inputs)
+        if "saved_activations" not in e["source"]
+    ]  # the stop_gradient copies of arguments above
 
 
 def residuals_by_source(fn: Callable, *args: Any) -> list[dict[str, Any]]:
@@ -247,8 +312,7 @@ def residuals_by_source(fn: Callable, *args: Any) -> list[dict[str, Any]]:
             continue
         dtype, dims, source = match.groups()
         source = re.sub(r"^.*?from |\S*(?=tadsr_jax/)", "", source)
-        entry = by_source.setdefault(f"{dtype} {source}", {"source": source, "dtype": dtype, "count": 0,
-                                                              "bytes": 0.0})
+        entry = by_source.setdefault(f"{dtype} {source}", {"source": source, "dtype": dtype, "count": 0, "bytes": 0.0})
         entry["count"] += 1
         entry["bytes"] += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return sorted(by_source.values(), key=lambda e: -e["bytes"])
@@ -278,8 +342,12 @@ def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:
     memory = program.compiled.memory_analysis()
     cost = program.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes)
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     chips = program.num_devices
     xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     roofline = max(program.executed_flops / chips / chip.peak_flops, accessed / chip.hbm_bandwidth)
@@ -287,16 +355,30 @@ def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:
     seconds, source = (xla_seconds, "xla") if xla_seconds > 0 else (roofline, "roofline")
     per_chip = program.global_batch / chips
     return {
-        "chip": chip.name, "chips": chips, "hosts": program.num_hosts, "mesh": program.mesh_shape,
-        "global_batch": program.global_batch, "images_per_chip": per_chip, "crop_size": program.crop_size,
+        "chip": chip.name,
+        "chips": chips,
+        "hosts": program.num_hosts,
+        "mesh": program.mesh_shape,
+        "global_batch": program.global_batch,
+        "images_per_chip": per_chip,
+        "crop_size": program.crop_size,
         "hbm_gib": chip.hbm_bytes / GiB,
-        "arguments_gib": memory.argument_size_in_bytes / GiB, "outputs_gib": memory.output_size_in_bytes / GiB,
-        "aliased_gib": memory.alias_size_in_bytes / GiB, "temporaries_gib": memory.temp_size_in_bytes / GiB,
-        "total_gib": total / GiB, "fits": total <= chip.hbm_bytes,
-        "model_tflop": program.model_flops / 1e12, "executed_tflop": program.executed_flops / 1e12,
-        "xla_tflop_per_chip": xla_flops / 1e12, "bytes_accessed_per_chip_gb": accessed / 1e9,
-        "xla_estimate_s": xla_seconds, "roofline_s": roofline, "time_s": seconds, "time_from": source,
-        "ms_per_image": 1e3 * seconds / per_chip, "images_per_s_per_chip": per_chip / seconds,
+        "arguments_gib": memory.argument_size_in_bytes / GiB,
+        "outputs_gib": memory.output_size_in_bytes / GiB,
+        "aliased_gib": memory.alias_size_in_bytes / GiB,
+        "temporaries_gib": memory.temp_size_in_bytes / GiB,
+        "total_gib": total / GiB,
+        "fits": total <= chip.hbm_bytes,
+        "model_tflop": program.model_flops / 1e12,
+        "executed_tflop": program.executed_flops / 1e12,
+        "xla_tflop_per_chip": xla_flops / 1e12,
+        "bytes_accessed_per_chip_gb": accessed / 1e9,
+        "xla_estimate_s": xla_seconds,
+        "roofline_s": roofline,
+        "time_s": seconds,
+        "time_from": source,
+        "ms_per_image": 1e3 * seconds / per_chip,
+        "images_per_s_per_chip": per_chip / seconds,
         "mfu": program.model_flops / (chips * chip.peak_flops * seconds),
         "collectives": collectives(program.compiled.as_text()),
     }
@@ -305,21 +387,25 @@ def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:
 def format_report(report: dict[str, Any], what: str = "step") -> str:
     """The report as a few readable lines (every time figure labelled as an estimate)."""
     mesh = " x ".join(f"{name} {size}" for name, size in report["mesh"].items()) or "none"
-    collectives = ", ".join(f"{kind} {c['count']} ({c['bytes'] / 1e9:.2f} GB)"
-                            for kind, c in report["collectives"].items()) or "none"
+    collectives = (
+        ", ".join(f"{kind} {c['count']} ({c['bytes'] / 1e9:.2f} GB)" for kind, c in report["collectives"].items())
+        or "none"
+    )
     fits = "fits" if report["fits"] else "DOES NOT FIT"
-    return "\n".join([
-        f"{report['chips']} {report['chip']} chip(s) on {report['hosts']} host(s), mesh {mesh}; batch "
-        f"{report['global_batch']} of {report['crop_size']}x{report['crop_size']} ({report['images_per_chip']:g} "
-        "per chip)",
-        f"HBM per chip: {report['total_gib']:.2f} of {report['hbm_gib']:.0f} GiB, {fits} (arguments "
-        f"{report['arguments_gib']:.2f}, outputs {report['outputs_gib']:.2f}, aliased {report['aliased_gib']:.2f}, "
-        f"temporaries {report['temporaries_gib']:.2f})",
-        f"FLOPs per {what} (all chips): model {report['model_tflop']:.2f} TFLOP, as compiled (with recomputation) "
-        f"{report['executed_tflop']:.2f}; XLA counts {report['xla_tflop_per_chip']:.2f} TFLOP and "
-        f"{report['bytes_accessed_per_chip_gb']:.1f} GB accessed per chip",
-        f"{what} time (estimates): XLA {report['xla_estimate_s']:.4f} s, roofline {report['roofline_s']:.4f} s; "
-        f"using {report['time_from']}: {report['ms_per_image']:.1f} ms per image, "
-        f"{report['images_per_s_per_chip']:.2f} images/s per chip, MFU {100 * report['mfu']:.1f}%",
-        f"collectives per {what}: {collectives}",
-    ])
+    return "\n".join(
+        [
+            f"{report['chips']} {report['chip']} chip(s) on {report['hosts']} host(s), mesh {mesh}; batch "
+            f"{report['global_batch']} of {report['crop_size']}x{report['crop_size']} ({report['images_per_chip']:g} "
+            "per chip)",
+            f"HBM per chip: {report['total_gib']:.2f} of {report['hbm_gib']:.0f} GiB, {fits} (arguments "
+            f"{report['arguments_gib']:.2f}, outputs {report['outputs_gib']:.2f}, aliased {report['aliased_gib']:.2f}, "
+            f"temporaries {report['temporaries_gib']:.2f})",
+            f"FLOPs per {what} (all chips): model {report['model_tflop']:.2f} TFLOP, as compiled (with recomputation) "
+            f"{report['executed_tflop']:.2f}; XLA counts {report['xla_tflop_per_chip']:.2f} TFLOP and "
+            f"{report['bytes_accessed_per_chip_gb']:.1f} GB accessed per chip",
+            f"{what} time (estimates): XLA {report['xla_estimate_s']:.4f} s, roofline {report['roofline_s']:.4f} s; "
+            f"using {report['time_from']}: {report['ms_per_image']:.1f} ms per image, "
+            f"{report['images_per_s_per_chip']:.2f} images/s per chip, MFU {100 * report['mfu']:.1f}%",
+            f"collectives per {what}: {collectives}",
+        ]
+    )

@@ -38,8 +38,11 @@ class WorkdirLocked(RuntimeError):
 
 
 def _holder_record() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,8 +61,11 @@ def _describe(holder: dict) -> str:
 
 def _stale_reason(holder: dict, age_s: float, lease_s: float) -> str | None:
     """Why the lock of `holder` (untouched for `age_s` seconds) no longer protects a live run; None if it does."""
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not _pid_alive(holder["pid"]):
+    if (
+        holder.get("host") == socket.gethostname()
+        and isinstance(holder.get("pid"), int)
+        and not _pid_alive(holder["pid"])
+    ):
         return f"its process ({_describe(holder)}) is gone"
     if age_s > lease_s:
         return f"its lease expired ({_describe(holder)}, not renewed for {age_s:.0f} s)"
@@ -150,11 +156,18 @@ class WorkdirLock:
             if found is None:
                 continue
             holder, age = found
-            reason = _stale_reason(holder, age, self.lease_s) if holder else (
-                f"its lease expired (unreadable lock, not renewed for {age:.0f} s)" if age > self.lease_s else None)
+            reason = (
+                _stale_reason(holder, age, self.lease_s)
+                if holder
+                else (
+                    f"its lease expired (unreadable lock, not renewed for {age:.0f} s)" if age > self.lease_s else None
+                )
+            )
             if reason is None:
-                raise WorkdirLocked(f"{self.path}: the workdir is in use by another training run "
-                                    f"({_describe(holder)}); stop it first, or use another --workdir")
+                raise WorkdirLocked(
+                    f"{self.path}: the workdir is in use by another training run "
+                    f"({_describe(holder)}); stop it first, or use another --workdir"
+                )
             self._take_over(holder)
             note = f"took over the lock of a dead run: {reason}"
         raise WorkdirLocked(f"{self.path}: could not take the lock (other runs keep starting in this workdir)")

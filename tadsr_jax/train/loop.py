@@ -87,8 +87,9 @@ class Trainer:
 
 def _place(tree, shardings):
     """Host values (identical on every process) -> global arrays with the given shardings."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])), tree, shardings
+    )
 
 
 def _lpips(config: ml_collections.ConfigDict):
@@ -100,8 +101,10 @@ def _lpips(config: ml_collections.ConfigDict):
         return load_lpips(config.lpips.path, dtype=dtype)
     if config.lpips.random_seed >= 0:
         return random_lpips(config.lpips.random_seed, dtype=dtype)
-    raise TrainingError("loss.lpips > 0 needs lpips.path (convert VGG16 + LPIPS weights with launch/convert.py "
-                        "--what=lpips) or, for offline tests only, lpips.random_seed >= 0")
+    raise TrainingError(
+        "loss.lpips > 0 needs lpips.path (convert VGG16 + LPIPS weights with launch/convert.py "
+        "--what=lpips) or, for offline tests only, lpips.random_seed >= 0"
+    )
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
@@ -123,10 +126,17 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     tokenize_fn = _Tokenizer(nets.tokenizer, nets.text_encoder.config.max_position_embeddings)
     neg_ids = jnp.asarray(tokenize_fn([config.train.negative_prompt]))
     neg_context = nnx.jit(lambda te, ids: te(ids))(nets.text_encoder, neg_ids)
-    return Trainer(config=config, state=_place(state, program.state_sharding),
-                   frozen=_place(frozen, program.frozen_sharding), rest=_place(rest, program.rest_sharding),
-                   neg_context=_place(neg_context, program.replicated), step_fn=program.step_fn,
-                   sample_fn=program.sample_fn, batch_sharding=program.batch_sharding, tokenize=tokenize_fn)
+    return Trainer(
+        config=config,
+        state=_place(state, program.state_sharding),
+        frozen=_place(frozen, program.frozen_sharding),
+        rest=_place(rest, program.rest_sharding),
+        neg_context=_place(neg_context, program.replicated),
+        step_fn=program.step_fn,
+        sample_fn=program.sample_fn,
+        batch_sharding=program.batch_sharding,
+        tokenize=tokenize_fn,
+    )
 
 
 def init_generator_source(path: str) -> WeightsSource:
@@ -137,8 +147,10 @@ def init_generator_source(path: str) -> WeightsSource:
         return WeightsSource(generator=path)
     if storage.isdir(path):
         return WeightsSource(workdir=path)
-    raise ValueError(f"model.init_generator={path}: not a .pkl (the reference's tadsr.pkl), a .safetensors export "
-                     f"(launch/convert.py --what=generator) or a training workdir")
+    raise ValueError(
+        f"model.init_generator={path}: not a .pkl (the reference's tadsr.pkl), a .safetensors export "
+        f"(launch/convert.py --what=generator) or a training workdir"
+    )
 
 
 def load_init_generator(model: TADSR, source: WeightsSource, config: ml_collections.ConfigDict) -> None:
@@ -206,8 +218,10 @@ def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_col
     process 0 while the others wait)."""
     if data_config.path:
         return data_config
-    folder = parallel.write_once(os.path.join(workdir, "sample_images"),
-                                 lambda path: write_sample_images(path, TRAIN_SAMPLES, size=data_config.sample_size))
+    folder = parallel.write_once(
+        os.path.join(workdir, "sample_images"),
+        lambda path: write_sample_images(path, TRAIN_SAMPLES, size=data_config.sample_size),
+    )
     resolved = ml_collections.ConfigDict(data_config.to_dict())
     resolved.source, resolved.path = "hr_folder", folder
     return resolved
@@ -236,20 +250,33 @@ def _check_tensorboard(workdir: str) -> None:
     from tensorboardX import record_writer
 
     if not record_writer.GCS_ENABLED:
-        raise TrainingError(f"--workdir {workdir}: TensorBoard logging to gs:// needs google-cloud-storage "
-                            f"(pip install google-cloud-storage)")
+        raise TrainingError(
+            f"--workdir {workdir}: TensorBoard logging to gs:// needs google-cloud-storage "
+            f"(pip install google-cloud-storage)"
+        )
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer = build(config, workdir)
     cfg = config.train
-    validator = (validation.create(config, trainer.sample_fn, trainer.batch_sharding, trainer.tokenize)
-                 if cfg.eval_every else None)
-    host_batches = make_train_iterator(resolve_data(config.data, workdir), global_batch_size=cfg.batch_size,
-                                       seed=config.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count(), tokenize=trainer.tokenize)
-    data = DevicePrefetch(host_batches, functools.partial(parallel.global_batch, sharding=trainer.batch_sharding),
-                          size=config.data.device_prefetch)
+    validator = (
+        validation.create(config, trainer.sample_fn, trainer.batch_sharding, trainer.tokenize)
+        if cfg.eval_every
+        else None
+    )
+    host_batches = make_train_iterator(
+        resolve_data(config.data, workdir),
+        global_batch_size=cfg.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        tokenize=trainer.tokenize,
+    )
+    data = DevicePrefetch(
+        host_batches,
+        functools.partial(parallel.global_batch, sharding=trainer.batch_sharding),
+        size=config.data.device_prefetch,
+    )
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     state, start = trainer.state, 0
     restored = checkpointer.restore_latest(abstract_like(state), data, quarantine=True)
@@ -259,8 +286,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logging.info("resumed from step %d", start)
         started_from = checkpointer.metadata(start).get("init_generator", "")
         if config.model.init_generator not in ("", started_from):
-            logging.warning("model.init_generator=%s not used: the run resumes its own step %d (it started from %s)",
-                            config.model.init_generator, start, started_from or "fresh adapters")
+            logging.warning(
+                "model.init_generator=%s not used: the run resumes its own step %d (it started from %s)",
+                config.model.init_generator,
+                start,
+                started_from or "fresh adapters",
+            )
     saved_with = {"trained_timesteps": trained_timesteps(cfg), "init_generator": started_from}
     logger = _Logger(workdir)
     stop = {"signal": None}
@@ -298,14 +329,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if sample:
                 t = validation.global_timesteps(cfg.sample_timestep, trainer.batch_sharding, batch["lq"].shape[0])
                 sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, t, jax.random.key(0))
-                logger.image(step, "samples/lq_sr_hq", _grid(batch, sr),
-                             os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                logger.image(
+                    step, "samples/lq_sr_hq", _grid(batch, sr), os.path.join(workdir, "samples", f"step_{step:08d}.png")
+                )
             if save:
                 checkpointer.save(step, state, data, force=True, metadata=saved_with)
                 last_saved = step
             if evaluate:
-                scalars, table = validation.summary(validator(state, trainer.frozen, trainer.rest),
-                                                    config.data.eval.path, validator.images)
+                scalars, table = validation.summary(
+                    validator(state, trainer.frozen, trainer.rest), config.data.eval.path, validator.images
+                )
                 logger.scalars(step, scalars)
                 logger.text(step, "eval/table", table)
             if stopping:
@@ -323,16 +356,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 @jax.jit
-def _first_failure(failure: dict[str, jax.Array] | None, metrics: dict[str, jax.Array],
-                   step: int) -> dict[str, jax.Array]:
+def _first_failure(
+    failure: dict[str, jax.Array] | None, metrics: dict[str, jax.Array], step: int
+) -> dict[str, jax.Array]:
     """The first non-finite step so far (`step` 0: none yet) and its losses, after this step's `metrics`.
 
     Computed on the devices, so that no step waits for the previous one to be read back; the loop looks at it
     only before it logs, samples or saves. Steps after a non-finite one still run (the step leaves the state
     unchanged only for the non-finite step itself), but nothing is logged or saved from them.
     """
-    now = {"step": jnp.where(metrics["finite"], 0, step), "loss/generator": metrics["loss/generator"],
-           "loss/fake_score": metrics["loss/fake_score"]}
+    now = {
+        "step": jnp.where(metrics["finite"], 0, step),
+        "loss/generator": metrics["loss/generator"],
+        "loss/fake_score": metrics["loss/fake_score"],
+    }
     if failure is None:
         return now
     return jax.tree.map(lambda first, new: jnp.where(failure["step"] > 0, first, new), failure, now)
@@ -342,9 +379,11 @@ def _raise_on_failure(failure: dict[str, jax.Array], step: int, last_saved: int)
     """TrainingError naming the first non-finite step and its losses, if there was one."""
     values = host_metrics(failure)
     if values["step"]:
-        raise TrainingError(f"non-finite loss at step {int(values['step'])} (generator {values['loss/generator']}, "
-                            f"fake score {values['loss/fake_score']}); stopped at step {step}, nothing saved "
-                            f"since; last good checkpoint: step {last_saved}")
+        raise TrainingError(
+            f"non-finite loss at step {int(values['step'])} (generator {values['loss/generator']}, "
+            f"fake score {values['loss/fake_score']}); stopped at step {step}, nothing saved "
+            f"since; last good checkpoint: step {last_saved}"
+        )
 
 
 def _progress(start: int, total: int):

@@ -68,8 +68,10 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
         raise ValueError(f"train.lr_schedule: unknown schedule {kind!r} (known: {', '.join(LR_SCHEDULES)})")
     if kind == "constant":
         if warmup:
-            raise ValueError(f"train.warmup_steps={warmup} does nothing with train.lr_schedule='constant' (as in "
-                             f"diffusers' get_scheduler): use 'constant_with_warmup', or warmup_steps=0")
+            raise ValueError(
+                f"train.warmup_steps={warmup} does nothing with train.lr_schedule='constant' (as in "
+                f"diffusers' get_scheduler): use 'constant_with_warmup', or warmup_steps=0"
+            )
         return optax.constant_schedule(config.lr)
     if not 0 <= warmup < config.steps:
         raise ValueError(f"train.warmup_steps must be in 0..{config.steps - 1} (train.steps - 1), got {warmup}")
@@ -85,22 +87,35 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW (decoupled weight decay, as torch.optim.AdamW)."""
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                                   weight_decay=config.weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(
+            learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+        ),
+    )
 
 
-def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTransformation,
-               seed: int) -> TrainState:
+def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """Step 0; trainable tensors and optimizer states in fp32 even when the frozen base is bf16."""
     generator = jax.tree.map(lambda x: x.astype(jnp.float32), generator)
-    return TrainState(step=jnp.zeros((), jnp.int32), generator=generator, fake_score=fake_score,
-                      generator_opt=tx.init(generator), fake_score_opt=tx.init(fake_score),
-                      key=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        generator=generator,
+        fake_score=fake_score,
+        generator_opt=tx.init(generator),
+        fake_score_opt=tx.init(fake_score),
+        key=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
-def make_model(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, vae: AutoencoderKL,
-               text_encoder: CLIPTextModel, lpips: LPIPS | None, platform: str | None = None) -> TADSR:
+def make_model(
+    config: ml_collections.ConfigDict,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    lpips: LPIPS | None,
+    platform: str | None = None,
+) -> TADSR:
     """TADSR on these networks with `config.model`'s adapters, remat policies and attention kernel (concrete or
     under eval_shape); `platform` is the one the step is compiled for (default: JAX's default backend)."""
     set_attention_implementation(unet, config.model.attention, platform)
@@ -108,8 +123,16 @@ def make_model(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, va
     unet.remat = remat.check_policy(config.model.remat.unet)
     vae.encoder.remat = remat.check_policy(config.model.remat.vae_encoder)
     vae.decoder.remat = remat.check_policy(config.model.remat.vae_decoder)
-    return TADSR(unet, vae, text_encoder, lpips, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
-                 fake_score_groups=tuple(config.model.fake_score_groups), rngs=nnx.Rngs(config.seed))
+    return TADSR(
+        unet,
+        vae,
+        text_encoder,
+        lpips,
+        rank=config.model.lora_rank,
+        alpha=config.model.lora_alpha,
+        fake_score_groups=tuple(config.model.fake_score_groups),
+        rngs=nnx.Rngs(config.seed),
+    )
 
 
 @dataclasses.dataclass
@@ -131,8 +154,15 @@ def split_model(model: TADSR) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.S
     return nnx.split(model, GENERATOR, FAKE_SCORE, FROZEN, ...)
 
 
-def step_program(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: NoiseSchedule,
-                 mesh: jax.sharding.Mesh, state: TrainState, frozen: nnx.State, rest: nnx.State) -> StepProgram:
+def step_program(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    schedule: NoiseSchedule,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    frozen: nnx.State,
+    rest: nnx.State,
+) -> StepProgram:
     """Shardings (train state replicated, large frozen weights over 'fsdp', the batch over every mesh axis) and
     the jitted functions. The trees may be abstract: only their shapes are read."""
     check_config(config, mesh.size)
@@ -141,17 +171,29 @@ def step_program(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, sche
     frozen_sharding = parallel.shard_params(frozen, mesh, min_size=config.mesh.fsdp_min_size)
     rest_sharding = jax.tree.map(lambda _: replicated, rest)
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = jax.jit(parallel.under_mesh(mesh, make_train_step(graphdef, schedule, optimizer(config.train),
-                                                                config, batch_shards=mesh.size)),
-                      in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    sample_fn = jax.jit(parallel.under_mesh(mesh, sample_images(graphdef, schedule)),
-                        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding,
-                                      replicated),
-                        out_shardings=replicated)
-    return StepProgram(graphdef=graphdef, step_fn=step_fn, sample_fn=sample_fn, state_sharding=state_sharding,
-                       frozen_sharding=frozen_sharding, rest_sharding=rest_sharding, batch_sharding=batch_sharding,
-                       replicated=replicated)
+    step_fn = jax.jit(
+        parallel.under_mesh(
+            mesh, make_train_step(graphdef, schedule, optimizer(config.train), config, batch_shards=mesh.size)
+        ),
+        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    sample_fn = jax.jit(
+        parallel.under_mesh(mesh, sample_images(graphdef, schedule)),
+        in_shardings=(state_sharding, frozen_sharding, rest_sharding, batch_sharding, batch_sharding, replicated),
+        out_shardings=replicated,
+    )
+    return StepProgram(
+        graphdef=graphdef,
+        step_fn=step_fn,
+        sample_fn=sample_fn,
+        state_sharding=state_sharding,
+        frozen_sharding=frozen_sharding,
+        rest_sharding=rest_sharding,
+        batch_sharding=batch_sharding,
+        replicated=replicated,
+    )
 
 
 def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, max_timestep: int = 999) -> jax.Array:
@@ -181,8 +223,10 @@ def check_config(config: ml_collections.ConfigDict, batch_shards: int) -> None:
     if accumulate < 1:
         raise ValueError(f"train.accumulate_steps must be at least 1, got {accumulate}")
     if batch_size % (accumulate * batch_shards):
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by train.accumulate_steps x devices = "
-                         f"{accumulate} x {batch_shards} (every device gets the same rows in every micro-batch)")
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by train.accumulate_steps x devices = "
+            f"{accumulate} x {batch_shards} (every device gets the same rows in every micro-batch)"
+        )
 
 
 def micro_batches(x: jax.Array, count: int, shards: int) -> jax.Array:
@@ -206,8 +250,13 @@ def mean_over_micro_batches(fn: Callable, rows, count: int, shards: int):
     return jax.tree.map(lambda x: x / count, total)
 
 
-def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, batch_shards: int = 1) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    schedule: NoiseSchedule,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    batch_shards: int = 1,
+) -> Callable:
     """`step(state, frozen, rest, batch, neg_context) -> (state, metrics)`, to be jitted by the caller.
 
     One step = the generator's three losses, its update, then the fake score's loss on the detached
@@ -231,8 +280,9 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
 
         def gen_loss(generator):
             model = nnx.merge(graphdef, generator, state.fake_score, frozen, rest)
-            return generator_loss(model, schedule, rows["batch"], neg_context, rows["student_t"], rows["gen_key"],
-                                  loss_cfg)
+            return generator_loss(
+                model, schedule, rows["batch"], neg_context, rows["student_t"], rows["gen_key"], loss_cfg
+            )
 
         (g_loss, out), g_grads = jax.value_and_grad(gen_loss, has_aux=True)(state.generator)
 
@@ -241,20 +291,34 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
             return loss_cfg.fake * fake_score_loss(model, schedule, out.x0, out.context, rows["fake_key"])
 
         f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
-        losses = {"loss/generator": g_loss, "loss/fake_score": f_loss,
-                  **{f"loss/{name}": value for name, value in out.losses.items()}}
+        losses = {
+            "loss/generator": g_loss,
+            "loss/fake_score": f_loss,
+            **{f"loss/{name}": value for name, value in out.losses.items()},
+        }
         return (g_grads, f_grads), losses
 
-    def step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array],
-             neg_context: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array], neg_context: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         key, k_t, k_gen, k_fake = jax.random.split(jax.random.wrap_key_data(state.key), 4)
         batch_size = batch["lq"].shape[0]
-        student_t = sample_student_timesteps(k_t, batch_size, train_cfg.student_timesteps,
-                                             train_cfg.num_student_timesteps, train_cfg.max_student_timestep)
-        rows = {"batch": batch, "student_t": student_t, "gen_key": jax.random.split(k_gen, batch_size),
-                "fake_key": jax.random.split(k_fake, batch_size)}
+        student_t = sample_student_timesteps(
+            k_t,
+            batch_size,
+            train_cfg.student_timesteps,
+            train_cfg.num_student_timesteps,
+            train_cfg.max_student_timestep,
+        )
+        rows = {
+            "batch": batch,
+            "student_t": student_t,
+            "gen_key": jax.random.split(k_gen, batch_size),
+            "fake_key": jax.random.split(k_fake, batch_size),
+        }
         (g_grads, f_grads), losses = mean_over_micro_batches(
-            lambda r: gradients(state, frozen, rest, r, neg_context), rows, train_cfg.accumulate_steps, batch_shards)
+            lambda r: gradients(state, frozen, rest, r, neg_context), rows, train_cfg.accumulate_steps, batch_shards
+        )
 
         g_updates, generator_opt = tx.update(g_grads, state.generator_opt, state.generator)
         generator = optax.apply_updates(state.generator, g_updates)
@@ -262,15 +326,23 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
         fake_score = optax.apply_updates(state.fake_score, f_updates)
 
         finite = jnp.isfinite(losses["loss/generator"]) & jnp.isfinite(losses["loss/fake_score"])
-        new = TrainState(step=state.step + 1, generator=generator, fake_score=fake_score,
-                         generator_opt=generator_opt, fake_score_opt=fake_score_opt,
-                         key=jax.random.key_data(key))
+        new = TrainState(
+            step=state.step + 1,
+            generator=generator,
+            fake_score=fake_score,
+            generator_opt=generator_opt,
+            fake_score_opt=fake_score_opt,
+            key=jax.random.key_data(key),
+        )
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {**losses, "finite": finite,
-                   "grad_norm/generator": optax.global_norm(g_grads),
-                   "grad_norm/fake_score": optax.global_norm(f_grads),
-                   "lr": learning_rate(train_cfg)(state.step),
-                   "student_t_mean": jnp.mean(student_t.astype(jnp.float32))}
+        metrics = {
+            **losses,
+            "finite": finite,
+            "grad_norm/generator": optax.global_norm(g_grads),
+            "grad_norm/fake_score": optax.global_norm(f_grads),
+            "lr": learning_rate(train_cfg)(state.step),
+            "student_t_mean": jnp.mean(student_t.astype(jnp.float32)),
+        }
         return new, metrics
 
     return step
@@ -279,8 +351,14 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: NoiseSchedule, tx: optax.G
 def sample_images(graphdef: nnx.GraphDef, schedule: NoiseSchedule) -> Callable:
     """`fn(state, frozen, rest, batch, timesteps, key) -> SR images` with the current generator."""
 
-    def fn(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: dict[str, jax.Array], timesteps: jax.Array,
-           key: jax.Array) -> jax.Array:
+    def fn(
+        state: TrainState,
+        frozen: nnx.State,
+        rest: nnx.State,
+        batch: dict[str, jax.Array],
+        timesteps: jax.Array,
+        key: jax.Array,
+    ) -> jax.Array:
         model = nnx.merge(graphdef, state.generator, state.fake_score, frozen, rest)
         context = model.text_encoder(batch["input_ids"])
         return model.student(schedule, batch["lq"], timesteps, context, key)[1]

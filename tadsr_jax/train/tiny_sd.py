@@ -42,8 +42,9 @@ RGB = 3
 UNET_OUT_SCALE = 0.01
 
 
-def _carry(conv_in_w: np.ndarray, conv_in_b: np.ndarray, conv_out_w: np.ndarray, conv_out_b: np.ndarray,
-           channels: int) -> None:
+def _carry(
+    conv_in_w: np.ndarray, conv_in_b: np.ndarray, conv_out_w: np.ndarray, conv_out_b: np.ndarray, channels: int
+) -> None:
     """conv_in puts (x_c, -x_c, K, -K) in group c; conv_out reads (silu(.) - silu(-.)) * K/sqrt(2) of it."""
     for arr in (conv_in_w, conv_in_b, conv_out_w, conv_out_b):
         arr[...] = 0
@@ -56,11 +57,18 @@ def _carry(conv_in_w: np.ndarray, conv_in_b: np.ndarray, conv_out_w: np.ndarray,
 def _checked_vae_config(vae: dict) -> VAEConfig:
     cfg = VAEConfig.from_dict(vae)
     width = cfg.block_out_channels
-    if (len(width) != 1 or cfg.mid_block_add_attention or width[0] < 4 * RGB or cfg.norm_num_groups * 4 != width[0]
-            or cfg.latent_channels < RGB):
-        raise WeightsError("config.model.vae: the tiny stand-in's VAE must have one block (no downsampling), "
-                           "mid_block_add_attention=False, >= 12 channels in GroupNorm groups of 4 and >= 3 "
-                           f"latent channels; got {vae}")
+    if (
+        len(width) != 1
+        or cfg.mid_block_add_attention
+        or width[0] < 4 * RGB
+        or cfg.norm_num_groups * 4 != width[0]
+        or cfg.latent_channels < RGB
+    ):
+        raise WeightsError(
+            "config.model.vae: the tiny stand-in's VAE must have one block (no downsampling), "
+            "mid_block_add_attention=False, >= 12 channels in GroupNorm groups of 4 and >= 3 "
+            f"latent channels; got {vae}"
+        )
     return cfg
 
 
@@ -71,10 +79,20 @@ def _identity_vae(folder: str, latent: int) -> None:
     for name, value in t.items():
         if name.endswith(("conv2.weight", "conv2.bias")):
             value[...] = 0
-    _carry(t["encoder.conv_in.weight"], t["encoder.conv_in.bias"], t["encoder.conv_out.weight"],
-           t["encoder.conv_out.bias"], RGB)
-    _carry(t["decoder.conv_in.weight"], t["decoder.conv_in.bias"], t["decoder.conv_out.weight"],
-           t["decoder.conv_out.bias"], RGB)
+    _carry(
+        t["encoder.conv_in.weight"],
+        t["encoder.conv_in.bias"],
+        t["encoder.conv_out.weight"],
+        t["encoder.conv_out.bias"],
+        RGB,
+    )
+    _carry(
+        t["decoder.conv_in.weight"],
+        t["decoder.conv_in.bias"],
+        t["decoder.conv_out.weight"],
+        t["decoder.conv_out.bias"],
+        RGB,
+    )
     t["quant_conv.weight"][...] = np.eye(2 * latent, dtype=np.float32)[:, :, None, None]
     t["quant_conv.weight"][latent:] = 0
     t["quant_conv.bias"][...] = 0
@@ -98,8 +116,13 @@ def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed:
         return folder
     staging = folder + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
-    write_random_sd_folder(staging, unet=model_config.unet.to_dict(), vae=model_config.vae.to_dict(),
-                           text_encoder=model_config.text_encoder.to_dict(), seed=seed)
+    write_random_sd_folder(
+        staging,
+        unet=model_config.unet.to_dict(),
+        vae=model_config.vae.to_dict(),
+        text_encoder=model_config.text_encoder.to_dict(),
+        seed=seed,
+    )
     _identity_vae(os.path.join(staging, "time_vae"), vae.latent_channels)
     unet_folder = os.path.join(staging, "unet")
     tensors = load_file(os.path.join(unet_folder, "diffusion_pytorch_model.safetensors"))

@@ -45,8 +45,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not every:
         return
     if not config.data.eval.path:
-        raise ValueError(f"train.eval_every is {every} but data.eval.path is empty: set it to a held-out image "
-                         f"folder, paired list or tfds name (data.eval.source: hr_folder, paired_list or tfds)")
+        raise ValueError(
+            f"train.eval_every is {every} but data.eval.path is empty: set it to a held-out image "
+            f"folder, paired list or tfds name (data.eval.source: hr_folder, paired_list or tfds)"
+        )
     outside = [t for t in timesteps(config.train) if not 1 <= t <= 999]
     if outside:
         raise ValueError(f"train.eval_timesteps must be in 1..999, got {outside[0]}")
@@ -54,8 +56,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def metric_names(config: ml_collections.ConfigDict) -> list[str]:
     """PSNR and SSIM, plus LPIPS and DISTS when their weights are configured."""
-    return ["psnr", "ssim"] + [name for name, path in (("lpips", config.lpips.path), ("dists", config.dists.path))
-                               if path]
+    return ["psnr", "ssim"] + [
+        name for name, path in (("lpips", config.lpips.path), ("dists", config.dists.path)) if path
+    ]
 
 
 def to_uint8(images) -> np.ndarray:
@@ -79,8 +82,13 @@ class EvalShard:
     mask: np.ndarray  # (batches, rows) bool: a real image
 
 
-def load_shard(data_config: ml_collections.ConfigDict, seed: int, global_batch: int, rows: slice,
-               tokenize: Callable[[list[str]], np.ndarray]) -> EvalShard:
+def load_shard(
+    data_config: ml_collections.ConfigDict,
+    seed: int,
+    global_batch: int,
+    rows: slice,
+    tokenize: Callable[[list[str]], np.ndarray],
+) -> EvalShard:
     """Rows `rows` of every global batch of `data_config.eval` (see the module docstring)."""
     source, transform = make_eval_source(data_config), make_eval_transform(data_config)
     batches, local = -(-len(source) // global_batch), rows.stop - rows.start
@@ -91,8 +99,11 @@ def load_shard(data_config: ml_collections.ConfigDict, seed: int, global_batch: 
     for k in range(batches):
         for r in range(local):
             index = k * global_batch + rows.start + r
-            example = transform.random_map(source[index], np.random.default_rng((seed, index))) \
-                if index < len(source) else None
+            example = (
+                transform.random_map(source[index], np.random.default_rng((seed, index)))
+                if index < len(source)
+                else None
+            )
             if example is not None:
                 lq[k, r], hq[k, r], mask[k, r] = to_uint8(example["lq"]), to_uint8(example["hq"]), True
                 prompts[k][r] = example["prompt"]
@@ -109,8 +120,14 @@ def mean_over_processes(sums: dict[str, float], count: int) -> dict[str, float]:
 class Validator:
     """`validator(state, frozen, rest)` -> {timestep: {metric: mean}}, the same on every process."""
 
-    def __init__(self, shard: EvalShard, scorer: evaluation.Scorer, sample_fn: Callable,
-                 batch_sharding: jax.sharding.NamedSharding, eval_timesteps: tuple[int, ...]):
+    def __init__(
+        self,
+        shard: EvalShard,
+        scorer: evaluation.Scorer,
+        sample_fn: Callable,
+        batch_sharding: jax.sharding.NamedSharding,
+        eval_timesteps: tuple[int, ...],
+    ):
         self.shard, self.scorer, self.sample_fn = shard, scorer, sample_fn
         self.batch_sharding, self.timesteps = batch_sharding, eval_timesteps
         self.global_batch = shard.mask.shape[1] * jax.process_count()
@@ -118,8 +135,11 @@ class Validator:
 
     def _batch(self, k: int) -> dict[str, jax.Array]:
         """Global eval batch k, with the keys, dtypes and shapes of a training batch (the sampler's argument)."""
-        local = {"hq": to_float(self.shard.hq[k]), "lq": to_float(self.shard.lq[k]),
-                 "input_ids": self.shard.input_ids[k]}
+        local = {
+            "hq": to_float(self.shard.hq[k]),
+            "lq": to_float(self.shard.lq[k]),
+            "input_ids": self.shard.input_ids[k],
+        }
         return parallel.global_batch(local, self.batch_sharding)
 
     def outputs(self, state, frozen, rest, t: int) -> Iterator[np.ndarray]:
@@ -142,16 +162,29 @@ class Validator:
         return means
 
 
-def create(config: ml_collections.ConfigDict, sample_fn: Callable, batch_sharding: jax.sharding.NamedSharding,
-           tokenize: Callable[[list[str]], np.ndarray]) -> Validator:
+def create(
+    config: ml_collections.ConfigDict,
+    sample_fn: Callable,
+    batch_sharding: jax.sharding.NamedSharding,
+    tokenize: Callable[[list[str]], np.ndarray],
+) -> Validator:
     """Load this process's part of `config.data.eval` and the metric networks."""
     rows = parallel.process_row_slice(batch_sharding, config.train.batch_size)
     shard = load_shard(config.data, config.seed, config.train.batch_size, rows, tokenize)
-    scorer = evaluation.Scorer(metric_names(config), lpips=evaluation.load_metric_net("lpips", config.lpips.path),
-                               dists=evaluation.load_metric_net("dists", config.dists.path))
+    scorer = evaluation.Scorer(
+        metric_names(config),
+        lpips=evaluation.load_metric_net("lpips", config.lpips.path),
+        dists=evaluation.load_metric_net("dists", config.dists.path),
+    )
     validator = Validator(shard, scorer, sample_fn, batch_sharding, timesteps(config.train))
-    logging.info("validation: %d images of %s in %d batches, at t=%s: %s", validator.images, config.data.eval.path,
-                 shard.mask.shape[0], ",".join(map(str, validator.timesteps)), ", ".join(scorer.names))
+    logging.info(
+        "validation: %d images of %s in %d batches, at t=%s: %s",
+        validator.images,
+        config.data.eval.path,
+        shard.mask.shape[0],
+        ",".join(map(str, validator.timesteps)),
+        ", ".join(scorer.names),
+    )
     return validator
 
 
@@ -160,5 +193,6 @@ def summary(means: dict[int, dict[str, float]], dataset: str, images: int) -> tu
     (one column per timestep)."""
     scalars = {f"eval/{name}_t{t}": value for t, column in means.items() for name, value in column.items()}
     columns = {f"t={t}": column for t, column in means.items()}
-    return scalars, evaluation.markdown_table(os.path.basename(os.path.normpath(dataset)), columns,
-                                              dict.fromkeys(columns, images))
+    return scalars, evaluation.markdown_table(
+        os.path.basename(os.path.normpath(dataset)), columns, dict.fromkeys(columns, images)
+    )

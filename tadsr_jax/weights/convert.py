@@ -51,10 +51,17 @@ def jax_to_torch_layout(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
-                 rename: Sequence[RenameRule] = (), ignore: Sequence[str] = (),
-                 fill_missing: Callable[[str, jax.ShapeDtypeStruct], jax.Array | None] | None = None, dtype=None,
-                 variable_filter=BASE_PARAMS) -> nnx.Module:
+def load_tensors(
+    model: nnx.Module,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    source: str,
+    rename: Sequence[RenameRule] = (),
+    ignore: Sequence[str] = (),
+    fill_missing: Callable[[str, jax.ShapeDtypeStruct], jax.Array | None] | None = None,
+    dtype=None,
+    variable_filter=BASE_PARAMS,
+) -> nnx.Module:
     """Fill `model`'s base parameters (or `variable_filter`'s leaves) from (torch key, array) pairs; returns the
     new module.
 
@@ -86,8 +93,10 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
         if path[-1] == "kernel":
             array = torch_to_jax_layout(array, len(variable.shape))
         if array.shape != tuple(variable.shape):
-            raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(np.asarray(array).shape)} after "
-                               f"layout conversion, the model expects {tuple(variable.shape)}")
+            raise WeightsError(
+                f"{source}: tensor {key!r} has shape {tuple(np.asarray(array).shape)} after "
+                f"layout conversion, the model expects {tuple(variable.shape)}"
+            )
         flat[path] = variable.replace(jnp.asarray(array, dtype or variable.dtype))
         loaded.add(path)
     if unexpected:
@@ -96,8 +105,9 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *
     missing = []
     for path in [p for p in flat if p not in loaded]:
         variable = flat[path]
-        value = fill_missing and fill_missing(path_to_torch_key(path), jax.ShapeDtypeStruct(variable.shape,
-                                                                                            variable.dtype))
+        value = fill_missing and fill_missing(
+            path_to_torch_key(path), jax.ShapeDtypeStruct(variable.shape, variable.dtype)
+        )
         if value is None:
             missing.append(path_to_torch_key(path))
         else:
@@ -115,7 +125,8 @@ def state_to_torch(model: nnx.Module, variable_filter=BASE_PARAMS, dtype=np.floa
     for path, var in nnx.to_flat_state(state):
         array = np.asarray(var[...], dtype)
         tensors[path_to_torch_key(path)] = np.ascontiguousarray(
-            jax_to_torch_layout(array) if path[-1] == "kernel" else array)
+            jax_to_torch_layout(array) if path[-1] == "kernel" else array
+        )
     return tensors
 
 

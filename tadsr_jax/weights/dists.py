@@ -49,12 +49,14 @@ def _checked_weights(weights: dict[str, np.ndarray], source: str) -> dict[str, n
     return out
 
 
-def _assemble(trunk: Iterable[tuple[str, np.ndarray]], weights: dict[str, np.ndarray], *, source: str, dtype,
-              fill_missing=None) -> DISTS:
+def _assemble(
+    trunk: Iterable[tuple[str, np.ndarray]], weights: dict[str, np.ndarray], *, source: str, dtype, fill_missing=None
+) -> DISTS:
     """The model from trunk tensors (torch keys, PyTorch layout) and checked alpha / beta."""
     weights = _checked_weights(weights, source)
-    model = load_tensors(_abstract(dtype), trunk, source=source, fill_missing=fill_missing, dtype=dtype,
-                         variable_filter=TRUNK)
+    model = load_tensors(
+        _abstract(dtype), trunk, source=source, fill_missing=fill_missing, dtype=dtype, variable_filter=TRUNK
+    )
     for name, value in weights.items():
         getattr(model, name).set_value(jnp.asarray(value, dtype))
     return model
@@ -73,8 +75,9 @@ def convert_dists_weights(vgg16_path: str, dists_path: str, out_path: str) -> No
     weights = _read_pth(dists_path)
     extra = sorted(set(weights) - set(WEIGHT_NAMES))
     if extra:
-        raise WeightsError(f"{dists_path}: unexpected tensor {extra[0]!r}; expected DISTS_pytorch's weights.pt "
-                           f"(alpha, beta)")
+        raise WeightsError(
+            f"{dists_path}: unexpected tensor {extra[0]!r}; expected DISTS_pytorch's weights.pt (alpha, beta)"
+        )
     _assemble(vgg.items(), weights, source=f"{vgg16_path} + {dists_path}", dtype=jnp.float32)  # validate only
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in {**vgg, **weights}.items()}
     write_safetensors(out_path, tensors)

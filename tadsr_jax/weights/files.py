@@ -94,8 +94,9 @@ def _read_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
     try:
         import torch
     except ImportError:
-        raise WeightsError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch); "
-                           "or convert the folder to safetensors") from None
+        raise WeightsError(
+            f"{path}: reading .bin checkpoints needs PyTorch (pip install torch); or convert the folder to safetensors"
+        ) from None
     state = torch_load(path, "not a PyTorch checkpoint", mmap=True)
     for key in list(state):
         tensor = state.pop(key)
@@ -116,8 +117,9 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], fmt: str = "pt"
     storage.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": fmt}))
 
 
-def write_model_folder(folder: str, config: dict, tensors: dict[str, np.ndarray],
-                       stem: str = DIFFUSERS_WEIGHTS) -> None:
+def write_model_folder(
+    folder: str, config: dict, tensors: dict[str, np.ndarray], stem: str = DIFFUSERS_WEIGHTS
+) -> None:
     """Write config.json and `<stem>.safetensors` as diffusers/transformers do; each file appears atomically."""
     storage.makedirs(folder)
 

@@ -46,8 +46,12 @@ def load_unet(folder: str, *, dtype=jnp.float32, variant: str | None = None) -> 
 
 
 # diffusers' legacy VAE attention names (as in SD checkpoints and TADSR's time_vae/).
-LEGACY_VAE_ATTENTION = ((r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),
-                        (r"\.proj_attn\.", ".to_out.0."))
+LEGACY_VAE_ATTENTION = (
+    (r"\.query\.", ".to_q."),
+    (r"\.key\.", ".to_k."),
+    (r"\.value\.", ".to_v."),
+    (r"\.proj_attn\.", ".to_out.0."),
+)
 
 
 def _initial_time_layers(cfg: VAEConfig, seed: int):
@@ -66,8 +70,9 @@ def _initial_time_layers(cfg: VAEConfig, seed: int):
     return fill
 
 
-def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, variant: str | None = None,
-             seed: int = 0) -> AutoencoderKL:
+def load_vae(
+    folder: str, *, time_aware: bool = False, dtype=jnp.float32, variant: str | None = None, seed: int = 0
+) -> AutoencoderKL:
     """A diffusers `vae/` folder, or TADSR's `time_vae/` with `time_aware=True`, -> AutoencoderKL.
 
     A time-aware VAE may be loaded from a stock SD `vae/` folder: the time layers it lacks start as the
@@ -77,8 +82,14 @@ def load_vae(folder: str, *, time_aware: bool = False, dtype=jnp.float32, varian
     cfg = _config(folder, VAEConfig)
     files = weight_files(folder, variant=variant)
     abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, time_aware=time_aware, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_tensors(abstract, read_tensors(files), source=folder, rename=LEGACY_VAE_ATTENTION, dtype=dtype,
-                        fill_missing=_initial_time_layers(cfg, seed) if time_aware else None)
+    return load_tensors(
+        abstract,
+        read_tensors(files),
+        source=folder,
+        rename=LEGACY_VAE_ATTENTION,
+        dtype=dtype,
+        fill_missing=_initial_time_layers(cfg, seed) if time_aware else None,
+    )
 
 
 def load_schedule(folder: str) -> NoiseSchedule:
@@ -104,8 +115,14 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32) -> CLIPTextModel:
     cfg = _config(folder, CLIPTextConfig)
     abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     files = weight_files(folder, stems=(TRANSFORMERS_SAFETENSORS, TRANSFORMERS_BIN))
-    return load_tensors(abstract, read_tensors(files), source=folder, rename=[(r"^text_model\.", "")],
-                        ignore=[r".*position_ids"], dtype=dtype)
+    return load_tensors(
+        abstract,
+        read_tensors(files),
+        source=folder,
+        rename=[(r"^text_model\.", "")],
+        ignore=[r".*position_ids"],
+        dtype=dtype,
+    )
 
 
 def load_tokenizer(folder: str) -> CLIPTokenizer:
@@ -143,4 +160,5 @@ def load_networks(folder: str, *, dtype=jnp.float32, text_encoder_dtype=None) ->
         vae=load_vae(vae_folder, time_aware=True, dtype=dtype),
         text_encoder=load_text_encoder(os.path.join(folder, "text_encoder"), dtype=text_encoder_dtype or dtype),
         tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
-        schedule=load_schedule(os.path.join(folder, "scheduler")))
+        schedule=load_schedule(os.path.join(folder, "scheduler")),
+    )

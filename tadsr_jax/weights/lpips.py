@@ -69,8 +69,9 @@ def convert_lpips_weights(trunk_path: str, lpips_path: str, out_path: str, *, ne
 def load_lpips(path: str, *, net: str = "vgg", dtype=jnp.float32) -> LPIPS:
     """The LPIPS model with trunk `net` from a file written by `convert_lpips_weights`, weights in `dtype`."""
     if not storage.isfile(path):
-        raise WeightsError(f"{path}: LPIPS weights file does not exist (see launch/convert.py "
-                           f"--what={TRUNK_NAMES[net][1]})")
+        raise WeightsError(
+            f"{path}: LPIPS weights file does not exist (see launch/convert.py --what={TRUNK_NAMES[net][1]})"
+        )
     return load_tensors(_abstract(dtype, net), read_tensors([path]), source=path, dtype=dtype)
 
 

@@ -45,8 +45,13 @@ def write_tiny_clip_tokenizer(folder: str) -> int:
     from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()
-    tokens = [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in _TINY_MERGES),
-              "<|startoftext|>", "<|endoftext|>"]
+    tokens = [
+        *chars,
+        *(c + "</w>" for c in chars),
+        *(a + b for a, b in _TINY_MERGES),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
     os.makedirs(folder, exist_ok=True)
     vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     with open(vocab_file, "w", encoding="utf-8") as f:
@@ -66,18 +71,30 @@ def write_random_sd_folder(folder: str, *, unet: dict, vae: dict, text_encoder: 
     """
     rngs = nnx.Rngs(seed)
     vocab = write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    text_encoder = {**text_encoder, "vocab_size": max(text_encoder.get("vocab_size", 0), vocab),
-                    "bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": vocab - 1}
-    write_model_folder(os.path.join(folder, "unet"), {"_class_name": "UNet2DConditionModel", **unet},
-                       state_to_torch(UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs)))
-    write_model_folder(os.path.join(folder, "time_vae"), {"_class_name": "TimeAwareAutoencoderKL", **vae},
-                       state_to_torch(AutoencoderKL(VAEConfig.from_dict(vae), time_aware=True, rngs=rngs)))
-    write_model_folder(os.path.join(folder, "text_encoder"),
-                       {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text_encoder},
-                       state_to_torch(CLIPTextModel(CLIPTextConfig.from_dict(text_encoder), rngs=rngs)),
-                       stem=TRANSFORMERS_SAFETENSORS)
+    text_encoder = {
+        **text_encoder,
+        "vocab_size": max(text_encoder.get("vocab_size", 0), vocab),
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": vocab - 1,
+    }
+    write_model_folder(
+        os.path.join(folder, "unet"),
+        {"_class_name": "UNet2DConditionModel", **unet},
+        state_to_torch(UNet2DConditionModel(UNetConfig.from_dict(unet), rngs=rngs)),
+    )
+    write_model_folder(
+        os.path.join(folder, "time_vae"),
+        {"_class_name": "TimeAwareAutoencoderKL", **vae},
+        state_to_torch(AutoencoderKL(VAEConfig.from_dict(vae), time_aware=True, rngs=rngs)),
+    )
+    write_model_folder(
+        os.path.join(folder, "text_encoder"),
+        {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text_encoder},
+        state_to_torch(CLIPTextModel(CLIPTextConfig.from_dict(text_encoder), rngs=rngs)),
+        stem=TRANSFORMERS_SAFETENSORS,
+    )
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump({"_class_name": "DDPMScheduler", **SD21_SCHEDULER}, f, indent=2)
     return folder
-

@@ -76,7 +76,7 @@ def _convert_generator() -> str:
     source = WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value)
     if not source.given:
         raise ValueError("--what=generator needs one of --tadsr_ckpt, --generator, --workdir")
-    return export_generator(config, pretrained_folder(config, source.workdir), source, _OUT.value)
+    return export_generator(config, pretrained_folder(config), source, _OUT.value)
 
 
 HANDLERS: dict[str, Callable[[], str]] = {

@@ -40,13 +40,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
     from tadsr_jax.infer.model import WeightsSource, load_sr_model
     from tadsr_jax.infer.pipeline import SRSettings, Upscaler, bicubic_upscale
     from tadsr_jax.infer.session import pretrained_folder
+    from tadsr_jax.stand_ins import write_stand_ins
     from tadsr_jax.train import loop
 
-    model_note = "" if config.model.pretrained else ", writing the stand-in SD model first if it is not there"
+    if not config.model.pretrained:  # configs/tiny.py offline: stand-in weights and training images
+        stand_ins = write_stand_ins(os.path.join(workdir, "stand_ins"), config)
+        _say(log, f"offline stand-ins: SD model {stand_ins.pretrained}, training images {stand_ins.images}")
+        stand_ins.apply(config)
     _say(
         log,
-        f"training to step {config.train.steps} in {workdir}{model_note}; the bar starts moving once the "
-        "train step is compiled",
+        f"training to step {config.train.steps} in {workdir}; the bar starts moving once the train step is compiled",
     )
     train_metrics = loop.train(config, workdir)
     settings = SRSettings.from_config(config.sr)
@@ -56,9 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
         f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{scale} at t={config.sr.timestep} "
         "(compiling the SR program first)",
     )
-    model = load_sr_model(
-        config, pretrained_folder(config, workdir), WeightsSource(workdir=workdir), dtype=config.sr.dtype
-    )
+    model = load_sr_model(config, pretrained_folder(config), WeightsSource(workdir=workdir), dtype=config.sr.dtype)
     upscaler = Upscaler(model, settings)
 
     hr_size -= hr_size % scale  # HR = scale x LQ exactly
@@ -100,6 +101,8 @@ def main(argv):
     except (TrainingError, WeightsError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a setting that cannot work, e.g. data.path empty beside a real model.pretrained
+        cli.usage_error(str(e))
     return 0
 
 

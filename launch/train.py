@@ -36,10 +36,10 @@ def main(argv):
     except Interrupted as e:
         print(f"{e}", file=sys.stderr)
         sys.exit(Interrupted.exit_status)
-    except (TrainingError, WeightsError, CheckpointError, WorkdirLocked, parallel.SharedFileError) as e:
+    except (TrainingError, WeightsError, CheckpointError, WorkdirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except ValueError as e:  # a setting that cannot work (step.check_config, the mesh, validation)
+    except ValueError as e:  # a setting that cannot work (step.check_config, the mesh, validation, missing inputs)
         cli.usage_error(str(e))
 
 

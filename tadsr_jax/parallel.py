@@ -7,8 +7,7 @@ where they are used), everything else is replicated. Sharding of a parameter tre
 
 Multi-host: every host runs the same program and calls `initialize()` before any other JAX call; each
 host then loads only its own rows of the global batch (`process_rows`, `process_row_slice`) and
-`global_batch` assembles them into global arrays without gathering anything on one host. Files that every
-process needs (e.g. the tiny stand-in weights) are written by process 0 alone (`write_once`).
+`global_batch` assembles them into global arrays without gathering anything on one host.
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from orbax.checkpoint import multihost
-
-from tadsr_jax import storage
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch (leading) axis is split over every mesh axis
@@ -76,35 +72,6 @@ def initialize(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:
         jax.distributed.initialize()
-
-
-# ------------------------------------------------------------------------------------------------ shared files
-
-# How long the other processes wait for process 0 to write a shared file (the tiny stand-in took 51 s, imports
-# included, on a loaded 2-core machine: longer than gloo's 30 s, hence the coordination service's barrier).
-SHARED_FILE_TIMEOUT_S = 30 * 60
-
-
-class SharedFileError(RuntimeError):
-    """A file that process 0 wrote for all processes is not there for another one."""
-
-
-def write_once(path: str, write: Callable[[str], Any]) -> str:
-    """Shared files of a run (the tiny stand-in, the sample images) on a filesystem every process sees: process 0
-    calls `write(path)` if `path` does not exist yet while the other processes wait for it, so no two processes
-    ever write the same file. Returns `path`."""
-    if jax.process_index() == 0 and not storage.exists(path):
-        write(path)
-    if jax.process_count() > 1:
-        multihost.get_barrier_sync_fn()(
-            key=f"tadsr_jax.write_once:{os.path.basename(path)}", timeout_ms=SHARED_FILE_TIMEOUT_S * 1000
-        )
-        if not storage.exists(path):
-            raise SharedFileError(
-                f"process {jax.process_index()}: {path} is missing after process 0 wrote it; "
-                f"the workdir must be on a filesystem that every host shares"
-            )
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- the mesh

@@ -3,7 +3,6 @@
     python tests/parallel_worker.py unit OUT.json
     python tests/parallel_worker.py train OUT_PREFIX --data=D --fsdp=F \\
         [--coordinator=HOST:PORT --num_processes=N --process_id=I]
-    python tests/parallel_worker.py write_once FOLDER --coordinator=HOST:PORT --num_processes=N --process_id=I
     python tests/parallel_worker.py validate OUT_PREFIX --images=FOLDER [--coordinator=... --num_processes=N ...]
 
 `unit` checks the mesh and sharding rules on the simulated devices and writes what it saw as JSON.
@@ -11,8 +10,6 @@
 adamw, donated trainable state, per-example noise drawn inside the step), feeding this process's rows of
 each global batch through `parallel.global_batch`, and writes OUT_PREFIX.npz (trained LoRA factors and
 losses) and OUT_PREFIX.json (shardings seen).
-`write_once` has every process ask for FOLDER/shared.txt through `parallel.write_once` (its writer takes
-WRITE_S and names the process that ran it) and copy what it then reads to FOLDER/read_by_<process>.txt.
 `validate` runs validation during training (tadsr_jax/train/validation.py) on the images of FOLDER, global batches
 of VALIDATION_BATCH, Real-ESRGAN LQs, with a stand-in sampler (the LQ plus noise scaled by t, drawn from the batch's
 key over the global batch), and writes OUT_PREFIX.json (means, image counts, a `process_sum` of values float32
@@ -23,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +36,6 @@ from tadsr_jax.nn.naming import BASE_PARAMS
 MIN_SIZE = 8192
 GLOBAL_BATCH = 16
 STEPS = 3
-WRITE_S = 2.0
 VALIDATION_BATCH = 2
 VALIDATION_TIMESTEPS = (100, 300)
 
@@ -208,18 +202,6 @@ def train(out: str, data: int, fsdp: int) -> None:
         json.dump(meta, f)
 
 
-def write_once(folder: str) -> None:
-    def write(path: str) -> None:
-        time.sleep(WRITE_S)  # the other processes reach the barrier first
-        with open(path, "w") as f:
-            f.write(f"written by process {jax.process_index()}")
-
-    with open(parallel.write_once(os.path.join(folder, "shared.txt"), write)) as f:
-        text = f.read()
-    with open(os.path.join(folder, f"read_by_{jax.process_index()}.txt"), "w") as f:
-        f.write(text)
-
-
 def validate(out: str, images: str) -> None:
     from configs.tiny import get_config
     from tadsr_jax.train import validation
@@ -256,7 +238,7 @@ def validate(out: str, images: str) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["unit", "train", "write_once", "validate"])
+    parser.add_argument("mode", choices=["unit", "train", "validate"])
     parser.add_argument("out")
     parser.add_argument("--data", type=int, default=-1)
     parser.add_argument("--fsdp", type=int, default=1)
@@ -268,8 +250,6 @@ def main(argv: list[str]) -> None:
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.mode == "unit":
         unit(args.out)
-    elif args.mode == "write_once":
-        write_once(args.out)
     elif args.mode == "validate":
         validate(args.out, args.images)
     else:

@@ -284,7 +284,14 @@ def test_train_launcher_refuses_a_locked_workdir(tmp_path):
     holder.acquire()
     try:
         result = subprocess.run(
-            [sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+            [
+                sys.executable,
+                "launch/train.py",
+                "--config=configs/tiny.py",
+                f"--workdir={tmp_path}",
+                f"--config.model.pretrained={tmp_path / 'sd'}",  # never read: the lock comes first
+                f"--config.data.path={tmp_path / 'images'}",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -297,4 +304,4 @@ def test_train_launcher_refuses_a_locked_workdir(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "in use by another training run" in errors[0]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tiny_sd").exists()
+    assert not any(tmp_path.iterdir())  # nothing written (the holder's lock is released above)

@@ -181,7 +181,12 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
     """train.py stops at a missing SD folder after JAX has started: without JAX_PLATFORMS (as users run it), JAX
     probes for a TPU and logs the failure at INFO."""
     missing = tmp_path / "missing"
-    args = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'work'}", f"--config.model.pretrained={missing}"]
+    args = [
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'work'}",
+        f"--config.model.pretrained={missing}",
+        f"--config.data.path={tmp_path / 'images'}",
+    ]
     # As on a host without libtpu: the test environment installs it (tests/test_aot.py), and libtpu on a host with
     # no TPU writes its own C++ lines to stderr when JAX probes for one, below any Python logging. (JAX in this test
     # process has set TPU_LIBRARY_PATH, which would load it directly.)
@@ -201,11 +206,15 @@ def test_launcher_is_quiet_unless_verbose(tmp_path):
 
 @pytest.mark.slow
 def test_demo_says_what_it_does_before_the_slow_part(tmp_path):
-    """The demo announces training (stand-in model, compilation) before it starts; here the SD folder is missing,
-    so it stops right after, with one error line."""
+    """The demo announces training (compilation) before it starts; here the SD folder is missing, so it stops
+    right after, with one error line."""
     missing = tmp_path / "missing"
     run = _launch(
-        "demo", f"--workdir={tmp_path / 'demo'}", f"--config.model.pretrained={missing}", "--config.train.steps=3"
+        "demo",
+        f"--workdir={tmp_path / 'demo'}",
+        f"--config.model.pretrained={missing}",
+        f"--config.data.path={tmp_path / 'images'}",
+        "--config.train.steps=3",
     )
     assert run.returncode == 1
     assert run.stderr.splitlines() == [

@@ -28,7 +28,6 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from configs.tiny import get_config
-from tadsr_jax.train.tiny_sd import write_tiny_sd
 
 BUCKET = "gs://test-bucket"
 
@@ -155,13 +154,12 @@ def _assert_same_networks(ours, reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
+def stand_in(tiny_sd):
     """The tiny SD stand-in (unet/, time_vae/ and no vae/, text_encoder/, tokenizer/, scheduler/), written locally,
     and its networks."""
     from tadsr_jax.weights.loaders import load_networks
 
-    folder = write_tiny_sd(str(tmp_path_factory.mktemp("local") / "tiny_sd"), get_config().model)
-    return folder, load_networks(folder)
+    return tiny_sd, load_networks(tiny_sd)
 
 
 def test_sd_folder_loads_from_a_bucket(bucket, stand_in):
@@ -214,14 +212,16 @@ def test_bin_and_lpips_weight_files_load_from_a_bucket(bucket, tmp_path):
 
 
 @pytest.mark.parametrize("bucket", ["gfile"], indirect=True)
-def test_tiny_stand_in_is_written_once_into_a_bucket_workdir(bucket, stand_in):
-    from tadsr_jax.train.tiny_sd import resolve_pretrained
+def test_stand_ins_are_written_into_a_bucket(bucket, stand_in):
+    from tadsr_jax import storage
+    from tadsr_jax.data.samples import TRAIN_SAMPLES
+    from tadsr_jax.stand_ins import write_stand_ins
     from tadsr_jax.weights.loaders import load_networks
 
-    folder = resolve_pretrained(get_config().model, f"{bucket}/workdir")
-    assert folder == f"{BUCKET}/workdir/tiny_sd"
-    _assert_same_networks(load_networks(folder), stand_in[1])
-    assert resolve_pretrained(get_config().model, f"{bucket}/workdir") == folder  # found, not rewritten
+    written = write_stand_ins(f"{bucket}/stand_ins", get_config())
+    assert (written.pretrained, written.images) == (f"{BUCKET}/stand_ins/sd", f"{BUCKET}/stand_ins/images")
+    _assert_same_networks(load_networks(written.pretrained), stand_in[1])
+    assert sorted(storage.listdir(written.images)) == sorted(f"{name}.png" for name in TRAIN_SAMPLES)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -353,6 +353,13 @@ def test_checkpoint_digests_on_a_bucket(bucket):
     assert verify(step) == "state/a differs from its SHA-256 when saved"
 
 
+def _config_with_inputs():
+    """configs/tiny.py with weights and data paths set (to folders that are never read)."""
+    config = get_config()
+    config.model.pretrained, config.data.path = f"{BUCKET}/no_sd_here", f"{BUCKET}/no_images_here"
+    return config
+
+
 @pytest.mark.parametrize("bucket", ["fsspec"], indirect=True)
 def test_gs_workdir_that_tensorboard_cannot_write_is_refused_before_loading(bucket, monkeypatch):
     from tensorboardX import record_writer
@@ -365,5 +372,5 @@ def test_gs_workdir_that_tensorboard_cannot_write_is_refused_before_loading(buck
         match="^--workdir gs://test-bucket/w: TensorBoard logging to gs:// needs "
         r"google-cloud-storage \(pip install google-cloud-storage\)$",
     ):
-        loop.train(get_config(), f"{bucket}/w")
+        loop.train(_config_with_inputs(), f"{bucket}/w")
     assert not epath.Path(f"{bucket}/w").exists()

@@ -27,7 +27,6 @@ from tadsr_jax.method import official
 from tadsr_jax.method.lora_targets import unet_lora_groups, vae_encoder_lora_targets
 from tadsr_jax.method.tadsr import GENERATOR, GENERATOR_ADAPTERS, TADSR
 from tadsr_jax.nn import lora
-from tadsr_jax.train.tiny_sd import write_tiny_sd
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.loaders import load_networks
 
@@ -116,8 +115,8 @@ def time_tensors(encoder: torch.nn.Module, gen: torch.Generator) -> dict[str, to
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_tiny_sd(str(tmp_path_factory.mktemp("official") / "tiny_sd"), get_config().model)
+def folder(tiny_sd):
+    return tiny_sd
 
 
 def build(folder: str, seed: int) -> TADSR:

@@ -275,23 +275,6 @@ def test_two_processes_match_1_device(tmp_path, one_device):
         _assert_same_training(dict(np.load(tmp_path / f"run{i}.npz")), ref)
 
 
-def test_write_once_in_one_process(tmp_path):
-    calls = []
-    write = lambda path: calls.append(path) or Path(path).write_text("x")
-    path = str(tmp_path / "shared.txt")
-    assert parallel.write_once(path, write) == path and calls == [path]
-    assert parallel.write_once(path, write) == path and calls == [path]  # already there: not written again
-
-
-@pytest.mark.slow
-def test_write_once_process_0_writes_while_the_other_waits(tmp_path):
-    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    host_args = [f"--coordinator={address}", "--num_processes=2"]
-    _run_workers([["write_once", str(tmp_path), *host_args, f"--process_id={i}"] for i in range(2)], 1, tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["read_by_0.txt", "read_by_1.txt", "shared.txt"]
-    assert {(tmp_path / f"read_by_{i}.txt").read_text() for i in range(2)} == {"written by process 0"}
-
-
 @pytest.mark.slow
 def test_validation_over_two_processes_equals_one(tmp_path):
     """tadsr_jax/train/validation.py on 3 images in global batches of 2 (the last one padded): process 0 scores

@@ -25,7 +25,6 @@ from tadsr_jax.method import official
 from tadsr_jax.method.generator import generate
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS
 from tadsr_jax.nn import lora
-from tadsr_jax.train.tiny_sd import write_tiny_sd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = tiny.get_config()
@@ -34,11 +33,6 @@ CONFIG = tiny.get_config()
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / b.std())
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return write_tiny_sd(str(tmp_path_factory.mktemp("sr") / "tiny_sd"), CONFIG.model)
 
 
 def trained_tadsr(folder: str, seed: int = 1):
@@ -54,16 +48,16 @@ def trained_tadsr(folder: str, seed: int = 1):
 
 
 @pytest.fixture(scope="module")
-def generator_file(sd_folder, tmp_path_factory):
-    model, _, _ = trained_tadsr(sd_folder)
+def generator_file(tiny_sd, tmp_path_factory):
+    model, _, _ = trained_tadsr(tiny_sd)
     path = str(tmp_path_factory.mktemp("generator") / "generator.safetensors")
     official.save_generator(model, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def sr_model(sd_folder):
-    model, tokenizer, schedule = trained_tadsr(sd_folder)
+def sr_model(tiny_sd):
+    model, tokenizer, schedule = trained_tadsr(tiny_sd)
     merge_generator(model)
     return SRModel(model.unet, model.vae, model.text_encoder, tokenizer, schedule)
 
@@ -85,8 +79,8 @@ _unet = nnx.jit(lambda unet, z, t, ctx: unet(z, t, ctx))
 _encode = nnx.jit(lambda vae, x, t: vae.encode(x, t))
 
 
-def test_merged_lora_equals_adapters(sd_folder):
-    model, _, _ = trained_tadsr(sd_folder)
+def test_merged_lora_equals_adapters(tiny_sd):
+    model, _, _ = trained_tadsr(tiny_sd)
     merged = nnx.clone(model)
     merge_generator(merged)
     assert not lora.lora_hosts(merged.unet)["conv_in"].lora, "the student's conv_in adapter was not merged"
@@ -268,8 +262,8 @@ def test_sweep_equals_single_runs_and_the_knob_matters(upscaler):
     assert all(np.abs(pairs[t].astype(int) - outs[t].astype(int)).max() <= 1 for t in outs)
 
 
-def test_bfloat16_is_close_to_float32(sd_folder, upscaler):
-    model, tokenizer, schedule = trained_tadsr(sd_folder)
+def test_bfloat16_is_close_to_float32(tiny_sd, upscaler):
+    model, tokenizer, schedule = trained_tadsr(tiny_sd)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
         cast(network, jnp.bfloat16)
@@ -289,14 +283,14 @@ def _served_params(model: SRModel) -> list[jax.Array]:
     return jax.tree.leaves(nnx.state((model.unet, model.vae, model.text_encoder), nnx.Param))
 
 
-def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_load_cast(sd_folder, monkeypatch):
+def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_load_cast(tiny_sd, monkeypatch):
     """load_sr_model in bfloat16 casts one parameter at a time (and loads the adapter-free text encoder in
     bfloat16 directly): the live arrays never exceed a float32 copy of the network by more than a quarter
     (measured 1.08x; the whole-state cast held the float32 and bfloat16 copies together: 1.42x), no float32
     weight outlives the load, and every weight is bit for bit the float32 model's, cast."""
     from jax._src.array import ArrayImpl  # every cast goes through it: the moment to count the live arrays
 
-    reference = _served_params(load_sr_model(CONFIG, sd_folder, WeightsSource(), dtype="float32"))
+    reference = _served_params(load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype="float32"))
     peak, astype = [0], ArrayImpl.astype
 
     def counting_astype(self, *args, **kwargs):
@@ -307,7 +301,7 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
     gc.collect()
     before, before_f32 = _live_bytes(), _live_bytes(jnp.float32)
     monkeypatch.setattr(ArrayImpl, "astype", counting_astype)
-    model = load_sr_model(CONFIG, sd_folder, WeightsSource(), dtype="bfloat16")
+    model = load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype="bfloat16")
     monkeypatch.undo()
     params = _served_params(model)
     float32_copy = 2 * sum(p.nbytes for p in params)
@@ -321,13 +315,13 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
         )
 
 
-def test_bfloat16_program_holds_no_float32_copy_of_the_weights(sd_folder):
+def test_bfloat16_program_holds_no_float32_copy_of_the_weights(tiny_sd):
     """XLA:CPU computes bfloat16 convolutions and dots in float32. With its default scheduler every weight was
     converted before the first layer ran, so the bfloat16 program's scratch held a float32 copy of all weights
     (here 7.2 MB against 3.3 MB in float32, for 4.7 MB of float32 weights; 1.2 GiB in a half-width SD-2.1)."""
     lq, scratch = np.zeros((1, 32, 32, 3), np.float32), {}
     for dtype in ("float32", "bfloat16"):
-        model = load_sr_model(CONFIG, sd_folder, WeightsSource(), dtype=dtype)
+        model = load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype=dtype)
         upscaler = Upscaler(model, SRSettings.from_config(CONFIG.sr))
         compiled = upscaler.trace(lq, [""], [CONFIG.sr.timestep]).lower().compile()
         scratch[dtype] = compiled.memory_analysis().temp_size_in_bytes
@@ -335,9 +329,9 @@ def test_bfloat16_program_holds_no_float32_copy_of_the_weights(sd_folder):
     assert scratch["bfloat16"] - scratch["float32"] < float32_weights / 2, scratch
 
 
-def test_merge_drops_the_fake_score_adapters(sd_folder):
+def test_merge_drops_the_fake_score_adapters(tiny_sd):
     """A workdir's model carries the fake score's adapters; inference never runs them, so serving keeps none."""
-    model, _, _ = build_tadsr(sd_folder, CONFIG.model, fake_score_groups=CONFIG.model.fake_score_groups)
+    model, _, _ = build_tadsr(tiny_sd, CONFIG.model, fake_score_groups=CONFIG.model.fake_score_groups)
     assert jax.tree.leaves(nnx.state(model.unet, FAKE_SCORE))
     merge_generator(model)
     assert jax.tree.leaves(nnx.state(model.unet, lora.LoRAParam)) == []
@@ -368,7 +362,7 @@ def _converted_inputs(folder) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
+def test_cli_end_to_end(tmp_path, tiny_sd, generator_file, compilation_cache):
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(sample("astronaut", (32, 32))).save(inputs / "astronaut.png")
@@ -381,7 +375,7 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
         os.path.join(REPO, "launch", "sr.py"),
         "--config",
         os.path.join(REPO, "configs/tiny.py"),
-        f"--config.model.pretrained={sd_folder}",
+        f"--config.model.pretrained={tiny_sd}",
         f"--generator={generator_file}",
         f"--input={inputs}",
         f"--output={out}",
@@ -421,7 +415,7 @@ def test_cli_end_to_end(tmp_path, sd_folder, generator_file, compilation_cache):
 
 
 def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
-    tmp_path, sd_folder, generator_file, compilation_cache
+    tmp_path, tiny_sd, generator_file, compilation_cache
 ):
     from tadsr_jax import metrics
 
@@ -437,7 +431,7 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
         os.path.join(REPO, "launch", "evaluate.py"),
         "--config",
         os.path.join(REPO, "configs/tiny.py"),
-        f"--config.model.pretrained={sd_folder}",
+        f"--config.model.pretrained={tiny_sd}",
         f"--generator={generator_file}",
         f"--lq={lq}",
         f"--hr={hr}",
@@ -473,10 +467,10 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
 
 
 def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
-    tmp_path, sd_folder, generator_file, compilation_cache
+    tmp_path, tiny_sd, generator_file, compilation_cache
 ):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
-    config = ["--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={sd_folder}"]
+    config = ["--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={tiny_sd}"]
     pkl = tmp_path / "tadsr.pkl"
     convert = subprocess.run(
         [
@@ -533,20 +527,20 @@ def test_stripwise_vae_path_equals_the_one_pass_path(upscaler):
     assert np.abs(one_pass.astype(int) - stripwise.astype(int)).max() <= 1
 
 
-def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, sd_folder, generator_file):
+def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, generator_file):
     """An export recording trained timesteps 1..200 (configs/tiny.py): t = 900 or a sweep reaching past 200 gets
     one warning line, t = 100 none, and weights that record no range (the reference's tadsr.pkl) none either."""
     from tadsr_jax.infer import session
     from tadsr_jax.infer.model import WeightsSource
 
-    model, _, _ = trained_tadsr(sd_folder)
+    model, _, _ = trained_tadsr(tiny_sd)
     recorded = str(tmp_path / "generator.safetensors")
     official.save_generator(model, recorded, metadata={"trained_timesteps": [1, 200]})
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "broken.png").write_bytes(b"not an image")  # fails on reading: nothing is compiled
     config = tiny.get_config()
-    config.model.pretrained = sd_folder
+    config.model.pretrained = tiny_sd
 
     def warnings(weights: str, **kwargs) -> list[str]:
         log = io.StringIO()

@@ -1,4 +1,4 @@
-"""The offline SD stand-in (train/tiny_sd.py): its constructed VAE is nearly lossless on real images, at every t."""
+"""The offline SD stand-in (weights/tiny_sd.py): its constructed VAE is nearly lossless on real images, at every t."""
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +7,13 @@ import pytest
 
 from configs.tiny import get_config
 from tadsr_jax.data.samples import HELD_OUT_SAMPLES, sample_image
-from tadsr_jax.train.tiny_sd import write_tiny_sd
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.loaders import load_unet, load_vae
+from tadsr_jax.weights.tiny_sd import write_tiny_sd
 
 
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return write_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "tiny_sd"), get_config().model)
-
-
-def test_stand_in_vae_is_nearly_lossless(stand_in):
-    vae = load_vae(f"{stand_in}/time_vae", time_aware=True)
+def test_stand_in_vae_is_nearly_lossless(tiny_sd):
+    vae = load_vae(f"{tiny_sd}/time_vae", time_aware=True)
     images = np.stack([np.asarray(sample_image(n, 64), np.float32) / 127.5 - 1 for n in HELD_OUT_SAMPLES])
     for t in (1, 500, 999):
         posterior = vae.encode(jnp.asarray(images), jnp.full((len(images),), t))
@@ -29,8 +24,8 @@ def test_stand_in_vae_is_nearly_lossless(stand_in):
         assert psnr >= 40.0, (t, psnr)
 
 
-def test_stand_in_unet_output_is_small_but_not_zero(stand_in):
-    kernel = np.asarray(load_unet(f"{stand_in}/unet").conv_out.kernel[...])
+def test_stand_in_unet_output_is_small_but_not_zero(tiny_sd):
+    kernel = np.asarray(load_unet(f"{tiny_sd}/unet").conv_out.kernel[...])
     assert 0 < np.abs(kernel).max() <= 0.01
 
 

@@ -116,15 +116,6 @@ def test_bad_lr_schedule_is_one_line_naming_the_key(changes, line):
 CROP = 16  # the smallest image timestep_blur takes: fast compiles
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    """The tiny config's SD stand-in (train/tiny_sd.py: near-lossless VAE), written once for every test here."""
-    from configs.tiny import get_config
-    from tadsr_jax.train.tiny_sd import resolve_pretrained
-
-    return resolve_pretrained(get_config().model, str(tmp_path_factory.mktemp("tiny")))
-
-
 def _tiny_config(tiny_sd: str, **train) -> ml_collections.ConfigDict:
     """configs/tiny.py on `tiny_sd`, TA-VSD on (so the generator's gradients depend on the fake score), LPIPS off."""
     from configs.tiny import get_config
@@ -393,21 +384,35 @@ def test_a_workdir_with_checkpoints_resumes_without_reading_init_generator(tiny_
     assert not any(np.any(v) for k, v in _generator_leaves(state).items() if k.endswith("/b"))  # fresh adapters
 
 
+# Paths that are never read: each case below stops before anything loads.
+INPUTS = ["--config.model.pretrained=no_sd_here", "--config.data.path=no_images_here"]
+
+
 @pytest.mark.parametrize(
     "args, line",
     [
         (
-            ["--config.train.lr_schedule=cosine_annealing"],
+            [],
+            "train: error: model.pretrained is empty: set it to the SD-2.1-base diffusers folder (offline, for "
+            "configs/tiny.py: launch/stand_ins.py writes a tiny stand-in and prints the flags)",
+        ),
+        (
+            [INPUTS[0]],
+            "train: error: data.path is empty: set it to the training data (data.source='hr_folder': hr_folder, "
+            "paired_list, tfds or mixture)",
+        ),
+        (
+            [*INPUTS, "--config.train.lr_schedule=cosine_annealing"],
             "train: error: train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, "
             "constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)",
         ),
         (
-            ["--config.train.batch_size=6", "--config.train.accumulate_steps=4"],
+            [*INPUTS, "--config.train.batch_size=6", "--config.train.accumulate_steps=4"],
             "train: error: train.batch_size=6 must be divisible by train.accumulate_steps x devices = 4 x 1 (every "
             "device gets the same rows in every micro-batch)",
         ),
         (
-            ["--config.model.init_generator=tadsr.ckpt"],
+            [*INPUTS, "--config.model.init_generator=tadsr.ckpt"],
             "train: error: model.init_generator=tadsr.ckpt: not a .pkl (the reference's tadsr.pkl), a .safetensors "
             "export (launch/convert.py --what=generator) or a training workdir",
         ),
@@ -434,4 +439,3 @@ def test_train_py_refuses_bad_settings_in_one_line_before_loading(args, line, tm
         check=False,
     )
     assert (run.returncode, run.stderr.splitlines()) == (2, [line])
-    assert not (tmp_path / "w" / "tiny_sd").exists()  # stopped before writing or loading any weights

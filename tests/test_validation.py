@@ -117,6 +117,8 @@ def test_eval_every_without_a_set_is_one_line_before_anything_loads(tmp_path):
             "launch/train.py",
             "--config=configs/tiny.py",
             f"--workdir={workdir}",
+            "--config.model.pretrained=no_sd_here",  # never read: the check comes before anything loads
+            "--config.data.path=no_images_here",
             "--config.train.eval_every=5",
         ],
         capture_output=True,
@@ -157,10 +159,11 @@ def _events(workdir: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[
 
 
 @pytest.fixture(scope="module")
-def trained(eval_folder, tmp_path_factory):
+def trained(eval_folder, tiny_sd, tmp_path_factory):
     """loop.train for 3 steps with validation every 2 (steps 2 and 3) at two timesteps, sample grids at step 2."""
     workdir = tmp_path_factory.mktemp("loop") / "run"
     config = _config(steps=3, eval_every=2, eval_timesteps=TIMESTEPS, sample_every=2)
+    config.model.pretrained = tiny_sd
     config.data.path = config.data.eval.path = eval_folder
     seen = {}
     real_build = loop.build

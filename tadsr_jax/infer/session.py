@@ -9,7 +9,6 @@ from typing import TextIO
 
 import ml_collections
 
-from tadsr_jax import storage
 from tadsr_jax.images import list_images, read_captions
 from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
 from tadsr_jax.infer.model import WeightsSource, load_sr_model
@@ -18,17 +17,14 @@ from tadsr_jax.infer.pipeline import SRSettings, Upscaler
 from tadsr_jax.weights.convert import WeightsError
 
 
-def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """config.model.pretrained, else the tiny stand-in that training wrote into `workdir`."""
-    if config.model.pretrained:
-        return config.model.pretrained
-    folder = os.path.join(workdir, "tiny_sd") if workdir else ""
-    if not storage.isdir(folder):
+def pretrained_folder(config: ml_collections.ConfigDict) -> str:
+    """config.model.pretrained, which must be set (the SD folder holds the frozen networks)."""
+    if not config.model.pretrained:
         raise WeightsError(
-            "no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base "
-            "(or, for configs/tiny.py, pass the --workdir that training wrote)"
+            "no SD folder: set --config.model.pretrained=/path/to/stable-diffusion-2-1-base (for configs/tiny.py, "
+            "the stand-in folder the run was trained with)"
         )
-    return folder
+    return config.model.pretrained
 
 
 def prompts(default: str, captions_path: str = ""):
@@ -78,7 +74,7 @@ def run(
             raise ValueError(f"sweep timesteps must differ, got {t} {sweep.count(t)} times")
     paths = list_images(input_path)
     plan = plan_outputs(input_path, paths, output_dir, sweep_suffixes(sweep) if sweep else ("",))
-    model = load_sr_model(config, pretrained_folder(config, source.workdir), source, dtype=dtype or config.sr.dtype)
+    model = load_sr_model(config, pretrained_folder(config), source, dtype=dtype or config.sr.dtype)
     print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
     warning = timestep_warning(model.trained_timesteps, sweep or [settings.timestep])
     if warning:

@@ -1,1 +1,1 @@
-"""Training: the train state and step, checkpoints, the loop, and the offline tiny SD stand-in."""
+"""Training: the train state and step, the loop, validation, the workdir lock, ahead-of-time compilation."""

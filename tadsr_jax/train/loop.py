@@ -31,9 +31,8 @@ from PIL import Image
 
 from tadsr_jax import parallel, storage
 from tadsr_jax.checkpoints import Checkpointer, abstract_like, has_saved_steps
-from tadsr_jax.data.pipeline import make_train_iterator
+from tadsr_jax.data.pipeline import components, make_train_iterator
 from tadsr_jax.data.prefetch import DevicePrefetch
-from tadsr_jax.data.samples import TRAIN_SAMPLES, write_sample_images
 from tadsr_jax.infer.model import WeightsSource, load_generator_weights
 from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.models.clip_text import tokenize
@@ -49,7 +48,6 @@ from tadsr_jax.train.step import (
     step_program,
     trained_timesteps,
 )
-from tadsr_jax.train.tiny_sd import resolve_pretrained
 from tadsr_jax.weights.loaders import load_networks
 from tadsr_jax.weights.lpips import load_lpips, random_lpips
 
@@ -115,7 +113,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     init = None
     if config.model.init_generator and not has_saved_steps(workdir):
         init = init_generator_source(config.model.init_generator)
-    nets = load_networks(resolve_pretrained(config.model, workdir), dtype=jnp.dtype(config.model.dtype))
+    nets = load_networks(config.model.pretrained, dtype=jnp.dtype(config.model.dtype))
     model = make_model(config, nets.unet, nets.vae, nets.text_encoder, _lpips(config))
     if init:
         load_init_generator(model, init, config)
@@ -213,18 +211,20 @@ class _Logger:
             self.writer.close()
 
 
-def resolve_data(data_config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """`data.path`, or (when empty, for offline tiny runs) scikit-image's training samples written to `workdir` (by
-    process 0 while the others wait)."""
-    if data_config.path:
-        return data_config
-    folder = parallel.write_once(
-        os.path.join(workdir, "sample_images"),
-        lambda path: write_sample_images(path, TRAIN_SAMPLES, size=data_config.sample_size),
-    )
-    resolved = ml_collections.ConfigDict(data_config.to_dict())
-    resolved.source, resolved.path = "hr_folder", folder
-    return resolved
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the key when the weights or the training data are not set: a forgotten flag must not
+    start a run (the offline stand-ins are written and passed explicitly: tadsr_jax/stand_ins.py)."""
+    if not config.model.pretrained:
+        raise ValueError(
+            "model.pretrained is empty: set it to the SD-2.1-base diffusers folder (offline, for configs/tiny.py: "
+            "launch/stand_ins.py writes a tiny stand-in and prints the flags)"
+        )
+    for name, entry in components(config.data):
+        if not entry.path:
+            raise ValueError(
+                f"{name}.path is empty: set it to the training data ({name}.source={entry.source!r}: "
+                "hr_folder, paired_list, tfds or mixture)"
+            )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -233,6 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     Raises lock.WorkdirLocked when another run holds `workdir`, Interrupted when SIGTERM stopped it early,
     ValueError on a bad setting (naming its key).
     """
+    check_inputs(config)
     _check_tensorboard(workdir)
     validation.check_config(config)
     storage.makedirs(workdir)
@@ -265,7 +266,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         else None
     )
     host_batches = make_train_iterator(
-        resolve_data(config.data, workdir),
+        config.data,
         global_batch_size=cfg.batch_size,
         seed=config.seed,
         process_index=jax.process_index(),

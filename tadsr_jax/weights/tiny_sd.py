@@ -1,4 +1,4 @@
-"""A tiny Stable-Diffusion stand-in for offline runs (tests, CI, the demo), written once into the workdir.
+"""A tiny Stable-Diffusion stand-in for offline runs (tests, CI, the demo; `tadsr_jax/stand_ins.py` writes it).
 
 Random weights alone cannot super-resolve anything: TADSR keeps the VAE decoder frozen, and a random decoder
 maps every latent to noise. So the stand-in gets the two things pretraining gives real SD weights: its VAE is
@@ -17,7 +17,6 @@ channel c (the spare latent channels are zero), to within a relative 1e-3, plus 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import load_file
 
-from tadsr_jax import parallel, storage
+from tadsr_jax import storage
 from tadsr_jax.models.vae import VAEConfig
 from tadsr_jax.weights.convert import WeightsError
 from tadsr_jax.weights.files import read_config, write_model_folder
@@ -131,14 +130,3 @@ def write_tiny_sd(folder: str, model_config: ml_collections.ConfigDict, *, seed:
     write_model_folder(unet_folder, read_config(unet_folder), tensors)
     os.replace(staging, folder)
     return folder
-
-
-def resolve_pretrained(model_config: ml_collections.ConfigDict, workdir: str) -> str:
-    """`model_config.pretrained`, or the tiny stand-in of its architectures, written once under `workdir` (by
-    process 0 while the others wait)."""
-    if model_config.pretrained:
-        return model_config.pretrained
-    if not model_config.unet:
-        raise WeightsError("config.model.pretrained is empty: set it to the SD-2.1-base diffusers folder")
-    write = functools.partial(write_tiny_sd, model_config=model_config)
-    return parallel.write_once(os.path.join(workdir, "tiny_sd"), write)

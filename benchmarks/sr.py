@@ -98,8 +98,10 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
 
     jax.config.update("jax_enable_compilation_cache", False)  # compilation is measured
     start = time.perf_counter()
-    model = load_sr_model(base_config(), folder, WeightsSource(), dtype=dtype)
-    upscaler = Upscaler(model, SRSettings.from_config(base_config().sr, timestep=TIMESTEP, seed=SEED))
+    config = base_config()
+    config.sr.dtype, config.sr.timestep, config.sr.seed = dtype, TIMESTEP, SEED
+    model = load_sr_model(config, folder, WeightsSource())
+    upscaler = Upscaler(model, SRSettings.from_config(config.sr))
     jax.block_until_ready(upscaler.params)
     load_s = time.perf_counter() - start
     per_size = {}

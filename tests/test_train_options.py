@@ -356,8 +356,9 @@ def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, exp
     batch = parallel.global_batch({"lq": lq, "input_ids": trainer.tokenize([""])}, trainer.batch_sharding)
     timesteps = parallel.global_batch({"t": np.full(1, t, np.int32)}, trainer.batch_sharding)["t"]
     ours = np.asarray(trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, timesteps, jax.random.key(SR_SEED)))
+    config.sr.color_fix, config.sr.seed = "none", SR_SEED
     model = load_sr_model(config, tiny_sd, WeightsSource(generator=exported_generator))
-    upscaler = Upscaler(model, SRSettings.from_config(config.sr, color_fix="none", seed=SR_SEED))
+    upscaler = Upscaler(model, SRSettings.from_config(config.sr))
     ref = np.asarray(upscaler(lq, [""], [t]))
     err = float(np.abs(ours - ref).max())
     moved = float(np.abs(ref - lq).mean())

@@ -5,14 +5,22 @@ constructed near-lossless VAE: train/tiny_sd.py), and the training images are sc
 pretrained VGG exists offline either, so the LPIPS term is off (loss.lpips = 0); `--config.loss.lpips=2` runs it
 on a seeded random VGG (lpips.random_seed), which exercises the code but is not perceptual. Likewise the TA-VSD
 term (loss.vsd = 0): its teacher is random, so it carries no knowledge of natural images.
+
+It starts from the paper's config (configs/tadsr_sd21.py, every key) and overrides what makes it tiny.
 """
 
-from tadsr_jax.defaults import base_config
+import pathlib
+
+import ml_collections
+
+from tadsr_jax import cli
 
 
-def get_config():
-    config = base_config()
+def get_config() -> ml_collections.ConfigDict:
+    # By path: config files are loaded by path too (the repository root need not be on sys.path).
+    config = cli.load_config(str(pathlib.Path(__file__).with_name("tadsr_sd21.py")))
     config.seed = 0
+    config.model.dtype = "float32"
     config.model.unet = dict(
         block_out_channels=[32, 64],
         layers_per_block=1,
@@ -54,6 +62,7 @@ def get_config():
     config.data.path = ""  # scikit-image samples written into the workdir
     config.data.degradation = "bicubic"  # the demo measures x4 bicubic inputs
     config.data.crop_size = 32
+    config.data.num_workers = 0
     config.data.read_threads = 2
 
     config.train.steps = 200

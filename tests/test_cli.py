@@ -13,7 +13,6 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 
 from tadsr_jax import cli
-from tadsr_jax.defaults import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "train")
@@ -69,7 +68,7 @@ def test_usage_errors_are_one_line():
 
 
 def test_unknown_config_key_message():
-    config = base_config()
+    config = cli.load_config(os.path.join(REPO, "configs/tiny.py"))
     assert cli.unknown_config_key(config, ["sr.timestep", "model.lora_rnak"]) == (
         "unknown config key 'model.lora_rnak' (did you mean 'model.lora_rank'?)"
     )

@@ -9,7 +9,8 @@ import tensorflow_datasets as tfds
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from tadsr_jax.data import data_config, make_train_iterator
+from configs import tadsr_sd21
+from tadsr_jax.data import make_train_iterator
 from tadsr_jax.data.degradation import RealESRGANDegradation
 from tadsr_jax.data.pipeline import make_transform
 from tadsr_jax.data.samples import SAMPLE_NAMES, sample_image, write_paired_list, write_sample_images
@@ -48,9 +49,10 @@ def hr_folder(tmp_path_factory) -> tuple[str, str]:
 
 
 def _config(source: str, path: str, **overrides):
-    """Bicubic synthetic LRs unless overridden: tests below recompute them exactly."""
-    config = data_config()
-    config.update(source=source, path=path, crop_size=CROP, degradation="bicubic")
+    """The paper's data config, in this process, with bicubic synthetic LRs unless overridden: tests below recompute
+    them exactly."""
+    config = tadsr_sd21.get_config().data
+    config.update(source=source, path=path, crop_size=CROP, degradation="bicubic", num_workers=0)
     config.update(overrides)
     return config
 

@@ -17,7 +17,7 @@ LAYERS = (
     ("data", "evaluation"),
     ("infer",),
     ("train",),
-    ("defaults", "cli"),
+    ("cli",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

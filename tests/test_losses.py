@@ -25,8 +25,8 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
+from configs import tadsr_sd21
 from tadsr_jax import prng
-from tadsr_jax.defaults import base_config
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method import losses, tadsr
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, TADSR, GeneratorLoRA, GeneratorParam, LossConfig
@@ -451,7 +451,7 @@ def _latent_inputs(seed: int, batch: int = 2):
 
 @nnx.jit
 def ta_vsd_value_and_grad(model, schedule, x0, context, neg_context, student_t, key):
-    loss_config = LossConfig(**base_config().loss.to_dict())
+    loss_config = LossConfig(**tadsr_sd21.get_config().loss.to_dict())
     fn = lambda m, x: tadsr._ta_vsd(m, schedule, x, context, neg_context, student_t, key, loss_config)
     return nnx.value_and_grad(fn, argnums=1)(model, x0)
 
@@ -590,7 +590,7 @@ def generator_value_and_grad(model, schedule, batch, neg_context, student_t, key
         neg_context,
         student_t,
         key,
-        LossConfig(**{**base_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}),
+        LossConfig(**{**tadsr_sd21.get_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}),
     )
     return nnx.value_and_grad(fn, argnums=nnx.DiffState(0, GENERATOR), has_aux=True)(model)
 

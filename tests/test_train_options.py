@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tadsr_jax.defaults import base_config
+from configs import tadsr_sd21
 from tadsr_jax.train.step import LR_SCHEDULES, learning_rate
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -17,7 +17,7 @@ STEPS, WARMUP, LR = 120, 10, 5e-5
 
 
 def _train_config(**changes) -> ml_collections.ConfigDict:
-    config = base_config().train
+    config = tadsr_sd21.get_config().train
     config.update(steps=STEPS, lr=LR, **changes)
     return config
 

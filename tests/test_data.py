@@ -311,7 +311,7 @@ def test_sources_without_readable_images_raise(tmp_path):
     bad = _write_corrupt_files(str(tmp_path / "hr"))
     os.remove(next(p for p in bad if p.endswith("truncated.png")))
     with pytest.raises(ValueError, match=f"no readable image in folder {tmp_path / 'hr'}$"):
-        HRFolderSource(str(tmp_path / "hr"))
+        HRFolderSource(str(tmp_path / "hr"), "")
     listing = tmp_path / "list.txt"
     listing.write_text("hr/empty.png hr/text.jpg prompt\nmissing.png hr/text.jpg\n")
     with pytest.raises(ValueError, match=f"no readable HR/LR image pair in list {listing}$"):

@@ -159,7 +159,7 @@ def circular_lowpass_kernel(cutoff: float, size: int, pad_to: int = 0) -> np.nda
     return k
 
 
-def pulse_kernel(size: int = 21) -> np.ndarray:
+def pulse_kernel(size: int) -> np.ndarray:
     """The identity filter: 1 at the centre."""
     k = np.zeros((size, size))
     k[size // 2, size // 2] = 1.0
@@ -467,7 +467,7 @@ class RealESRGANDegradation:
     """HR crop (H, W, 3) uint8 RGB -> its Real-ESRGAN LQ, see the module docstring; the LQ is (H / scale,
     W / scale) before it is resized back to (H, W). Thread-safe (no state)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, scale: int = 4):
+    def __init__(self, config: ml_collections.ConfigDict, scale: int):
         if not (isinstance(scale, int) and scale >= 1):
             raise ValueError(f"degradation scale must be a positive integer, got {scale!r}")
         validate(config)

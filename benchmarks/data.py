@@ -32,9 +32,9 @@ def _images(cache_dir: str | None) -> str:
 
 
 def _config(folder: str, workers: int, threads: int):
-    from tadsr_jax.data import data_config
+    from configs import tadsr_sd21
 
-    config = data_config()
+    config = tadsr_sd21.get_config().data
     config.update(
         source="hr_folder",
         path=folder,

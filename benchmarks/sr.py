@@ -92,14 +92,16 @@ def _sizes(sizes: str) -> list[int]:
 def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
     import jax
 
-    from tadsr_jax.defaults import base_config
+    from configs import tadsr_sd21
     from tadsr_jax.infer.model import WeightsSource, load_sr_model
     from tadsr_jax.infer.pipeline import SRSettings, Upscaler
 
     jax.config.update("jax_enable_compilation_cache", False)  # compilation is measured
     start = time.perf_counter()
-    model = load_sr_model(base_config(), folder, WeightsSource(), dtype=dtype)
-    upscaler = Upscaler(model, SRSettings.from_config(base_config().sr, timestep=TIMESTEP, seed=SEED))
+    config = tadsr_sd21.get_config()
+    config.sr.dtype, config.sr.timestep, config.sr.seed = dtype, TIMESTEP, SEED
+    model = load_sr_model(config, folder, WeightsSource())
+    upscaler = Upscaler(model, SRSettings.from_config(config.sr))
     jax.block_until_ready(upscaler.params)
     load_s = time.perf_counter() - start
     per_size = {}

@@ -100,11 +100,11 @@ def weights_folder(cache_dir: str | None = None) -> str:
 
 
 def bench_config(folder: str):
-    """Our config for the benchmark: the tiny config's base, these architectures, the reference's losses."""
-    from tadsr_jax.defaults import base_config
+    """Our config for the benchmark: the paper's, with these architectures (the reference's losses)."""
+    from configs import tadsr_sd21
 
     arch = architectures()
-    config = base_config()
+    config = tadsr_sd21.get_config()
     config.seed = 0
     config.model.pretrained = folder  # so no tiny-SD stand-in is written
     config.model.dtype = "float32"
@@ -401,10 +401,10 @@ class _TorchTADSR:
         betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
         self.alphas = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
         self.t_list = torch.tensor(np.linspace(1, 999, 50).astype(np.int64))
-        from tadsr_jax.defaults import NEGATIVE_PROMPT
+        from configs import tadsr_sd21
 
         with torch.no_grad():
-            self.neg_context = self.text(self._ids([NEGATIVE_PROMPT]))[0]
+            self.neg_context = self.text(self._ids([tadsr_sd21.get_config().train.negative_prompt]))[0]
         lq, hq = make_images()
         self.lq = torch.tensor(lq).permute(0, 3, 1, 2).contiguous()
         self.hq = torch.tensor(hq).permute(0, 3, 1, 2).contiguous()

@@ -1,18 +1,27 @@
 """A tiny random-init TADSR (SD-2.x block structure) that trains and infers on a CPU in seconds: tests, CI, demo.
 
-Nothing can be downloaded offline, so the "pretrained" SD folder is written into the workdir (random weights, a
-constructed near-lossless VAE: train/tiny_sd.py), and the training images are scikit-image samples. No
+Nothing can be downloaded offline, so its SD folder and training images are stand-ins that launch/stand_ins.py
+(or the demo) writes and passes as --config.model.pretrained and --config.data.path: random weights with a
+constructed near-lossless VAE (tadsr_jax/weights/tiny_sd.py), and scikit-image samples. No
 pretrained VGG exists offline either, so the LPIPS term is off (loss.lpips = 0); `--config.loss.lpips=2` runs it
 on a seeded random VGG (lpips.random_seed), which exercises the code but is not perceptual. Likewise the TA-VSD
 term (loss.vsd = 0): its teacher is random, so it carries no knowledge of natural images.
+
+It starts from the paper's config (configs/tadsr_sd21.py, every key) and overrides what makes it tiny.
 """
 
-from tadsr_jax.defaults import base_config
+import pathlib
+
+import ml_collections
+
+from tadsr_jax import cli
 
 
-def get_config():
-    config = base_config()
+def get_config() -> ml_collections.ConfigDict:
+    # By path: config files are loaded by path too (the repository root need not be on sys.path).
+    config = cli.load_config(str(pathlib.Path(__file__).with_name("tadsr_sd21.py")))
     config.seed = 0
+    config.model.dtype = "float32"
     config.model.unet = dict(
         block_out_channels=[32, 64],
         layers_per_block=1,
@@ -25,7 +34,7 @@ def get_config():
         use_linear_projection=True,
         sample_size=32,
     )
-    # One narrow VAE block without mid attention, GroupNorm groups of 4: the shape train/tiny_sd.py's nearly
+    # One narrow VAE block without mid attention, GroupNorm groups of 4: the shape weights/tiny_sd.py's nearly
     # lossless stand-in autoencoder needs (latents at full resolution).
     config.model.vae = dict(
         block_out_channels=[16],
@@ -51,9 +60,10 @@ def get_config():
     config.lpips.random_seed = 0
 
     config.data.source = "hr_folder"
-    config.data.path = ""  # scikit-image samples written into the workdir
+    config.data.path = ""  # required too: launch/stand_ins.py's images/ offline
     config.data.degradation = "bicubic"  # the demo measures x4 bicubic inputs
     config.data.crop_size = 32
+    config.data.num_workers = 0
     config.data.read_threads = 2
 
     config.train.steps = 200

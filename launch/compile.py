@@ -1,13 +1,14 @@
 """python launch/compile.py --config=configs/tadsr_sd21.py --topology=v5p:2x2x1 [--what=train,sr] [--config.K=V ...]
 
-Compiles the train step of a config for a Cloud TPU slice without one attached (needs libtpu:
-`pip install -e ".[tpu]"`), from abstract weights (no files are read), and the SR program of launch/sr.py on one
-chip of that slice for each of --sr_sizes (networks in config.sr.dtype: pass --config.sr.dtype=bfloat16 to see
-accelerator serving), and prints per chip what XLA says of each: HBM needed against the chip's (arguments,
-outputs, temporaries), FLOPs (XLA's and our model count), XLA's time estimate beside the roofline bound, images/s
-per chip, MFU and the collectives; for the train step also the activations its backward pass keeps, by source.
-Every time figure is an estimate, not a measurement. The last line is the report as JSON. Compiling the SD-2.1
-step takes ~20 minutes and ~15 GiB of host memory on a 2-core machine; its SR program ~2 minutes.
+Compiles the train step of a config for a Cloud TPU slice without one attached (needs libtpu: `pip install -e
+".[tpu]"`), from abstract weights (no files are read), and the SR program of launch/sr.py on one chip of that slice
+for each of --sr_sizes (config.sr.batch_size images per call, networks in config.sr.dtype: pass
+--config.sr.dtype=bfloat16 to see accelerator serving), and prints per chip what XLA says of each: HBM needed
+against the chip's (arguments, outputs, temporaries), FLOPs (XLA's and our model count), XLA's time estimate beside
+the roofline bound, images/s per chip, MFU and the collectives; for the train step also the activations its
+backward pass keeps, by source. Every time figure is an estimate, not a measurement. The last line is the report as
+JSON. Compiling the SD-2.1 step takes ~20 minutes and ~15 GiB of host memory on a 2-core machine; its SR program ~2
+minutes.
 """
 
 import json
@@ -22,7 +23,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x2, v5p:2x2x4, v6e:4x4, v5e:16x16.")
 _WHAT = flags.DEFINE_list("what", ["train", "sr"], "Programs to compile: train (the train step), sr (launch/sr.py's).")
 _SR_SIZES = flags.DEFINE_list("sr_sizes", ["512"], "Working-image sides (pixels) of the SR programs.")
-_SR_BATCH = flags.DEFINE_integer("sr_batch", None, "Images per SR call (default: the config's sr.batch_size).")
 _ACTIVATIONS = flags.DEFINE_integer(
     "activations", 8, "List this many of the train step's largest saved activations per chip (0: none)."
 )
@@ -75,13 +75,10 @@ def main(argv):
                     )
             result["train"] = report
         if "sr" in _WHAT.value:
-            batch = _SR_BATCH.value or config.sr.batch_size
             result["sr"] = []
             for size in sizes:
                 start = time.perf_counter()
-                report = aot.report(
-                    aot.compile_sr(config, devices[0], size=size, batch=batch, dtype=config.sr.dtype), chip
-                )
+                report = aot.report(aot.compile_sr(config, devices[0], size=size), chip)
                 report["dtype"] = config.sr.dtype
                 report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
                 print(f"SR at {size}x{size}, {config.sr.dtype}:", file=sys.stderr)

@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, hr_size: int = 128, 
         f"super-resolving {len(HELD_OUT_SAMPLES)} held-out samples x{scale} at t={config.sr.timestep} "
         "(compiling the SR program first)",
     )
-    model = load_sr_model(config, pretrained_folder(config), WeightsSource(workdir=workdir), dtype=config.sr.dtype)
+    model = load_sr_model(config, pretrained_folder(config), WeightsSource(workdir=workdir))
     upscaler = Upscaler(model, settings)
 
     hr_size -= hr_size % scale  # HR = scale x LQ exactly

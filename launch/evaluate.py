@@ -2,7 +2,7 @@
     [--metrics=psnr,ssim,lpips,lpips_alex,dists,fid,clipiqa,musiq,maniqa,topiq,qalign,niqe] [--lpips=FILE]
     [--lpips_alex=FILE] [--dists=FILE] [--output=DIR]
 python launch/evaluate.py --sweep=100,200,...,900 --lq=DIR --hr=DIR --output=DIR --config=CONFIG
-    [--workdir=DIR | --tadsr_ckpt=FILE | --generator=FILE] [--seed=42] [--prompt=TEXT]   (SR at each t, then scores)
+    [--workdir=DIR | --tadsr_ckpt=FILE | --generator=FILE] [--config.sr.KEY=VALUE ...]   (SR at each t, then scores)
 python launch/evaluate.py --sweep=100,...,900 --sr=SWEEP_OUTPUT_DIR --hr=DIR      (outputs of launch/sr.py --sweep)
 
 Scores SR outputs against HR references matched by file name (or, with --sr alone, no-reference metrics), writes
@@ -50,8 +50,6 @@ _CONFIG = cli.define_config(help_text="--lq: the experiment config of the SR mod
 _WORKDIR = flags.DEFINE_string("workdir", "", "--lq: generator from a training workdir's latest checkpoint.")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "--lq: the reference's released tadsr.pkl (needs torch).")
 _GENERATOR = flags.DEFINE_string("generator", "", "--lq: generator weights exported by launch/convert.py.")
-_SEED = flags.DEFINE_integer("seed", None, "--lq: posterior-noise seed " + cli.config_default("sr.seed"))
-_PROMPT = flags.DEFINE_string("prompt", None, "--lq: prompt for every image " + cli.config_default("sr.prompt"))
 
 
 def _run(log) -> tuple[dict, bool]:
@@ -68,9 +66,7 @@ def _run(log) -> tuple[dict, bool]:
 
         sr_dirs = [os.path.join(_OUTPUT.value, "sr")]
         source = WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value)
-        report = session.run(
-            _CONFIG.value, _LQ.value, sr_dirs[0], source, sweep=sweep, seed=_SEED.value, prompt=_PROMPT.value, log=log
-        )
+        report = session.run(_CONFIG.value, _LQ.value, sr_dirs[0], source, sweep=sweep, log=log)
         if report.failed:
             print(f"note: {len(report.failed)} input(s) failed to super-resolve", file=log)
     elif _SR.value:

@@ -1,9 +1,11 @@
 """python launch/sr.py --config=CONFIG --input=FILE_OR_DIR --output=DIR [--workdir=DIR | --tadsr_ckpt=FILE |
-    --generator=FILE] [--timestep=500 | --sweep=100,300,500,700,900] [--prompt=TEXT] [--captions=FILE]
-    [--scale=4] [--seed=42] [--dtype=float32|bfloat16] [--color_fix=adain|wavelet|none]
-    [--latent_tile=96 --latent_overlap=32] [--vae_strip_above=1048576] [--batch_size=1]
+    --generator=FILE] [--sweep=100,300,500,700,900] [--captions=FILE] [--config.sr.KEY=VALUE ...]
 
-xS super-resolution (S = --scale, default 4) of one image or every image of a directory (png, jpg, jpeg, webp,
+Settings are the config's `sr` section, e.g. --config.sr.timestep=300 --config.sr.prompt=TEXT --config.sr.scale=4
+--config.sr.seed=42 --config.sr.dtype=bfloat16 --config.sr.color_fix=wavelet --config.sr.batch_size=4
+(configs/tadsr_sd21.py lists them all, with what each does).
+
+xS super-resolution (S = config.sr.scale) of one image or every image of a directory (png, jpg, jpeg, webp,
 bmp, tif, tiff). The SD folder is --config.model.pretrained (for configs/tiny.py: the stand-in written into
 --workdir by training).
 Generator weights: the reference's tadsr.pkl (--tadsr_ckpt, needs torch), our export (--generator), or the
@@ -24,45 +26,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory (created if miss
 _WORKDIR = flags.DEFINE_string("workdir", "", "A training workdir: generator weights from its latest checkpoint.")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "The reference's released tadsr.pkl (needs torch).")
 _GENERATOR = flags.DEFINE_string("generator", "", "Generator weights exported by launch/convert.py (safetensors).")
-_TIMESTEP = flags.DEFINE_integer(
-    "timestep", None, "The fidelity (low) / realism (high) knob, 1..999 " + cli.config_default("sr.timestep")
-)
-_SCALE = flags.DEFINE_integer(
-    "scale",
-    None,
-    "Output size / input size, 1..8: the bicubic upscale in front of the "
-    "model (the reference's --upscale) " + cli.config_default("sr.scale"),
-)
 _SWEEP = flags.DEFINE_list(
     "sweep",
     None,
-    "Timesteps to run each image at (--batch_size per call), plus a contact sheet (e.g. 100,300,500,700,900).",
+    "Timesteps to run each image at (config.sr.batch_size per call), plus a contact sheet (e.g. 100,300,500,700,900).",
 )
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt for every image " + cli.config_default("sr.prompt"))
-_CAPTIONS = flags.DEFINE_string("captions", "", "File of `<file name><TAB><prompt>` lines; others use --prompt.")
-_SEED = flags.DEFINE_integer(
-    "seed", None, "Posterior-noise seed: the same seed gives the same output " + cli.config_default("sr.seed")
-)
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, ["float32", "bfloat16"], "Weights and activations " + cli.config_default("sr.dtype")
-)
-_COLOR_FIX = flags.DEFINE_enum(
-    "color_fix", None, ["adain", "wavelet", "none"], "Colour correction " + cli.config_default("sr.color_fix")
-)
-_LATENT_TILE = flags.DEFINE_integer(
-    "latent_tile", None, "UNet tile side in latent pixels " + cli.config_default("sr.latent_tile")
-)
-_LATENT_OVERLAP = flags.DEFINE_integer(
-    "latent_overlap", None, "UNet tile overlap in latent pixels " + cli.config_default("sr.latent_overlap")
-)
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", None, "Same-shape images per call " + cli.config_default("sr.batch_size")
-)
-_VAE_STRIP_ABOVE = flags.DEFINE_integer(
-    "vae_strip_above",
-    None,
-    "Working images (scale x the input) with more pixels "
-    "run the VAE strip-wise, with bounded memory " + cli.config_default("sr.vae_strip_above"),
+_CAPTIONS = flags.DEFINE_string(
+    "captions", "", "File of `<file name><TAB><prompt>` lines; other images get config.sr.prompt."
 )
 flags.mark_flags_as_required(["config"])
 
@@ -77,18 +47,6 @@ def main(argv):
     from tadsr_jax.weights.convert import WeightsError
 
     try:
-        overrides = dict(
-            timestep=_TIMESTEP.value,
-            scale=_SCALE.value,
-            prompt=_PROMPT.value,
-            seed=_SEED.value,
-            dtype=_DTYPE.value,
-            color_fix=_COLOR_FIX.value,
-            latent_tile=_LATENT_TILE.value,
-            latent_overlap=_LATENT_OVERLAP.value,
-            batch_size=_BATCH_SIZE.value,
-            vae_strip_above=_VAE_STRIP_ABOVE.value,
-        )
         report = session.run(
             _CONFIG.value,
             _INPUT.value,
@@ -96,7 +54,6 @@ def main(argv):
             WeightsSource(tadsr_ckpt=_TADSR_CKPT.value, generator=_GENERATOR.value, workdir=_WORKDIR.value),
             captions=_CAPTIONS.value,
             sweep=cli.sweep_timesteps(_SWEEP.value),
-            **overrides,
         )
     except (ImageError, WeightsError, ValueError, OSError) as e:
         for line in str(e).splitlines():  # an OutputError has one line per problem

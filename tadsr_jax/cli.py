@@ -129,19 +129,6 @@ def _show_in_help(name: str) -> None:
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
-def config_default(key: str) -> str:
-    """Help text for a flag that overrides `config.<key>`: where its default comes from, with the base value.
-
-    The value is read from `tadsr_jax.defaults.base_config()`, the one place defaults are written.
-    """
-    from tadsr_jax.defaults import base_config
-
-    value = base_config()
-    for part in key.split("."):
-        value = value[part]
-    return f"(default: the config's {key}, {value!r} in the base config)"
-
-
 # ---------------------------------------------------------------------------------------------- parsing
 
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -77,15 +76,6 @@ def initialize(
 # ----------------------------------------------------------------------------------------------- the mesh
 
 
-def mesh_config() -> ml_collections.ConfigDict:
-    """Defaults of the `mesh` config section."""
-    config = ml_collections.ConfigDict()
-    config.data = -1  # data-parallel size; -1: all devices not used by the other axis
-    config.fsdp = 1  # how many devices share one copy of the large frozen weights; -1: all devices left
-    config.fsdp_min_size = 2**20  # elements; smaller weights stay replicated
-    return config
-
-
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     """Resolve a (data, fsdp) request with at most one -1 against `num_devices`."""
     sizes = (data, fsdp)
@@ -108,9 +98,10 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over `devices` (default: all global devices; a TPU topology's for ahead-of-time
-    compilation) in topology-aware order, each host's devices together."""
+def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh (sizes as `config.mesh.data/fsdp`, at most one -1) over `devices` (default: all
+    global devices; a TPU topology's for ahead-of-time compilation) in topology-aware order, each host's devices
+    together."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(data, fsdp, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)

@@ -59,7 +59,7 @@ def unit(out: str) -> None:
         "count": sds((), jnp.int32),
     }
     fsdp_mesh = parallel.make_mesh(data=2, fsdp=-1)
-    data_mesh = parallel.make_mesh()
+    data_mesh = parallel.make_mesh(data=-1, fsdp=1)
     abstract_linear = nnx.state(nnx.eval_shape(lambda: Linear(64, 512, rngs=nnx.Rngs(0))))
     linear_shardings = parallel.shard_params(abstract_linear, fsdp_mesh, min_size=MIN_SIZE)
 
@@ -72,7 +72,7 @@ def unit(out: str) -> None:
     result = {
         "mesh_default": dict(data_mesh.shape),
         "mesh_data2": dict(fsdp_mesh.shape),
-        "mesh_fsdp8": dict(parallel.make_mesh(fsdp=8).shape),
+        "mesh_fsdp8": dict(parallel.make_mesh(data=-1, fsdp=8).shape),
         "mesh_axis_names": list(fsdp_mesh.axis_names),
         "err_indivisible": _error(lambda: parallel.make_mesh(data=3, fsdp=-1)),
         "err_product": _error(lambda: parallel.make_mesh(data=4, fsdp=4)),
@@ -209,7 +209,7 @@ def validate(out: str, images: str) -> None:
     config = get_config()
     config.train.batch_size, config.train.eval_timesteps = VALIDATION_BATCH, VALIDATION_TIMESTEPS
     config.data.eval.path, config.data.degradation = images, "realesrgan"
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(data=-1, fsdp=1)
     rows, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     def sample(state, frozen, rest, batch, timesteps, key):

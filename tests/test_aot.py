@@ -65,8 +65,9 @@ def test_frozen_weights_are_sharded_as_the_rules_say(compiled):
 def test_sr_program_compiles_for_one_chip():
     """launch/sr.py's program, bf16, on one chip of the slice: model FLOPs as the jaxpr counts them."""
     config = get_config()
+    config.sr.batch_size, config.sr.dtype = 2, "bfloat16"
     device = aot.topology_devices(TOPOLOGY)[0]
-    program = aot.compile_sr(config, device, size=128, batch=2, dtype="bfloat16")
+    program = aot.compile_sr(config, device, size=128)
     report = aot.report(program, aot.CHIPS[device.device_kind])
     assert report["fits"] and report["chips"] == 1 and report["images_per_chip"] == 2
     assert report["model_tflop"] > 0 and report["ms_per_image"] > 0

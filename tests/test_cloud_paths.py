@@ -274,7 +274,7 @@ def test_missing_bucket_data_is_the_local_error(bucket):
 
     assert os.path.isdir(f"{bucket}/data/hr")
     with pytest.raises(FileNotFoundError, match=f"^HR image folder not found: {BUCKET}/data/hr$"):
-        HRFolderSource(f"{bucket}/data/hr")
+        HRFolderSource(f"{bucket}/data/hr", "")
     with pytest.raises(FileNotFoundError, match=f"^paired list file not found: {BUCKET}/list.txt$"):
         PairedListSource(f"{bucket}/list.txt")
 

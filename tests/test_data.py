@@ -9,7 +9,8 @@ import tensorflow_datasets as tfds
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from tadsr_jax.data import data_config, make_train_iterator
+from configs import tadsr_sd21
+from tadsr_jax.data import make_train_iterator
 from tadsr_jax.data.degradation import RealESRGANDegradation
 from tadsr_jax.data.pipeline import make_transform
 from tadsr_jax.data.samples import SAMPLE_NAMES, sample_image, write_paired_list, write_sample_images
@@ -48,9 +49,10 @@ def hr_folder(tmp_path_factory) -> tuple[str, str]:
 
 
 def _config(source: str, path: str, **overrides):
-    """Bicubic synthetic LRs unless overridden: tests below recompute them exactly."""
-    config = data_config()
-    config.update(source=source, path=path, crop_size=CROP, degradation="bicubic")
+    """The paper's data config, in this process, with bicubic synthetic LRs unless overridden: tests below recompute
+    them exactly."""
+    config = tadsr_sd21.get_config().data
+    config.update(source=source, path=path, crop_size=CROP, degradation="bicubic", num_workers=0)
     config.update(overrides)
     return config
 
@@ -309,7 +311,7 @@ def test_sources_without_readable_images_raise(tmp_path):
     bad = _write_corrupt_files(str(tmp_path / "hr"))
     os.remove(next(p for p in bad if p.endswith("truncated.png")))
     with pytest.raises(ValueError, match=f"no readable image in folder {tmp_path / 'hr'}$"):
-        HRFolderSource(str(tmp_path / "hr"))
+        HRFolderSource(str(tmp_path / "hr"), "")
     listing = tmp_path / "list.txt"
     listing.write_text("hr/empty.png hr/text.jpg prompt\nmissing.png hr/text.jpg\n")
     with pytest.raises(ValueError, match=f"no readable HR/LR image pair in list {listing}$"):

@@ -4,6 +4,7 @@ scipy, PIL's JPEG codec) or against statistics, then the whole pipeline."""
 import io
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 import scipy.optimize
@@ -14,9 +15,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from configs import tadsr_sd21
 from tadsr_jax.data import degradation as deg
 
-CONFIG = deg.degradation_config()
+PAPER = tadsr_sd21.get_config().data
+CONFIG, SCALE = PAPER.realesrgan, PAPER.scale  # the reference's Real-ESRGAN parameters, at its x4
+
+
+def paper_degradation() -> ml_collections.ConfigDict:
+    """A copy of the paper's data.realesrgan, to change."""
+    return tadsr_sd21.get_config().data.realesrgan
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +433,7 @@ def test_jpeg_clamps_its_input(image):
 
 
 def test_pipeline_shapes_types_and_determinism(astronaut):
-    degrade = deg.RealESRGANDegradation(CONFIG)
+    degrade = deg.RealESRGANDegradation(CONFIG, SCALE)
     hr = astronaut[:96, :128]
     state = np.random.get_state()
     outs = [degrade(hr, np.random.default_rng(seed)) for seed in (11, 11, 12)]
@@ -439,7 +447,7 @@ def test_pipeline_shapes_types_and_determinism(astronaut):
 
 
 def test_pipeline_degrades_substantially(astronaut):
-    degrade = deg.RealESRGANDegradation(CONFIG)
+    degrade = deg.RealESRGANDegradation(CONFIG, SCALE)
     scores = [psnr(degrade(astronaut, np.random.default_rng(seed)), astronaut, 255.0) for seed in range(6)]
     lr = np.asarray(Image.fromarray(astronaut).resize((128, 128), Image.BICUBIC))
     bicubic = psnr(np.asarray(Image.fromarray(lr).resize((512, 512), Image.BICUBIC)), astronaut, 255.0)
@@ -450,7 +458,7 @@ def test_pipeline_degrades_substantially(astronaut):
 
 def neutral_config():
     """Every degradation off (zero noise, pulse blurs, no random resize, JPEG at 100): only the x4 downscale."""
-    c = deg.degradation_config()
+    c = paper_degradation()
     for suffix in ("", "2"):
         c["noise_range" + suffix] = (0.0, 0.0)
         c["gaussian_noise_prob" + suffix] = 1.0
@@ -470,7 +478,7 @@ def downscale_residual_stds(lq: np.ndarray, hr: np.ndarray) -> list[float]:
 
 
 def test_with_every_degradation_off_the_lq_is_a_plain_downscale(astronaut):
-    degrade = deg.RealESRGANDegradation(neutral_config())
+    degrade = deg.RealESRGANDegradation(neutral_config(), SCALE)
     for seed in range(3):
         residuals = downscale_residual_stds(degrade.degrade(astronaut, np.random.default_rng(seed)), astronaut)
         assert min(residuals) < 8, residuals  # what JPEG at quality 100 (4:2:0 chroma) leaves
@@ -480,7 +488,7 @@ def test_second_stage_noise_is_added_at_the_lr_size(astronaut):
     """Noise of sigma 20 added after the second resize (to H/4) stays ~20; added at H it would be averaged down."""
     c = neutral_config()
     c.noise_range2, c.gray_noise_prob2 = (20.0, 20.0), 0.0
-    degrade = deg.RealESRGANDegradation(c)
+    degrade = deg.RealESRGANDegradation(c, SCALE)
     for seed in range(3):
         residuals = downscale_residual_stds(degrade.degrade(astronaut, np.random.default_rng(seed)), astronaut)
         assert 12 < min(residuals) and max(residuals) < 22, residuals
@@ -494,7 +502,7 @@ def test_second_blur_prob_switches_the_second_blur(astronaut):
         for sigma in (1e-3, 3.0):
             c = neutral_config()
             c.blur_sigma2, c.second_blur_prob = (sigma, sigma), prob
-            outs.append(deg.RealESRGANDegradation(c).degrade(hr, np.random.default_rng(0)))
+            outs.append(deg.RealESRGANDegradation(c, SCALE).degrade(hr, np.random.default_rng(0)))
         assert np.array_equal(*outs) != kernel_matters
 
 
@@ -514,7 +522,7 @@ def test_last_jpeg_comes_after_or_before_the_last_resize_half_the_time(astronaut
     here the second-stage resize always goes up) leaves them off it."""
     c = neutral_config()
     c.resize_prob2, c.jpeg_range2 = (1.0, 0.0, 0.0), (30, 30)
-    degrade = deg.RealESRGANDegradation(c)
+    degrade = deg.RealESRGANDegradation(c, SCALE)
     ratios = [blockiness(degrade.degrade(astronaut, np.random.default_rng(seed))) for seed in range(24)]
     assert 4 <= sum(r > 1.18 for r in ratios) <= 20, np.round(ratios, 2)
 
@@ -536,10 +544,10 @@ def test_last_jpeg_comes_after_or_before_the_last_resize_half_the_time(astronaut
     ],
 )
 def test_bad_configs_are_one_line_errors_naming_the_key(key, value):
-    c = deg.degradation_config()
+    c = paper_degradation()
     c[key] = value
     with pytest.raises(ValueError, match=f"^degradation config: {key} = ") as info:
-        deg.RealESRGANDegradation(c)
+        deg.RealESRGANDegradation(c, SCALE)
     assert "\n" not in str(info.value)
 
 
@@ -549,7 +557,7 @@ def test_bad_scale_is_a_one_line_error():
 
 
 def test_bad_images_are_refused(astronaut):
-    degrade = deg.RealESRGANDegradation(CONFIG)
+    degrade = deg.RealESRGANDegradation(CONFIG, SCALE)
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="not a multiple of the scale 4"):
         degrade(astronaut[:66, :64], rng)

@@ -17,7 +17,7 @@ LAYERS = (
     ("data", "evaluation"),
     ("infer",),
     ("train",),
-    ("defaults", "cli", "stand_ins"),
+    ("cli", "stand_ins"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

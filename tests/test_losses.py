@@ -25,8 +25,8 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 from torch_utils import nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
+from configs import tadsr_sd21
 from tadsr_jax import prng
-from tadsr_jax.defaults import base_config
 from tadsr_jax.diffusion import NoiseSchedule
 from tadsr_jax.method import losses, tadsr
 from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, TADSR, GeneratorLoRA, GeneratorParam, LossConfig
@@ -223,12 +223,13 @@ def test_blurred_mse_value_and_gradient_match_torch():
 
 
 def test_student_teacher_timesteps_and_guidance_scale():
-    ts = losses.student_timesteps()
+    paper = tadsr_sd21.get_config()
+    ts = losses.student_timesteps(paper.train.num_student_timesteps, paper.train.max_student_timestep)
     np.testing.assert_array_equal(ts, np.linspace(1, 999, 50).astype(int))
     assert ts.tolist() == SPEC_T_LIST
     from tadsr_jax.train.step import sample_student_timesteps
 
-    drawn = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "list", 50))
+    drawn = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "list", 50, max_timestep=999))
     assert set(drawn.tolist()) == set(SPEC_T_LIST)
     capped = np.asarray(sample_student_timesteps(jax.random.key(0), 4096, "list", 50, max_timestep=200))
     assert set(capped.tolist()) == set(np.linspace(1, 200, 50).astype(int).tolist())
@@ -238,14 +239,15 @@ def test_student_teacher_timesteps_and_guidance_scale():
         sample_student_timesteps(jax.random.key(0), 4, "list", 50, max_timestep=1000)
 
     t = np.arange(1000)
-    np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t)), np.floor(0.5 * t).astype(int))
+    paper_t = losses.teacher_timestep(jnp.asarray(t), paper.loss.teacher_scale, paper.loss.teacher_shift)
+    np.testing.assert_array_equal(paper_t, np.floor(0.5 * t).astype(int))
     np.testing.assert_array_equal(
         losses.teacher_timestep(jnp.asarray(t), 0.5, 3.0), np.floor(0.5 * t + 3.0).astype(int)
     )  # gamma shift
     np.testing.assert_array_equal(losses.teacher_timestep(jnp.asarray(t), 0.3, 0.0), np.floor(0.3 * t).astype(int))
 
     t_r = np.arange(500)
-    w = np.asarray(losses.guidance_scale(jnp.asarray(t_r)), np.float64)
+    w = np.asarray(losses.guidance_scale(jnp.asarray(t_r), paper.loss.cfg_base, paper.loss.cfg_per_step), np.float64)
     err = np.abs(w - (7.5 + t_r / 200)).max()
     print(f"\nguidance_scale: max abs err {err:.1e}")
     # float32 w in [7.5, 10): an ulp is 9.5e-7 and two roundings stay below 1.5 ulps; measured 6.1e-7 over every
@@ -257,8 +259,11 @@ def test_classifier_free_guidance_matches_torch():
     rng = np.random.default_rng(2)
     eps_u, eps_c = (rng.standard_normal((3, 8, 6, 4)).astype(np.float32) for _ in range(2))
     t_r = np.array([0, 250, 499])
+    loss = tadsr_sd21.get_config().loss
     ours = losses.classifier_free_guidance(
-        jnp.asarray(eps_u), jnp.asarray(eps_c), losses.guidance_scale(jnp.asarray(t_r))
+        jnp.asarray(eps_u),
+        jnp.asarray(eps_c),
+        losses.guidance_scale(jnp.asarray(t_r), loss.cfg_base, loss.cfg_per_step),
     )
     u, c = _t(nhwc_to_nchw(eps_u)), _t(nhwc_to_nchw(eps_c))
     w = (7.5 + torch.from_numpy(t_r) / 200).float().view(-1, 1, 1, 1)
@@ -451,7 +456,7 @@ def _latent_inputs(seed: int, batch: int = 2):
 
 @nnx.jit
 def ta_vsd_value_and_grad(model, schedule, x0, context, neg_context, student_t, key):
-    loss_config = LossConfig(**base_config().loss.to_dict())
+    loss_config = LossConfig(**tadsr_sd21.get_config().loss.to_dict())
     fn = lambda m, x: tadsr._ta_vsd(m, schedule, x, context, neg_context, student_t, key, loss_config)
     return nnx.value_and_grad(fn, argnums=1)(model, x0)
 
@@ -590,7 +595,7 @@ def generator_value_and_grad(model, schedule, batch, neg_context, student_t, key
         neg_context,
         student_t,
         key,
-        LossConfig(**{**base_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}),
+        LossConfig(**{**tadsr_sd21.get_config().loss.to_dict(), "lpips": 0.0, "vsd": 0.0}),
     )
     return nnx.value_and_grad(fn, argnums=nnx.DiffState(0, GENERATOR), has_aux=True)(model)
 

@@ -130,7 +130,7 @@ def test_an_out_of_range_scale_is_refused_before_the_model_loads(tmp_path, monke
     _inputs(tmp_path / "in", "a.png")
     with pytest.raises(ValueError) as error:
         session.run(config, str(tmp_path / "in"), str(tmp_path / "out"), WeightsSource())
-    assert str(error.value) == f"scale must be an integer in 1..8, got {scale}"
+    assert str(error.value) == f"sr.scale must be an integer in 1..8, got {scale}"
 
 
 def _launch_sr(tmp_path, folder, output, *flags) -> subprocess.CompletedProcess:
@@ -157,9 +157,9 @@ def _launch_sr(tmp_path, folder, output, *flags) -> subprocess.CompletedProcess:
 def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
     folder, output = tmp_path / "in", tmp_path / "out"
     _inputs(folder, "a.png")
-    run = _launch_sr(tmp_path, folder, output, "--scale=9")
+    run = _launch_sr(tmp_path, folder, output, "--config.sr.scale=9")
     assert run.returncode == 2, run.stderr[-3000:]
-    assert run.stderr.splitlines() == ["sr: error: scale must be an integer in 1..8, got 9"]
+    assert run.stderr.splitlines() == ["sr: error: sr.scale must be an integer in 1..8, got 9"]
     assert not output.exists()
 
 

@@ -169,11 +169,6 @@ def test_process_rows():
         parallel.process_rows(12, num_processes=2, num_devices=8)
 
 
-def test_mesh_config_defaults():
-    config = parallel.mesh_config()
-    assert (config.data, config.fsdp, config.fsdp_min_size) == (-1, 1, 2**20)
-
-
 @pytest.mark.parametrize(
     "flags, given",
     [

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -28,6 +29,13 @@ from tadsr_jax.nn import lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = tiny.get_config()
+
+
+def sr_config(**sr) -> ml_collections.ConfigDict:
+    """A copy of CONFIG with these `sr` values."""
+    config = CONFIG.copy_and_resolve_references()
+    config.sr.update(sr)
+    return config
 
 
 def rel_err(a, b) -> float:
@@ -290,7 +298,7 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
     weight outlives the load, and every weight is bit for bit the float32 model's, cast."""
     from jax._src.array import ArrayImpl  # every cast goes through it: the moment to count the live arrays
 
-    reference = _served_params(load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype="float32"))
+    reference = _served_params(load_sr_model(sr_config(dtype="float32"), tiny_sd, WeightsSource()))
     peak, astype = [0], ArrayImpl.astype
 
     def counting_astype(self, *args, **kwargs):
@@ -301,7 +309,7 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
     gc.collect()
     before, before_f32 = _live_bytes(), _live_bytes(jnp.float32)
     monkeypatch.setattr(ArrayImpl, "astype", counting_astype)
-    model = load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype="bfloat16")
+    model = load_sr_model(sr_config(dtype="bfloat16"), tiny_sd, WeightsSource())
     monkeypatch.undo()
     params = _served_params(model)
     float32_copy = 2 * sum(p.nbytes for p in params)
@@ -321,7 +329,7 @@ def test_bfloat16_program_holds_no_float32_copy_of_the_weights(tiny_sd):
     (here 7.2 MB against 3.3 MB in float32, for 4.7 MB of float32 weights; 1.2 GiB in a half-width SD-2.1)."""
     lq, scratch = np.zeros((1, 32, 32, 3), np.float32), {}
     for dtype in ("float32", "bfloat16"):
-        model = load_sr_model(CONFIG, tiny_sd, WeightsSource(), dtype=dtype)
+        model = load_sr_model(sr_config(dtype=dtype), tiny_sd, WeightsSource())
         upscaler = Upscaler(model, SRSettings.from_config(CONFIG.sr))
         compiled = upscaler.trace(lq, [""], [CONFIG.sr.timestep]).lower().compile()
         scratch[dtype] = compiled.memory_analysis().temp_size_in_bytes
@@ -379,7 +387,7 @@ def test_cli_end_to_end(tmp_path, tiny_sd, generator_file, compilation_cache):
         f"--generator={generator_file}",
         f"--input={inputs}",
         f"--output={out}",
-        "--timestep=300",
+        "--config.sr.timestep=300",
     ]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env, check=False)
@@ -542,10 +550,11 @@ def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, 
     config = tiny.get_config()
     config.model.pretrained = tiny_sd
 
-    def warnings(weights: str, **kwargs) -> list[str]:
+    def warnings(weights: str, timestep: int = 100, sweep: list[int] | None = None) -> list[str]:
+        config.sr.timestep = timestep
         log = io.StringIO()
         report = session.run(
-            config, str(inputs), str(tmp_path / "out"), WeightsSource(generator=weights), log=log, **kwargs
+            config, str(inputs), str(tmp_path / "out"), WeightsSource(generator=weights), sweep=sweep, log=log
         )
         assert len(report.failed) == 1
         return [line for line in log.getvalue().splitlines() if "trained" in line]

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tadsr_jax.defaults import base_config
+from configs import tadsr_sd21
 from tadsr_jax.train.step import LR_SCHEDULES, learning_rate
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -17,7 +17,7 @@ STEPS, WARMUP, LR = 120, 10, 5e-5
 
 
 def _train_config(**changes) -> ml_collections.ConfigDict:
-    config = base_config().train
+    config = tadsr_sd21.get_config().train
     config.update(steps=STEPS, lr=LR, **changes)
     return config
 
@@ -347,8 +347,9 @@ def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, exp
     batch = parallel.global_batch({"lq": lq, "input_ids": trainer.tokenize([""])}, trainer.batch_sharding)
     timesteps = parallel.global_batch({"t": np.full(1, t, np.int32)}, trainer.batch_sharding)["t"]
     ours = np.asarray(trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, timesteps, jax.random.key(SR_SEED)))
+    config.sr.color_fix, config.sr.seed = "none", SR_SEED
     model = load_sr_model(config, tiny_sd, WeightsSource(generator=exported_generator))
-    upscaler = Upscaler(model, SRSettings.from_config(config.sr, color_fix="none", seed=SR_SEED))
+    upscaler = Upscaler(model, SRSettings.from_config(config.sr))
     ref = np.asarray(upscaler(lq, [""], [t]))
     err = float(np.abs(ours - ref).max())
     moved = float(np.abs(ref - lq).mean())

@@ -93,7 +93,7 @@ def test_lpips_and_dists_are_scored_when_their_weights_are_configured(eval_folde
     monkeypatch.setattr(evaluation, "load_metric_net", lambda kind, path: loaded.append((kind, path)) or nets[kind])
     sample_fn = jax.jit(lambda state, frozen, rest, batch, timesteps, key: 0.8 * batch["lq"])
     tokenize = lambda prompts: np.zeros((len(prompts), 4), np.int32)
-    validator = validation.create(config, sample_fn, parallel.batch_sharding(parallel.make_mesh()), tokenize)
+    validator = validation.create(config, sample_fn, parallel.batch_sharding(parallel.make_mesh(-1, 1)), tokenize)
     assert loaded == [("lpips", "lpips.safetensors"), ("dists", "dists.safetensors")]
     means = validator({}, {}, {})
     assert list(means) == [config.train.sample_timestep]  # eval_timesteps empty: the sample timestep

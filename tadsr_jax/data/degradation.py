@@ -43,48 +43,6 @@ ROTATION_RANGE = (-math.pi, math.pi)
 GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
 
 
-def degradation_config() -> ml_collections.ConfigDict:
-    """The reference's `params_realesrgan.yml` (kernel_info flattened into the top level); its `scale` is
-    RealESRGANDegradation's argument (`data.scale` in the pipeline), not a second copy here."""
-    c = ml_collections.ConfigDict()
-    # First degradation.
-    c.resize_prob = (0.2, 0.7, 0.1)  # P(up, down, keep) of the random resize
-    c.resize_range = (0.15, 1.5)  # up: s ~ U(1, max); down: s ~ U(min, 1)
-    c.gaussian_noise_prob = 0.5  # else Poisson noise
-    c.noise_range = (1.0, 30.0)  # Gaussian sigma ~ U(range), in 0-255 units
-    c.poisson_scale_range = (0.05, 3.0)  # Poisson noise multiplier ~ U(range)
-    c.gray_noise_prob = 0.4  # noise shared by the three channels (Gaussian or Poisson)
-    c.jpeg_range = (30, 95)  # JPEG quality ~ U(range), rounded
-    # Second degradation.
-    c.second_blur_prob = 0.8  # blur with kernel2, else no second blur
-    c.resize_prob2 = (0.3, 0.4, 0.3)
-    c.resize_range2 = (0.3, 1.2)  # relative to (H / scale, W / scale)
-    c.gaussian_noise_prob2 = 0.5
-    c.noise_range2 = (1.0, 25.0)
-    c.poisson_scale_range2 = (0.05, 2.5)
-    c.gray_noise_prob2 = 0.4
-    c.jpeg_range2 = (30, 95)
-    # Blur kernels of the first degradation (kernel_info).
-    c.blur_kernel_size = 21  # sizes drawn uniformly from the odd 7..blur_kernel_size (also the final sinc's)
-    c.kernel_list = KERNEL_TYPES
-    c.kernel_prob = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # one per kernel_list entry
-    c.sinc_prob = 0.1  # kernel1 is a sinc (circular low-pass) instead of a kernel_list type
-    c.blur_sigma = (0.2, 3.0)  # sigma_x, sigma_y ~ U(range); rotation ~ U(-pi, pi)
-    c.betag_range = (0.5, 4.0)  # generalized Gaussian shape: U(min, 1) or U(1, max), 50/50
-    c.betap_range = (1.0, 2.0)  # plateau shape, drawn the same way
-    # Blur kernels of the second degradation.
-    c.blur_kernel_size2 = 21
-    c.kernel_list2 = KERNEL_TYPES
-    c.kernel_prob2 = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    c.sinc_prob2 = 0.1
-    c.blur_sigma2 = (0.2, 1.5)
-    c.betag_range2 = (0.5, 4.0)
-    c.betap_range2 = (1.0, 2.0)
-    # The final sinc filter (else a pulse, i.e. none).
-    c.final_sinc_prob = 0.8
-    return c
-
-
 def _fail(key: str, value, why: str) -> NoReturn:
     raise ValueError(f"degradation config: {key} = {value!r} {why}")
 
@@ -109,7 +67,7 @@ def _check_range(c: ml_collections.ConfigDict, key: str, low: float, high: float
 
 
 def validate(c: ml_collections.ConfigDict):
-    """Raises a one-line ValueError naming the first bad key of a `degradation_config()`."""
+    """Raises a one-line ValueError naming the first bad key of a `config.data.realesrgan`."""
     for suffix in ("", "2"):
         for key in ("gaussian_noise_prob", "gray_noise_prob", "sinc_prob"):
             _check_prob(c, key + suffix)
@@ -201,7 +159,7 @@ def circular_lowpass_kernel(cutoff: float, size: int, pad_to: int = 0) -> np.nda
     return k
 
 
-def pulse_kernel(size: int = 21) -> np.ndarray:
+def pulse_kernel(size: int) -> np.ndarray:
     """The identity filter: 1 at the centre."""
     k = np.zeros((size, size))
     k[size // 2, size // 2] = 1.0
@@ -509,7 +467,7 @@ class RealESRGANDegradation:
     """HR crop (H, W, 3) uint8 RGB -> its Real-ESRGAN LQ, see the module docstring; the LQ is (H / scale,
     W / scale) before it is resized back to (H, W). Thread-safe (no state)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, scale: int = 4):
+    def __init__(self, config: ml_collections.ConfigDict, scale: int):
         if not (isinstance(scale, int) and scale >= 1):
             raise ValueError(f"degradation scale must be a positive integer, got {scale!r}")
         validate(config)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from tadsr_jax.data.degradation import RealESRGANDegradation, degradation_config
+from tadsr_jax.data.degradation import RealESRGANDegradation
 from tadsr_jax.data.sources import HRFolderSource, PairedListSource, TfdsSource
 from tadsr_jax.data.transforms import BicubicDegradation, Degradation, MakeTrainPair
 
@@ -39,13 +39,15 @@ SOURCES = {
 DEGRADATIONS = ("realesrgan", "bicubic")
 
 
-def source_config(**overrides) -> ml_collections.ConfigDict:
-    """The fields that name one source (the top level of `config.data`, or one entry of `config.data.mixture`)."""
+def source_config(source: str, path: str, **overrides) -> ml_collections.ConfigDict:
+    """The fields that name one source (the top level of `config.data`, or one entry of `config.data.mixture`):
+    the one place a source's keys and their values are written (configs/tadsr_sd21.py builds both with it)."""
     config = ml_collections.ConfigDict()
     # "paired_list" (HR_path LR_path prompt... lines), "hr_folder" (LR synthesised), "tfds" (LR synthesised unless
     # lr_key names a paired LR feature); at the top level also "mixture" (the weighted sources of `mixture`).
-    config.source = "paired_list"
-    config.path = ""  # the list file, the HR folder or the tfds name ("div2k/bicubic_x4"); empty: scikit-image samples
+    config.source = source
+    # The list file, the HR folder or the tfds name ("div2k/bicubic_x4"); empty: scikit-image samples.
+    config.path = path
     config.captions = ""  # hr_folder: optional file of `relative/name<TAB>caption` lines; else empty prompts
     config.split = "train"  # tfds split (slicing allowed: "train[:90%]")
     config.tfds_data_dir = ""  # tfds data_dir (prepared with file_format=array_record); empty: tfds' default
@@ -54,29 +56,6 @@ def source_config(**overrides) -> ml_collections.ConfigDict:
     config.prompt_key = ""  # tfds text feature used as the prompt; empty: empty prompts
     config.weight = 1.0  # relative sampling weight inside a mixture
     config.update(overrides)
-    return config
-
-
-def data_config() -> ml_collections.ConfigDict:
-    """Defaults of `config.data`."""
-    config = source_config()
-    config.mixture = ml_collections.ConfigDict()  # source == "mixture": {name: source_config(...)}
-    config.sample_size = 128  # side of the scikit-image samples used when path is empty
-    config.crop_size = 512  # square random crop, same window on HR and LR; smaller images are first upscaled
-    config.scale = 4  # SR factor of synthetic LRs (bicubic and Real-ESRGAN)
-    config.flip = True  # random horizontal flip
-    config.degradation = "realesrgan"  # LR of records without one: "realesrgan" (online, second order) or "bicubic"
-    config.realesrgan = degradation_config()
-    config.synthetic_prob = 0.01  # paired records: chance of a bicubic LR from the HR instead of the listed LR
-    config.num_workers = 0  # grain worker processes; 0 decodes in this process
-    config.read_threads = 8  # decoding threads (in each worker process when num_workers > 0)
-    config.prefetch = 2  # batches buffered ahead (per worker when num_workers > 0)
-    config.device_prefetch = 2  # batches copied to the devices ahead of the train step
-    # The held-out set of validation during training (train.eval_every): one source as above, not a mixture; empty
-    # path: none. Centre crops of crop_size, no flip; LRs listed (or tfds') or made by `degradation`, seeded per
-    # image so that every validation sees the same ones.
-    config.eval = source_config(source="hr_folder")
-    del config.eval.weight
     return config
 
 

@@ -13,7 +13,7 @@ class DevicePrefetch:
     `size` batches overlap it. grain's Orbax handler saves and restores this object like the iterator itself.
     """
 
-    def __init__(self, iterator: Iterator, to_device: Callable[[Any], Any], size: int = 2):
+    def __init__(self, iterator: Iterator, to_device: Callable[[Any], Any], size: int):
         if size < 1:
             raise ValueError(f"device prefetch size must be at least 1, got {size}")
         self._iterator = iterator

@@ -127,7 +127,7 @@ def list_images(folder: str) -> list[str]:
 class HRFolderSource(_RecordSource):
     """HR images from a folder tree; the LR is synthesised from each crop. Prompts from an optional captions file."""
 
-    def __init__(self, folder: str, captions_path: str = ""):
+    def __init__(self, folder: str, captions_path: str):
         if not storage.isdir(folder):
             raise FileNotFoundError(f"HR image folder not found: {folder}")
         captions = read_captions(captions_path) if captions_path else {}
@@ -150,10 +150,10 @@ class TfdsSource:
         name: str,
         split: str,
         *,
-        data_dir: str = "",
-        image_key: str = "image",
-        lr_key: str = "",
-        prompt_key: str = "",
+        data_dir: str,
+        image_key: str,
+        lr_key: str,
+        prompt_key: str,
     ):
         try:
             import tensorflow_datasets as tfds

@@ -159,12 +159,11 @@ def cast(module: nnx.Module, dtype) -> None:
             variable.set_value(variable[...].astype(dtype))
 
 
-def load_sr_model(
-    config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource, *, dtype: str = "float32"
-) -> SRModel:
-    """SD folder `pretrained` + the generator from `source`, merged, cast to `dtype` ('float32' | 'bfloat16')."""
+def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource) -> SRModel:
+    """SD folder `pretrained` + the generator from `source`, merged, cast to `config.sr.dtype`."""
+    dtype = config.sr.dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"sr.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
     model, tokenizer, schedule = build_tadsr(

@@ -55,27 +55,27 @@ class SRSettings:
 
     def __post_init__(self):
         if not 1 <= self.timestep <= 999:
-            raise ValueError(f"timestep must be an integer in 1..999, got {self.timestep}")
+            raise ValueError(f"sr.timestep must be an integer in 1..999, got {self.timestep}")
         if not (isinstance(self.scale, int) and 1 <= self.scale <= MAX_SCALE):
-            raise ValueError(f"scale must be an integer in 1..{MAX_SCALE}, got {self.scale!r}")
+            raise ValueError(f"sr.scale must be an integer in 1..{MAX_SCALE}, got {self.scale!r}")
         if self.color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {self.color_fix!r}")
+            raise ValueError(f"sr.color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {self.color_fix!r}")
         if self.bucket < 8 or self.bucket % 8:
-            raise ValueError(f"bucket must be a positive multiple of 8 pixels, got {self.bucket}")
+            raise ValueError(f"sr.bucket must be a positive multiple of 8 pixels, got {self.bucket}")
         if self.batch_size < 1 or self.process_size < self.scale:
             raise ValueError(
-                f"need batch_size >= 1 and process_size >= scale ({self.scale}), got "
+                f"need sr.batch_size >= 1 and sr.process_size >= sr.scale ({self.scale}), got "
                 f"{self.batch_size}, {self.process_size}"
             )
         if not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError(f"need 0 <= latent_overlap < latent_tile, got {self.latent_overlap}, {self.latent_tile}")
+            raise ValueError(
+                f"need 0 <= sr.latent_overlap < sr.latent_tile, got {self.latent_overlap}, {self.latent_tile}"
+            )
 
     @classmethod
-    def from_config(cls, sr: ml_collections.ConfigDict, **overrides) -> SRSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in sr.to_dict().items() if k in names}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_config(cls, sr: ml_collections.ConfigDict) -> SRSettings:
+        """The settings of `config.sr` (its other keys, such as prompt and dtype, are the caller's)."""
+        return cls(**{f.name: sr[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)

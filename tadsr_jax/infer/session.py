@@ -56,17 +56,14 @@ def run(
     *,
     captions: str = "",
     sweep: Sequence[int] | None = None,
-    prompt: str | None = None,
-    dtype: str | None = None,
     log: TextIO = sys.stderr,
-    **overrides,
 ) -> RunReport:
-    """Super-resolve `input_path` (a file or directory) into `output_dir`; `overrides` replace config.sr values.
+    """Super-resolve `input_path` (a file or directory) into `output_dir` with the settings of `config.sr`.
 
     Everything that can be checked without the model is checked before it loads: settings, inputs, and every
     output path (outputs.plan_outputs).
     """
-    settings = SRSettings.from_config(config.sr, **overrides)
+    settings = SRSettings.from_config(config.sr)
     for t in sweep or ():
         if not 1 <= t <= 999:
             raise ValueError(f"sweep timesteps must be in 1..999, got {t}")
@@ -74,13 +71,13 @@ def run(
             raise ValueError(f"sweep timesteps must differ, got {t} {sweep.count(t)} times")
     paths = list_images(input_path)
     plan = plan_outputs(input_path, paths, output_dir, sweep_suffixes(sweep) if sweep else ("",))
-    model = load_sr_model(config, pretrained_folder(config), source, dtype=dtype or config.sr.dtype)
+    model = load_sr_model(config, pretrained_folder(config), source)
     print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
     warning = timestep_warning(model.trained_timesteps, sweep or [settings.timestep])
     if warning:
         print(warning, file=log)
     upscaler = Upscaler(model, settings)
-    prompt_for = prompts(config.sr.prompt if prompt is None else prompt, captions)
+    prompt_for = prompts(config.sr.prompt, captions)
     if sweep:
         return sweep_files(upscaler, plan, prompt_for, sweep, log=log)
     return super_resolve_files(upscaler, {path: targets[0] for path, targets in plan.items()}, prompt_for, log=log)

@@ -56,19 +56,19 @@ def blurred_mse(pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:
     )
 
 
-def student_timesteps(num: int = 50, max_timestep: int = 999) -> np.ndarray:
-    """The reference's generator timesteps: int(linspace(1, 999, num)) (truncation); `max_timestep` < 999
+def student_timesteps(num: int, max_timestep: int) -> np.ndarray:
+    """The reference's generator timesteps: int(linspace(1, 999, num)) (truncation), num = 50; `max_timestep` < 999
     keeps training to the fidelity end of the knob."""
     return np.linspace(1, max_timestep, num).astype(np.int32)
 
 
-def teacher_timestep(t: jax.Array, scale: float = 0.5, shift: float = 0.0) -> jax.Array:
+def teacher_timestep(t: jax.Array, scale: float, shift: float) -> jax.Array:
     """TA-VSD ties the teacher/fake-score timestep to the student's: floor(scale * t + shift)."""
     return jnp.floor(scale * t.astype(jnp.float32) + shift).astype(jnp.int32)
 
 
-def guidance_scale(t_teacher: jax.Array, base: float = 7.5, per_step: float = 1.0 / 200.0) -> jax.Array:
-    """CFG weight growing with the teacher timestep: 7.5 + t/200."""
+def guidance_scale(t_teacher: jax.Array, base: float, per_step: float) -> jax.Array:
+    """CFG weight growing with the teacher timestep: base + per_step * t (the reference's 7.5 + t/200)."""
     return base + per_step * t_teacher.astype(jnp.float32)
 
 

@@ -58,8 +58,8 @@ def fake_adapter(group: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and TA-VSD settings (docs/method.md 3.1-3.2), built from `config.loss` (whose defaults,
-    tadsr_jax/defaults.py, are the paper's)."""
+    """Loss weights and TA-VSD settings (docs/method.md 3.1-3.2), built from `config.loss` (the paper's values:
+    configs/tadsr_sd21.py)."""
 
     l2: float
     lpips: float

@@ -206,13 +206,12 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     )
 
 
-def compile_sr(
-    config: ml_collections.ConfigDict, device: jax.Device, *, size: int, batch: int, dtype: str
-) -> CompiledProgram:
-    """The SR program of `launch/sr.py` (`Upscaler`, settings from `config.sr`) for `batch` working images of
-    `size` x `size` pixels, networks in `dtype`, on one chip."""
+def compile_sr(config: ml_collections.ConfigDict, device: jax.Device, *, size: int) -> CompiledProgram:
+    """The SR program of `launch/sr.py` (`Upscaler`, settings from `config.sr`) for `sr.batch_size` working images
+    of `size` x `size` pixels, networks in `sr.dtype`, on one chip."""
     unet_cfg, vae_cfg, text_cfg = architectures(config)
-    jdtype = jnp.dtype(dtype)
+    jdtype = jnp.dtype(config.sr.dtype)
+    batch = config.sr.batch_size
 
     def build():
         rngs = nnx.Rngs(0)
@@ -226,7 +225,7 @@ def compile_sr(
             set_attention_implementation(net, implementation, device.platform)
         upscaler = Upscaler(
             SRModel(unet, vae, text_encoder, tokenizer=None, schedule=NoiseSchedule.stable_diffusion()),
-            SRSettings.from_config(config.sr, batch_size=batch),
+            SRSettings.from_config(config.sr),
         )
         on_chip = jax.sharding.SingleDeviceSharding(device)
         keys = jax.eval_shape(lambda: jnp.stack([jax.random.key(0)] * batch))

@@ -196,7 +196,7 @@ def step_program(
     )
 
 
-def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, max_timestep: int = 999) -> jax.Array:
+def sample_student_timesteps(key: jax.Array, batch: int, mode: str, num: int, max_timestep: int) -> jax.Array:
     """The reference draws from int(linspace(1, 999, 50)) per sample; 'uniform' draws any integer in [1, 999].
     `max_timestep` replaces 999 in both."""
     if not 1 <= max_timestep <= 999:

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 from skimage import data
+from tiny_models import trained_tadsr
 
 from configs import tiny
 from tadsr_jax.infer.colorfix import color_fix
@@ -24,7 +25,7 @@ from tadsr_jax.infer.pipeline import SRSettings, Upscaler, prepare
 from tadsr_jax.infer.tiling import gaussian_weights, tile_starts, tiled_call
 from tadsr_jax.method import official
 from tadsr_jax.method.generator import generate
-from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR, GENERATOR_ADAPTERS
+from tadsr_jax.method.tadsr import FAKE_SCORE, GENERATOR_ADAPTERS
 from tadsr_jax.nn import lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,26 +42,6 @@ def sr_config(**sr) -> ml_collections.ConfigDict:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / b.std())
-
-
-def trained_tadsr(folder: str, seed: int = 1):
-    """A TADSR on the stand-in whose generator (LoRA factors included) is random, as if trained."""
-    model, tokenizer, schedule = build_tadsr(folder, CONFIG.model)
-    rng = np.random.default_rng(seed)
-    state = nnx.state(model, GENERATOR)
-    nnx.update(
-        model,
-        jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32)), state),
-    )
-    return model, tokenizer, schedule
-
-
-@pytest.fixture(scope="module")
-def generator_file(tiny_sd, tmp_path_factory):
-    model, _, _ = trained_tadsr(tiny_sd)
-    path = str(tmp_path_factory.mktemp("generator") / "generator.safetensors")
-    official.save_generator(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +351,7 @@ def _converted_inputs(folder) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(tmp_path, tiny_sd, generator_file, compilation_cache):
+def test_cli_end_to_end(tmp_path, tiny_sd, tiny_generator, compilation_cache):
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(sample("astronaut", (32, 32))).save(inputs / "astronaut.png")
@@ -384,7 +365,7 @@ def test_cli_end_to_end(tmp_path, tiny_sd, generator_file, compilation_cache):
         "--config",
         os.path.join(REPO, "configs/tiny.py"),
         f"--config.model.pretrained={tiny_sd}",
-        f"--generator={generator_file}",
+        f"--generator={tiny_generator}",
         f"--input={inputs}",
         f"--output={out}",
         "--config.sr.timestep=300",
@@ -423,7 +404,7 @@ def test_cli_end_to_end(tmp_path, tiny_sd, generator_file, compilation_cache):
 
 
 def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
-    tmp_path, tiny_sd, generator_file, compilation_cache
+    tmp_path, tiny_sd, tiny_generator, compilation_cache
 ):
     from tadsr_jax import metrics
 
@@ -440,7 +421,7 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
         "--config",
         os.path.join(REPO, "configs/tiny.py"),
         f"--config.model.pretrained={tiny_sd}",
-        f"--generator={generator_file}",
+        f"--generator={tiny_generator}",
         f"--lq={lq}",
         f"--hr={hr}",
         f"--output={out}",
@@ -475,7 +456,7 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
 
 
 def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
-    tmp_path, tiny_sd, generator_file, compilation_cache
+    tmp_path, tiny_sd, tiny_generator, compilation_cache
 ):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     config = ["--config", os.path.join(REPO, "configs/tiny.py"), f"--config.model.pretrained={tiny_sd}"]
@@ -486,7 +467,7 @@ def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
             os.path.join(REPO, "launch", "convert.py"),
             "--what=generator",
             *config,
-            f"--generator={generator_file}",
+            f"--generator={tiny_generator}",
             f"--out={pkl}",
         ],
         capture_output=True,
@@ -500,7 +481,7 @@ def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
     image = tmp_path / "astronaut.png"
     Image.fromarray(sample("astronaut", (32, 32))).save(image)
     outputs = {}
-    for flag in (f"--generator={generator_file}", f"--tadsr_ckpt={pkl}"):
+    for flag in (f"--generator={tiny_generator}", f"--tadsr_ckpt={pkl}"):
         out = tmp_path / flag.split("=")[0].strip("-")
         run = subprocess.run(
             [
@@ -535,7 +516,7 @@ def test_stripwise_vae_path_equals_the_one_pass_path(upscaler):
     assert np.abs(one_pass.astype(int) - stripwise.astype(int)).max() <= 1
 
 
-def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, generator_file):
+def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, tiny_generator):
     """An export recording trained timesteps 1..200 (configs/tiny.py): t = 900 or a sweep reaching past 200 gets
     one warning line, t = 100 none, and weights that record no range (the reference's tadsr.pkl) none either."""
     from tadsr_jax.infer import session
@@ -564,4 +545,4 @@ def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, 
     (line,) = warnings(recorded, sweep=[100, 300, 900])
     assert line.startswith("warning: timestep 300, 900 is outside")
     assert session.timestep_warning([1, 200], [100, 200]) is None
-    assert warnings(generator_file, timestep=900) == []
+    assert warnings(tiny_generator, timestep=900) == []

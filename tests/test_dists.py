@@ -116,11 +116,7 @@ def model(weight_files):
     return load_dists(weight_files["dists.safetensors"])
 
 
-# Unoptimised LLVM code generation: these run once or twice, so XLA:CPU's compile time dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _distances(graphdef, state, x, y):
     return nnx.merge(graphdef, state)(x, y)
 

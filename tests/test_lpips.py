@@ -96,16 +96,12 @@ def alex_weight_files(torch_lpips_alex, tmp_path_factory):
     return _weight_files(torch_lpips_alex, "alex", tmp_path_factory.mktemp("lpips_alex"))
 
 
-# Unoptimised LLVM code generation: these functions run once or twice, so XLA:CPU's compile time dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _distances(graphdef, state, x, y):
     return nnx.merge(graphdef, state)(x, y)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _value_and_input_grad(graphdef, state, x, y):
     model = nnx.merge(graphdef, state)
 

@@ -25,11 +25,10 @@ from tadsr_jax import parallel
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("parallel_worker.py")
-# Backend (LLVM) optimisation only: compiles several times faster; every run here uses the same flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 60
 # Relative float32 noise of a mean of per-image PSNR/SSIM (computed in float32) between compiles: measured up to
-# 2.5e-7 (SSIM; PSNR 2.1e-8) between the workers' FAST_COMPILE flags and the defaults, 0 between 1 and 2 processes.
+# 2.5e-7 (SSIM; PSNR 2.1e-8) between conftest.py's fast-compile flags and XLA's defaults, 0 between 1 and 2
+# processes.
 # An unweighted mean of the processes' means, or a padding row scored, moves the means by percents.
 METRIC_NOISE = 3e-6
 
@@ -39,7 +38,7 @@ def _worker_env(devices: int) -> dict[str, str]:
     env.update(
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
     return env
@@ -305,7 +304,7 @@ def test_validation_over_two_processes_equals_one(tmp_path):
     # One process: the means are those of evaluation.Scorer over the 3 real rows (the padding row is left out).
     mask = one_rows["mask"]
     assert mask.tolist() == [[True, True], [True, False]]
-    scorer = evaluation.Scorer(["psnr", "ssim"])  # here without the workers' FAST_COMPILE flags
+    scorer = evaluation.Scorer(["psnr", "ssim"])  # in this process: compiled apart from the workers' program
     hq = one_rows["hq"][mask].astype(np.float32) / 255
     for t, means in one["means"].items():
         scores = scorer(one_rows[f"sr_t{t}"][mask].astype(np.float32) / 255, hq)

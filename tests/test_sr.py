@@ -403,6 +403,7 @@ def test_cli_end_to_end(tmp_path, tiny_sd, tiny_generator, compilation_cache):
     assert np.abs(a - b).mean() > 0.5
 
 
+@pytest.mark.slow  # launchers end to end
 def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
     tmp_path, tiny_sd, tiny_generator, compilation_cache
 ):
@@ -455,6 +456,7 @@ def test_evaluate_sweep_runs_sr_at_each_timestep_then_scores_and_plots(
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
 
 
+@pytest.mark.slow  # launchers end to end
 def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
     tmp_path, tiny_sd, tiny_generator, compilation_cache
 ):

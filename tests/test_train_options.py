@@ -291,6 +291,7 @@ def _generator_leaves(state) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow  # builds and compiles a trainer
 def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, tiny_generator, tmp_path):
     """model.init_generator = an export: step 0's generator is the file's, bit for bit, with fresh optimizer
     states, and the train state's sampler super-resolves as the inference pipeline (launch/sr.py's model and

@@ -4,7 +4,7 @@ handling; and, in-process, the LoRA target sets at SD-2.1 size and the tiny mode
 Compiling the tiny train step takes a minute or more on a small CPU, so every training run is a subprocess
 (tests/train_worker.py: `launch/train.py` itself, or `loop.build` + the jitted step on fixed batches) and
 they all share one persistent compilation cache for this module: the 1-device program is compiled once and
-loaded by every other 1-device run. All runs use the same backend flags (`FAST_COMPILE`: LLVM's expensive
+loaded by every other 1-device run. All runs use the same backend flags (conftest.py's: LLVM's expensive
 passes off), the same weights (one random SD folder) and the same images. Independent runs start together (the
 in-process tests run meanwhile), and every child process dies with this one and is killed when the module ends.
 
@@ -51,7 +51,6 @@ pytestmark = pytest.mark.slow  # real launch/train.py runs, several processes
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("train_worker.py")
 # Backend (LLVM) optimisation only: compiles several times faster; identical for every run compared here.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # The tiny config kept small and identical for every run, TA-VSD on (LPIPS parity is tested in test_lpips.py).
 CROP = 16
 CONFIG = [
@@ -97,7 +96,7 @@ class Run:
             PYTHONUNBUFFERED="1",
             TRAIN_WORKER_PARENT_PID=str(os.getpid()),
             TRAIN_WORKER_NICE=str(nice),
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+            XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
             JAX_COMPILATION_CACHE_DIR=str(shared.cache),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

@@ -100,6 +100,7 @@ class _LoRA(lora.LoRAParam):
     pass
 
 
+@pytest.mark.slow  # compiles the UNet's gradient under each policy
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_changes_memory_not_results(unet_pair, policy):
     """Recomputing block activations in the backward pass gives the same outputs and gradients, also as the train

@@ -49,6 +49,9 @@ class RAMConfig:
         return cls(**{**fields, "swin": SwinConfig(**swin)})
 
 
+DAPE_CONFIG = RAMConfig()
+
+
 class BertSelfAttention(nnx.Module):
     """Query from the label tokens, key and value from the image tokens (`crossattention.self`)."""
 

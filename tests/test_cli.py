@@ -105,7 +105,13 @@ def test_convert_usage_keeps_its_continuation_lines():
     run = _launch("convert", "--help")
     assert run.returncode == 0
     commands = [line for line in run.stdout.splitlines() if line.startswith("python launch/convert.py")]
-    assert [c.split()[2] for c in commands] == ["--what=lpips", "--what=lpips_alex", "--what=dists", "--what=generator"]
+    assert [c.split()[2] for c in commands] == [
+        "--what=lpips",
+        "--what=lpips_alex",
+        "--what=dists",
+        "--what=dape",
+        "--what=generator",
+    ]
     assert all(c.endswith(" \\") and not c.endswith("\\\\") for c in commands)
 
 

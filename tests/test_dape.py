@@ -9,6 +9,7 @@ MergedLinear with enable_lora=[True, False, True]). Random weights are saved und
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -21,7 +22,7 @@ from flax import nnx
 from torch import nn
 from torch_utils import randomize_, rel_err
 
-from tadsr_jax.infer.tagger import IMAGENET_MEAN, IMAGENET_STD, Tagger, build_prompt, ram_tag_data
+from tadsr_jax.infer.tagger import IMAGENET_MEAN, IMAGENET_STD, Tagger, build_prompt, load_tagger, ram_tag_data
 from tadsr_jax.models.ram import DAPE_CONFIG, RAMConfig, RAMTagger
 from tadsr_jax.models.swin import SwinConfig
 from tadsr_jax.weights import dape
@@ -469,9 +470,9 @@ def test_tags_and_prompt_match_the_reference(reference):
     assert 0 < theirs.sum() < theirs.size  # some tags on, some off
     assert np.abs(probs.numpy() - thresholds).min() > 1e-5  # no decision within float32 noise of its threshold
     tagger = Tagger(dape.load_dape(out), names, thresholds)
-    ours = tagger.on(working.numpy().transpose(0, 2, 3, 1))
+    ours = tagger.on(list(working.numpy().transpose(0, 2, 3, 1)))
     np.testing.assert_array_equal(ours, theirs)
-    prompts = [build_prompt(t, "a photo") for t in tagger(working.numpy().transpose(0, 2, 3, 1))]
+    prompts = [build_prompt(t, "a photo") for t in tagger(list(working.numpy().transpose(0, 2, 3, 1)))]
     assert prompts == [", ".join(np.array(names)[row]) + ", a photo," for row in theirs]
 
 
@@ -480,3 +481,51 @@ def test_packaged_tag_data_is_rams():
     assert len(names) == len(thresholds) == DAPE_CONFIG.num_tags == 4585
     assert names[:2] == ["3D CG rendering", "3D glasses"] and thresholds.dtype == np.float32
     assert 0.4 < thresholds.min() and thresholds.max() <= 1.0
+
+
+@pytest.fixture(scope="module")
+def rams_tag_count_tagger(tmp_path_factory) -> str:
+    """A tiny tagger over RAM's 4,585 tags (what launch/sr.py loads), its logits raised so that many are on."""
+    config = dataclasses.replace(TINY, num_tags=4585)
+    model = _torch_ram(config)
+    with torch.no_grad():
+        model.fc.bias.fill_(3.0)
+    folder = tmp_path_factory.mktemp("dape_4585")
+    out = str(folder / "dape.safetensors")
+    dape.convert_dape_weights(*_save(model, folder), out, config)
+    return out
+
+
+@pytest.mark.slow  # ~110 s on 2 cores: the tiny SD stand-ins, and the SR program compiled twice
+def test_sr_prompts_are_tags_of_the_working_image(tmp_path, tiny_sd, tiny_generator, rams_tag_count_tagger):
+    """launch/sr.py's path with config.sr.tagger: each image's prompt is "<tags of its working image>, <prompt>,"
+    (written by save_prompts), and the output is the SR of that prompt."""
+    from PIL import Image
+
+    from configs import tiny
+    from tadsr_jax.infer import session
+    from tadsr_jax.infer.model import WeightsSource, load_sr_model
+    from tadsr_jax.infer.pipeline import SRSettings, Upscaler, prepare
+
+    rng = np.random.default_rng(4)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    pixels = {name: rng.integers(0, 256, (24, 28 + 4 * i, 3), np.uint8) for i, name in enumerate(("a", "b"))}
+    for name, image in pixels.items():
+        Image.fromarray(image).save(inputs / f"{name}.png")
+    config = tiny.get_config()
+    config.model.pretrained = tiny_sd
+    config.sr.update(tagger=rams_tag_count_tagger, save_prompts=True, prompt="a photo", batch_size=2)
+    report = session.run(config, str(inputs), str(out), WeightsSource(generator=tiny_generator))
+    assert report.summary() == {"written": 2, "failed": 0}
+
+    tagger = load_tagger(rams_tag_count_tagger)
+    settings = SRSettings.from_config(config.sr)
+    working = [(prepare(pixels[n], settings.process_size, settings.scale).lq + 1) / 2 for n in ("a", "b")]
+    expected = [build_prompt(tags, "a photo") for tags in tagger(working)]
+    assert [(out / f"{n}.txt").read_text() for n in ("a", "b")] == [p + "\n" for p in expected]
+    assert all(p.count(", ") > 10 for p in expected)  # the tags are there
+    plain = Upscaler(load_sr_model(config, tiny_sd, WeightsSource(generator=tiny_generator)), settings)
+    again = plain.super_resolve([pixels["a"], pixels["b"]], expected)
+    written = [np.asarray(Image.open(out / f"{n}.png")) for n in ("a", "b")]
+    assert all(np.array_equal(w, a) for w, a in zip(written, again))

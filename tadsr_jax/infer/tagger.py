@@ -44,7 +44,11 @@ def build_prompt(tags: str, user_prompt: str) -> str:
 
 
 class Tagger:
-    """Working images in [0, 1] -> their tags, ", "-joined strings."""
+    """Working images in [0, 1] -> their tags, ", "-joined strings.
+
+    Images of one SR batch may differ in size (they share a padded shape, not a size), so each is resized on its
+    own (a small program per size), and the network runs once on the stacked batch (a program per batch size).
+    """
 
     def __init__(self, model: RAMTagger, names: Sequence[str], thresholds: np.ndarray):
         if not len(names) == len(thresholds) == model.config.num_tags:
@@ -53,21 +57,21 @@ class Tagger:
                 f"{model.config.num_tags} tags"
             )
         self.names, self.thresholds = np.asarray(names, dtype=object), jnp.asarray(thresholds, jnp.float32)
-        self.dtype = model.visual_encoder.norm.scale.dtype
-        graphdef, state = nnx.split(model)
+        dtype = model.visual_encoder.norm.scale.dtype
+        graphdef, self.state = nnx.split(model)
         size = model.config.swin.image_size
 
         def on(state, images):
-            logits = nnx.merge(graphdef, state)(preprocess(images.astype(jnp.float32), size).astype(self.dtype))
-            return jax.nn.sigmoid(logits) > self.thresholds
+            return jax.nn.sigmoid(nnx.merge(graphdef, state)(images.astype(dtype))) > self.thresholds
 
-        self.state, self._on = state, jax.jit(on)
+        self._preprocess = jax.jit(lambda image: preprocess(image[None].astype(jnp.float32), size)[0])
+        self._on = jax.jit(on)
 
-    def on(self, images: np.ndarray | jax.Array) -> np.ndarray:
-        """(B, H, W, 3) in [0, 1] -> (B, num_tags) bool."""
-        return np.asarray(self._on(self.state, images))
+    def on(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(H_i, W_i, 3) images in [0, 1] -> (B, num_tags) bool."""
+        return np.asarray(self._on(self.state, jnp.stack([self._preprocess(image) for image in images])))
 
-    def __call__(self, images: np.ndarray | jax.Array) -> list[str]:
+    def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
         return [", ".join(self.names[row]) for row in self.on(images)]
 
 

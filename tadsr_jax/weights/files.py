@@ -133,13 +133,7 @@ def write_model_folder(
 
 def write_manifest(path: str, manifest: Mapping[str, Any]) -> None:
     """A weights file's JSON manifest, `<path>.json`, written atomically."""
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    storage.atomic_write(path + ".json", write)
+    storage.atomic_write_text(path + ".json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: str, writer: str) -> dict[str, Any]:

@@ -4,7 +4,8 @@ python launch/convert.py --what=lpips_alex --alexnet=alexnet-owt-7be5be79.pth \
     --lpips_linear=<site-packages>/lpips/weights/v0.1/alex.pth --out=lpips_alex.safetensors
 python launch/convert.py --what=dists --vgg16=vgg16-397923af.pth --dists_weights=<DISTS_pytorch>/weights.pt \
     --out=dists.safetensors
-python launch/convert.py --what=dape --ram=ram_swin_large_14m.pth --dape=DAPE.pth --out=dape.safetensors
+python launch/convert.py --what=dape --ram=ram_swin_large_14m.pth \
+    --dape=DAPE.pth --out=dape.safetensors
 python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \
     (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 

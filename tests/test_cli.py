@@ -15,7 +15,7 @@ from tqdm import tqdm
 from tadsr_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "train")
+LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "tag", "train")
 
 
 def _launch(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

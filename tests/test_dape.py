@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from tadsr_jax.models.swin import SwinConfig
 from tadsr_jax.weights import dape
 from tadsr_jax.weights.convert import WeightsError, count_params
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 8
 # Three stages so that every case of RAM's Swin is run: shifted windows with the -100 mask (16x16 and 8x8 maps,
 # window 4), and a last stage no larger than the window (4x4: one window, no shift), as Swin-L/384's 12x12.
@@ -529,3 +533,51 @@ def test_sr_prompts_are_tags_of_the_working_image(tmp_path, tiny_sd, tiny_genera
     again = plain.super_resolve([pixels["a"], pixels["b"]], expected)
     written = [np.asarray(Image.open(out / f"{n}.png")) for n in ("a", "b")]
     assert all(np.array_equal(w, a) for w, a in zip(written, again))
+
+
+def _tag_launcher(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, os.path.join(REPO, "launch", "tag.py"), "--config=configs/tiny.py", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+
+
+@pytest.mark.slow  # ~65 s: three launcher processes, each importing JAX and compiling the tagger
+def test_tag_launcher_writes_captions_and_a_paired_list(tmp_path, rams_tag_count_tagger):
+    """launch/tag.py: the captions file `data.captions` reads and the paired list our reader parses HR first,
+    each with the tags of the HR image; a bad image is one line, the rest is tagged, exit status 1."""
+    from PIL import Image
+
+    from tadsr_jax.data.sources import parse_paired_list
+    from tadsr_jax.images import read_captions
+
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    rng = np.random.default_rng(5)
+    pixels = {
+        "a.png": rng.integers(0, 256, (40, 30, 3), np.uint8),
+        "sub/b.png": rng.integers(0, 256, (20, 50, 3), np.uint8),
+    }
+    for name, image in pixels.items():
+        for folder, size in ((hr, image.shape[1::-1]), (lr, (8, 8))):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).resize(size).save(folder / name)
+    (hr / "broken.png").write_bytes(b"not an image")
+    expected = load_tagger(rams_tag_count_tagger)([pixels[n] / 255.0 for n in ("a.png", "sub/b.png")])
+    tagger_flag = f"--config.sr.tagger={rams_tag_count_tagger}"
+
+    run = _tag_launcher(tagger_flag, f"--input={hr}", f"--output={tmp_path / 'captions.tsv'}")
+    assert run.returncode == 1, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {hr / 'broken.png'}: not an image Pillow can read"]
+    assert read_captions(str(tmp_path / "captions.tsv")) == {"a.png": expected[0], "sub/b.png": expected[1]}
+
+    (hr / "broken.png").unlink()
+    run = _tag_launcher(tagger_flag, f"--input={hr}", f"--lr={lr}", f"--output={tmp_path / 'lists' / 'pairs.txt'}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = parse_paired_list(str(tmp_path / "lists" / "pairs.txt"))
+    assert [(os.path.normpath(r.hr), os.path.normpath(r.lr), r.prompt) for r in records] == [
+        (str(hr / n), str(lr / n), " ".join(t.split())) for n, t in zip(("a.png", "sub/b.png"), expected)
+    ]
+
+    run = _tag_launcher(f"--input={hr}", f"--output={tmp_path / 'x.tsv'}")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "tag: error: no tagger: set --config.sr.tagger=FILE (written by launch/convert.py --what=dape)"
+    ]

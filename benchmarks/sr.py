@@ -8,6 +8,8 @@ posterior sample, one UNet call, the student x0 rule, VAE decoder, clamp.
 - ours: `tadsr_jax.infer.model.load_sr_model` + the `Upscaler`'s jitted forward (compiled ahead of time and
   timed separately), on a working image of the output size; FLOPs counted on its jaxpr (matmuls and
   convolutions, `matmul_flops`).
+- the DAPE tagger (ours only; the reference runs RAM in PyTorch before the SR pass): RAM Swin-L/384 + the
+  tagging head at DAPE's size, random weights, on the same working image, timed and counted separately.
 - torch: diffusers `UNet2DConditionModel` / `AutoencoderKL` (the time-aware encoder restated on its stock
   modules, see torch_reference), transformers `CLIPTextModel`, under `torch.inference_mode()`.
 
@@ -91,10 +93,13 @@ def _sizes(sizes: str) -> list[int]:
 
 def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> dict[str, Any]:
     import jax
+    from flax import nnx
 
     from configs import tadsr_sd21
-    from tadsr_jax.infer.model import WeightsSource, load_sr_model
+    from tadsr_jax.infer.model import DTYPES, WeightsSource, load_sr_model
     from tadsr_jax.infer.pipeline import SRSettings, Upscaler
+    from tadsr_jax.infer.tagger import Tagger, ram_tag_data
+    from tadsr_jax.models.ram import DAPE_CONFIG, RAMTagger
 
     jax.config.update("jax_enable_compilation_cache", False)  # compilation is measured
     start = time.perf_counter()
@@ -104,9 +109,15 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
     upscaler = Upscaler(model, SRSettings.from_config(config.sr))
     jax.block_until_ready(upscaler.params)
     load_s = time.perf_counter() - start
+    tagger = Tagger(RAMTagger(DAPE_CONFIG, dtype=DTYPES[dtype], rngs=nnx.Rngs(SEED)), *ram_tag_data())
     per_size = {}
     for size in _sizes(sizes):
         lq = make_image(size)
+        working = [(lq[0] + 1) / 2]
+        compile_start = time.perf_counter()
+        tagger.on(working)  # compiles
+        tagger_compile_s = time.perf_counter() - compile_start
+        tagger_timing = common.time_calls(lambda w=working: tagger.on(w), steps=steps, warmup=warmup)
         compile_before = upscaler.compile_seconds
         upscaler(lq, [PROMPT], [TIMESTEP])  # compiles
         compile_s = upscaler.compile_seconds - compile_before
@@ -117,6 +128,11 @@ def run_ours(folder: str, dtype: str, sizes: str, steps: int, warmup: int) -> di
             "compile_s": compile_s,
             "flops": flops,
             "peak_rss_bytes": peak_rss_bytes(),
+            "tagger": {
+                "timing": tagger_timing.as_dict(),
+                "compile_s": tagger_compile_s,
+                "flops": matmul_flops(tagger.trace(working)),
+            },
         }
     return {
         "load_s": load_s,
@@ -246,6 +262,16 @@ def run(
             }
             key = str(size) if dtype == "float32" else f"{size}_{dtype}"
             result[key] = entry
+            tag = o["tagger"]
+            tag_s = tag["timing"]["median_s"]
+            result[f"{key}_tagger"] = {
+                "ours_s": tag_s,
+                "compile_s": tag["compile_s"],
+                "flops": tag["flops"],
+                "flops_fraction_of_sr": tag["flops"] / flops,
+                "time_fraction_of_sr": tag_s / ours_s,
+                "peak_fraction": tag["flops"] / tag_s / peak,
+            }
             rows.append(
                 (
                     f"{size}x{size} {dtype}",
@@ -257,6 +283,19 @@ def run(
                     common.percent(entry["peak_fraction"]),
                     common.percent(entry["torch_peak_fraction"]),
                     f"{entry['ours_peak_rss_gib']:.1f} / {entry['torch_peak_rss_gib']:.1f} GiB",
+                )
+            )
+            rows.append(
+                (
+                    f"{size}x{size} {dtype} DAPE tagger",
+                    common.seconds(tag_s),
+                    "-",
+                    "-",
+                    common.seconds(tag["compile_s"]),
+                    f"{common.si(tag['flops'], 'FLOP')} ({common.percent(tag['flops'] / flops)} of SR)",
+                    common.percent(result[f"{key}_tagger"]["peak_fraction"]),
+                    "-",
+                    "(in the SR row's)",
                 )
             )
     peaks = ", ".join(

@@ -179,6 +179,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.sr = ml_collections.ConfigDict()
     config.sr.timestep = 500  # the fidelity (low) / realism (high) knob, 1..999
     config.sr.prompt = ""  # for every image (sr.py --captions gives per-image ones)
+    # DAPE tagger file (launch/convert.py --what=dape): each working image's tags prefix its prompt as the
+    # reference's ("<tags>, <prompt>,"); empty: no tagging. Runs in sr.dtype.
+    config.sr.tagger = ""
+    config.sr.save_prompts = False  # write each output's prompt to <output name>.txt beside it
     config.sr.sample_posterior = True  # the reference samples the VAE posterior (seeded here)
     config.sr.seed = 42  # posterior noise: the same seed gives the same output
     config.sr.dtype = "float32"  # or "bfloat16" (GPU/TPU serving)

@@ -4,10 +4,13 @@ python launch/convert.py --what=lpips_alex --alexnet=alexnet-owt-7be5be79.pth \
     --lpips_linear=<site-packages>/lpips/weights/v0.1/alex.pth --out=lpips_alex.safetensors
 python launch/convert.py --what=dists --vgg16=vgg16-397923af.pth --dists_weights=<DISTS_pytorch>/weights.pt \
     --out=dists.safetensors
+python launch/convert.py --what=dape --ram=ram_swin_large_14m.pth \
+    --dape=DAPE.pth --out=dape.safetensors
 python launch/convert.py --what=generator --config=configs/tadsr_sd21.py --config.model.pretrained=SD_FOLDER \
     (--tadsr_ckpt=tadsr.pkl | --generator=FILE.safetensors | --workdir=TRAIN_WORKDIR) --out=FILE.safetensors|FILE.pkl
 
-Converts weight files: LPIPS (VGG, or AlexNet: the paper's) and DISTS (PyTorch -> our safetensors) and TADSR
+Converts weight files: LPIPS (VGG, or AlexNet: the paper's), DISTS and the DAPE tagger (RAM's checkpoint with
+SeeSR's LoRA merged) (PyTorch -> our safetensors) and TADSR
 generators between the reference's tadsr.pkl (reading or writing it needs torch), our safetensors export and a
 training workdir's checkpoint.
 Each `--what` is one handler in HANDLERS (flags -> library call -> one line of output); errors are one line on
@@ -21,7 +24,7 @@ from absl import flags
 
 from tadsr_jax import cli
 
-_WHAT = flags.DEFINE_string("what", None, "What to convert: one of dists, generator, lpips, lpips_alex.")
+_WHAT = flags.DEFINE_string("what", None, "What to convert: one of dape, dists, generator, lpips, lpips_alex.")
 _VGG16 = flags.DEFINE_string("vgg16", None, "lpips, dists: torchvision's VGG16 ImageNet weights (vgg16-*.pth).")
 _ALEXNET = flags.DEFINE_string(
     "alexnet", None, "lpips_alex: torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)."
@@ -30,6 +33,8 @@ _LPIPS_LINEAR = flags.DEFINE_string(
     "lpips_linear", None, "lpips, lpips_alex: the lpips package's weights/v0.1/vgg.pth or alex.pth."
 )
 _DISTS_WEIGHTS = flags.DEFINE_string("dists_weights", None, "dists: DISTS_pytorch's weights.pt (alpha, beta).")
+_RAM = flags.DEFINE_string("ram", None, "dape: RAM's checkpoint (ram_swin_large_14m.pth).")
+_DAPE = flags.DEFINE_string("dape", None, "dape: SeeSR's DAPE.pth (LoRA over RAM).")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _CONFIG = cli.define_config(help_text="generator: the experiment config (SD folder, LoRA rank).")
 _TADSR_CKPT = flags.DEFINE_string("tadsr_ckpt", "", "generator: the reference's tadsr.pkl.")
@@ -67,6 +72,14 @@ def _convert_dists() -> str:
     return f"wrote {_OUT.value} (DISTS)"
 
 
+def _convert_dape() -> str:
+    from tadsr_jax.weights.dape import convert_dape_weights
+
+    _require(ram=_RAM.value, dape=_DAPE.value, out=_OUT.value)
+    convert_dape_weights(_RAM.value, _DAPE.value, _OUT.value)
+    return f"wrote {_OUT.value} (DAPE: RAM Swin-L tagging path with SeeSR's LoRA merged)"
+
+
 def _convert_generator() -> str:
     from tadsr_jax.infer.model import WeightsSource, export_generator
     from tadsr_jax.infer.session import pretrained_folder
@@ -80,6 +93,7 @@ def _convert_generator() -> str:
 
 
 HANDLERS: dict[str, Callable[[], str]] = {
+    "dape": _convert_dape,
     "dists": _convert_dists,
     "generator": _convert_generator,
     "lpips": _convert_lpips,

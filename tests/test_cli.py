@@ -15,7 +15,7 @@ from tqdm import tqdm
 from tadsr_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "train")
+LAUNCHERS = ("bench", "convert", "demo", "evaluate", "sr", "tag", "train")
 
 
 def _launch(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -105,7 +105,13 @@ def test_convert_usage_keeps_its_continuation_lines():
     run = _launch("convert", "--help")
     assert run.returncode == 0
     commands = [line for line in run.stdout.splitlines() if line.startswith("python launch/convert.py")]
-    assert [c.split()[2] for c in commands] == ["--what=lpips", "--what=lpips_alex", "--what=dists", "--what=generator"]
+    assert [c.split()[2] for c in commands] == [
+        "--what=lpips",
+        "--what=lpips_alex",
+        "--what=dists",
+        "--what=dape",
+        "--what=generator",
+    ]
     assert all(c.endswith(" \\") and not c.endswith("\\\\") for c in commands)
 
 

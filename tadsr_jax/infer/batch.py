@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -11,6 +12,7 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
+from tadsr_jax import storage
 from tadsr_jax.images import ImageError, LoadedImage, read_rgb, write_png_atomic
 from tadsr_jax.infer.contact_sheet import contact_sheet
 from tadsr_jax.infer.pipeline import Upscaler, bicubic_upscale, padded_shape, working_size
@@ -38,10 +40,15 @@ def _load(path: str, report: RunReport, log: TextIO) -> LoadedImage | None:
 
 
 def super_resolve_files(
-    upscaler: Upscaler, outputs: Mapping[str, str], prompt_for: Callable[[str], str], *, log: TextIO = sys.stderr
+    upscaler: Upscaler,
+    outputs: Mapping[str, str],
+    prompt_for: Callable[[str], str],
+    *,
+    save_prompts: bool = False,
+    log: TextIO = sys.stderr,
 ) -> RunReport:
     """Each readable input image -> its output path (`outputs`, from outputs.plan_outputs) at x settings.scale;
-    same-shape images share a batch.
+    same-shape images share a batch. `save_prompts`: each image's prompt (tags included) goes to `<output>.txt`.
 
     Images are read as they come and held until their shape's batch is full (or the inputs end), so memory is
     bounded by the number of distinct shapes times the batch size, not by the number of files.
@@ -56,13 +63,17 @@ def super_resolve_files(
         if not batch:
             return
         start, compiled = time.perf_counter(), upscaler.compile_seconds
-        results = upscaler.super_resolve([im.pixels for im in batch], [prompt_for(im.path) for im in batch])
+        results, prompts = upscaler.super_resolve_with_prompts(
+            [im.pixels for im in batch], [prompt_for(im.path) for im in batch]
+        )
         compiled = upscaler.compile_seconds - compiled
         seconds = (time.perf_counter() - start - compiled) / len(batch)
         compile_note = f" (+ {compiled:.1f} s compiling for this shape, once)" if compiled else ""
-        for image, out in zip(batch, results):
+        for image, out, prompt in zip(batch, results, prompts):
             if not _write(outputs[image.path], out, report, log):
                 continue
+            if save_prompts:
+                _write_prompt(outputs[image.path], prompt, report, log)
             h, w = image.pixels.shape[:2]
             tqdm.write(
                 f"{image.path}: {w}x{h} -> {out.shape[1]}x{out.shape[0]} in {seconds:.2f} s{compile_note}", file=log
@@ -119,6 +130,16 @@ def sweep_files(
         )
     bar.close()
     return report
+
+
+def _write_prompt(target: str, prompt: str, report: RunReport, log: TextIO) -> None:
+    """`<target without extension>.txt` holds the prompt the image was run with (the reference's --save_prompts)."""
+    path = os.path.splitext(target)[0] + ".txt"
+    try:
+        storage.atomic_write_text(path, prompt + "\n")
+    except OSError as e:
+        report.failed.append(f"{path}: cannot write: {e.strerror or e}")
+        tqdm.write(f"error: {report.failed[-1]}", file=log)
 
 
 def _write(target: str, pixels: np.ndarray, report: RunReport, log: TextIO) -> bool:

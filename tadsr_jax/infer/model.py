@@ -159,20 +159,25 @@ def cast(module: nnx.Module, dtype) -> None:
             variable.set_value(variable[...].astype(dtype))
 
 
+def serving_dtype(config: ml_collections.ConfigDict):
+    """The jnp dtype of `config.sr.dtype`; ValueError if it is not one of DTYPES."""
+    if config.sr.dtype not in DTYPES:
+        raise ValueError(f"sr.dtype must be one of {', '.join(DTYPES)}, got {config.sr.dtype!r}")
+    return DTYPES[config.sr.dtype]
+
+
 def load_sr_model(config: ml_collections.ConfigDict, pretrained: str, source: WeightsSource) -> SRModel:
     """SD folder `pretrained` + the generator from `source`, merged, cast to `config.sr.dtype`."""
-    dtype = config.sr.dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"sr.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = serving_dtype(config)
     # A workdir checkpoint holds the fake score too: build the model it was trained with.
     groups = config.model.fake_score_groups if source.workdir else ()
     model, tokenizer, schedule = build_tadsr(
-        pretrained, config.model, fake_score_groups=groups, text_encoder_dtype=DTYPES[dtype]
+        pretrained, config.model, fake_score_groups=groups, text_encoder_dtype=dtype
     )
     trained = load_generator_weights(model, source, config)
     merge_generator(model)
     for network in (model.unet, model.vae, model.text_encoder):
-        cast(network, DTYPES[dtype])
+        cast(network, dtype)
     runtime.release_free_memory()
     return SRModel(
         unet=model.unet,

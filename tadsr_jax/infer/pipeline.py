@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tadsr_jax.infer.colorfix import COLOR_FIX_METHODS, color_fix
 from tadsr_jax.infer.model import SRModel
+from tadsr_jax.infer.tagger import Tagger, build_prompt
 from tadsr_jax.infer.tiling import tiled_call
 from tadsr_jax.infer.vae_tiling import StripwiseVAE
 from tadsr_jax.method.generator import generate
@@ -164,8 +165,8 @@ class Upscaler:
     images in [-1, 1]; `super_resolve` runs a list of host images end to end.
     """
 
-    def __init__(self, model: SRModel, settings: SRSettings):
-        self.model, self.settings = model, settings
+    def __init__(self, model: SRModel, settings: SRSettings, tagger: Tagger | None = None):
+        self.model, self.settings, self.tagger = model, settings, tagger
         self.tokenizer = model.tokenizer
         self.max_length = model.text_encoder.config.max_position_embeddings
         self.graphdef, self.params = nnx.split((model.unet, model.vae, model.text_encoder))
@@ -208,7 +209,7 @@ class Upscaler:
         settings = dataclasses.replace(self.settings, **changes)
         traced = ("latent_tile", "latent_overlap", "sample_posterior")  # read while tracing
         if any(getattr(settings, name) != getattr(self.settings, name) for name in traced):
-            return Upscaler(self.model, settings)
+            return Upscaler(self.model, settings, self.tagger)
         other = copy.copy(self)
         other.settings = settings
         return other
@@ -279,11 +280,26 @@ class Upscaler:
             ]
         )
 
+    def prompts(self, prepared: Sequence[Prepared], prompts: Sequence[str]) -> list[str]:
+        """The prompts the UNet gets: `prompts` as they are, or with a tagger the reference's
+        "<tags of the working image>, <prompt>,"."""
+        if self.tagger is None:
+            return list(prompts)
+        tags = self.tagger([(p.lq + 1) / 2 for p in prepared])
+        return [build_prompt(t, prompt) for t, prompt in zip(tags, prompts)]
+
     def super_resolve(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
         """uint8 (H, W, 3) images -> uint8 (SH, SW, 3) (S = settings.scale), batched by padded shape."""
+        return self.super_resolve_with_prompts(images, prompts)[0]
+
+    def super_resolve_with_prompts(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str]
+    ) -> tuple[list[np.ndarray], list[str]]:
+        """`super_resolve`, and the prompt each image was run with (see `prompts`)."""
         s = self.settings
         prepared = [prepare(im, s.process_size, s.scale) for im in images]
         outputs: list[np.ndarray | None] = [None] * len(images)
+        used = list(prompts)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(prepared):
             by_shape.setdefault(padded_shape(p.bucket_shape, s.bucket), []).append(i)
@@ -291,10 +307,11 @@ class Upscaler:
             for chunk in self._batches(indices):
                 filled = _filled(chunk, s.batch_size)
                 lq = np.stack([pad_to(prepared[i].lq, shape) for i in filled])
-                sr = np.asarray(self(lq, [prompts[i] for i in filled], [s.timestep] * len(filled)))
+                batch_prompts = self.prompts([prepared[i] for i in filled], [prompts[i] for i in filled])
+                sr = np.asarray(self(lq, batch_prompts, [s.timestep] * len(filled)))
                 for j, i in enumerate(chunk):
-                    outputs[i] = finish(sr[j], prepared[i], s.color_fix)
-        return outputs
+                    outputs[i], used[i] = finish(sr[j], prepared[i], s.color_fix), batch_prompts[j]
+        return outputs, used
 
     def sweep(self, image: np.ndarray, prompt: str, timesteps: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         """One image at every timestep of `timesteps` -> (timestep, uint8 output) in that order, as they come.
@@ -306,6 +323,7 @@ class Upscaler:
         s = self.settings
         p = prepare(image, s.process_size, s.scale)
         lq = pad_to(p.lq, padded_shape(p.bucket_shape, s.bucket))
+        prompt = self.prompts([p], [prompt])[0]
         for chunk in self._batches(list(timesteps)):
             filled = _filled(chunk, s.batch_size)
             sr = np.asarray(self(np.stack([lq] * len(filled)), [prompt] * len(filled), filled))

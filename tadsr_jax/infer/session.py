@@ -11,9 +11,10 @@ import ml_collections
 
 from tadsr_jax.images import list_images, read_captions
 from tadsr_jax.infer.batch import RunReport, super_resolve_files, sweep_files
-from tadsr_jax.infer.model import WeightsSource, load_sr_model
+from tadsr_jax.infer.model import WeightsSource, load_sr_model, serving_dtype
 from tadsr_jax.infer.outputs import plan_outputs, sweep_suffixes
 from tadsr_jax.infer.pipeline import SRSettings, Upscaler
+from tadsr_jax.infer.tagger import load_tagger
 from tadsr_jax.weights.convert import WeightsError
 
 
@@ -71,13 +72,15 @@ def run(
             raise ValueError(f"sweep timesteps must differ, got {t} {sweep.count(t)} times")
     paths = list_images(input_path)
     plan = plan_outputs(input_path, paths, output_dir, sweep_suffixes(sweep) if sweep else ("",))
+    tagger = load_tagger(config.sr.tagger, dtype=serving_dtype(config)) if config.sr.tagger else None
     model = load_sr_model(config, pretrained_folder(config), source)
     print(f"loaded SR model ({source.describe()}); {len(paths)} input(s)", file=log)
     warning = timestep_warning(model.trained_timesteps, sweep or [settings.timestep])
     if warning:
         print(warning, file=log)
-    upscaler = Upscaler(model, settings)
+    upscaler = Upscaler(model, settings, tagger)
     prompt_for = prompts(config.sr.prompt, captions)
     if sweep:
         return sweep_files(upscaler, plan, prompt_for, sweep, log=log)
-    return super_resolve_files(upscaler, {path: targets[0] for path, targets in plan.items()}, prompt_for, log=log)
+    firsts = {path: targets[0] for path, targets in plan.items()}
+    return super_resolve_files(upscaler, firsts, prompt_for, save_prompts=config.sr.save_prompts, log=log)

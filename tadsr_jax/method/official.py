@@ -19,7 +19,6 @@ and nothing is left at its random initialisation. Errors are one-line `WeightsEr
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +32,7 @@ from tadsr_jax.method.tadsr import GENERATOR, TADSR
 from tadsr_jax.nn.lora import module_name
 from tadsr_jax.nn.naming import Path, path_to_torch_key
 from tadsr_jax.weights.convert import WeightsError, jax_to_torch_layout, torch_to_jax_layout
-from tadsr_jax.weights.files import torch_load, write_safetensors
+from tadsr_jax.weights.files import read_manifest, torch_load, write_manifest, write_safetensors
 
 UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION = "state_dict_unet", "state_dict_vae", "state_dict_vae_time"
 SECTIONS = (UNET_SECTION, VAE_SECTION, VAE_TIME_SECTION)
@@ -286,28 +285,9 @@ def save_generator(model: TADSR, path: str, metadata: dict | None = None) -> Non
     Each file is written atomically; `metadata` (JSON-serialisable) is stored in the manifest under "metadata".
     """
     manifest = {**generator_manifest(model), "metadata": dict(metadata or {})}
-    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
     tensors = {_flat_name(p): np.ascontiguousarray(v) for p, v in _generator_values(model).items()}
     write_safetensors(path, tensors, fmt=GENERATOR_FORMAT)
-
-    def write_manifest(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(manifest_text + "\n")
-
-    storage.atomic_write(path + ".json", write_manifest)
-
-
-def _read_manifest(path: str) -> dict[str, Any]:
-    if not storage.isfile(path):
-        raise WeightsError(f"{path}: manifest missing (save_generator writes it next to the weights file)")
-    try:
-        with storage.open_file(path) as f:
-            manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: unreadable manifest ({_first_line(e)})") from None
-    if not isinstance(manifest, dict):
-        raise WeightsError(f"{path}: unreadable manifest (not a JSON object)")
-    return manifest
+    write_manifest(path, manifest)
 
 
 def _check_manifest(source: str, manifest: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -338,7 +318,7 @@ def load_generator(model: TADSR, path: str) -> dict[str, Any]:
     every generator leaf with its shape and nothing else; raises WeightsError naming the first problem.
     """
     manifest_path = path + ".json"
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(path, "save_generator")
     _check_manifest(manifest_path, manifest, generator_manifest(model))
     tensors = _read_safetensors(path)
     leaves = nnx.to_flat_state(nnx.state(model, GENERATOR))

@@ -8,7 +8,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,3 +129,26 @@ def write_model_folder(
 
     storage.atomic_write(os.path.join(folder, "config.json"), write_config)
     write_safetensors(os.path.join(folder, f"{stem}.safetensors"), tensors)
+
+
+def write_manifest(path: str, manifest: Mapping[str, Any]) -> None:
+    """A weights file's JSON manifest, `<path>.json`, written atomically."""
+    storage.atomic_write_text(path + ".json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(path: str, writer: str) -> dict[str, Any]:
+    """The JSON object in `<path>.json`; WeightsError if it is missing (`writer` says what writes it) or unreadable."""
+    manifest_path = path + ".json"
+    if not storage.isfile(manifest_path):
+        raise WeightsError(f"{manifest_path}: manifest missing ({writer} writes it next to the weights file)")
+    try:
+        with storage.open_file(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        lines = str(e).strip().splitlines()
+        raise WeightsError(
+            f"{manifest_path}: unreadable manifest ({type(e).__name__}: {lines[0] if lines else ''})"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"{manifest_path}: unreadable manifest (not a JSON object)")
+    return manifest

@@ -95,13 +95,12 @@ def _cli(argv: list[str]) -> None:
     runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
 
 
-def _batches(trainer, config, workdir: str, count: int):
+def _batches(trainer, config, count: int):
     """The first `count` global batches as host arrays."""
     from tadsr_jax.data.pipeline import make_train_iterator
-    from tadsr_jax.train.loop import resolve_data
 
     iterator = make_train_iterator(
-        resolve_data(config.data, workdir),
+        config.data,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         process_index=0,
@@ -129,7 +128,7 @@ def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None
     trainer = build(config, workdir)
     initial = _host_copy(trainer.state)
     state, losses = trainer.state, []
-    batches = _batches(trainer, config, workdir, steps + 1)
+    batches = _batches(trainer, config, steps + 1)
     for host_batch in batches[:steps]:
         batch = parallel.global_batch(host_batch, trainer.batch_sharding)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
@@ -286,7 +285,7 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     checkpointer = Checkpointer(train_dir, keep=3, async_save=False)
     result["latest_step"] = checkpointer.latest_step()
     data = real_iterator(
-        loop.resolve_data(config.data, train_dir),
+        config.data,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         process_index=0,

@@ -1,7 +1,6 @@
 """Evaluation: file matching, centre crops, bad files, batched scores == the metric functions, the Table-1 layout,
 the sweep plot and the launcher end to end (JSON last line, reports, exit status)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hidden_modules import subprocess_env
 from PIL import Image, ImageFilter
 from skimage import data
 
@@ -114,7 +114,7 @@ def test_scorer_errors():
         evaluation.Scorer(["lpips_alex"])
 
 
-def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+def _evaluate_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args],
         capture_output=True,
@@ -122,20 +122,20 @@ def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
         cwd=REPO,
         timeout=300,
         check=False,
+        env=env,
     )
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pyiqa") is not None, reason="pyiqa is installed: its absence cannot be seen for real here"
-)
-def test_launcher_unknown_metric_and_fid_without_pyiqa_are_one_line(folders):
-    """Both refused before anything is scored, exit 2, one line; pyiqa is really absent from this environment."""
+def test_launcher_unknown_metric_and_fid_without_pyiqa_are_one_line(folders, tmp_path):
+    """Both refused before anything is scored, exit 2, one line; pyiqa is made absent in the launcher's process
+    (installed or not here)."""
     sr, hr = folders
-    unknown = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,foo")
+    env = subprocess_env(str(tmp_path), "pyiqa")
+    unknown = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,foo", env=env)
     assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
         f"evaluate: error: unknown metric(s) foo; known: {KNOWN}"
     ], unknown.stderr[-2000:]
-    fid = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,fid")
+    fid = _evaluate_cli(f"--sr={sr}", f"--hr={hr}", "--metrics=psnr,fid", env=env)
     assert fid.returncode == 2 and fid.stderr.splitlines() == [
         "evaluate: error: fid needs pyiqa and its weights (ModuleNotFoundError: No module named 'pyiqa'): "
         "pip install pyiqa==0.1.10 torch==2.13.0"

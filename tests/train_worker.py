@@ -95,11 +95,11 @@ def _cli(argv: list[str]) -> None:
     runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
 
 
-def _batches(trainer, config, count: int):
-    """The first `count` global batches as host arrays."""
+def _host_iterator(trainer, config):
+    """The training pipeline of this (single) process, as the loop builds it."""
     from tadsr_jax.data.pipeline import make_train_iterator
 
-    iterator = make_train_iterator(
+    return make_train_iterator(
         config.data,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
@@ -107,6 +107,11 @@ def _batches(trainer, config, count: int):
         process_count=1,
         tokenize=trainer.tokenize,
     )
+
+
+def _batches(trainer, config, count: int):
+    """The first `count` global batches as host arrays."""
+    iterator = _host_iterator(trainer, config)
     return [next(iterator) for _ in range(count)]
 
 
@@ -284,14 +289,7 @@ def _nan_checks(trainer, state, initial, host_batch, config, workdir: str, out: 
     result["checkpoint_entries"] = sorted(os.listdir(os.path.join(train_dir, "checkpoints")))
     checkpointer = Checkpointer(train_dir, keep=3, async_save=False)
     result["latest_step"] = checkpointer.latest_step()
-    data = real_iterator(
-        config.data,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        process_index=0,
-        process_count=1,
-        tokenize=trainer.tokenize,
-    )
+    data = _host_iterator(trainer, config)  # loop.make_train_iterator is the real one again here
     restored = flat_state(checkpointer.restore(abstract_like(fresh().state), data, 2))
     checkpointer.close()
     result["restored_step"] = int(restored["step"])

@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,6 +13,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tolerance. Subprocesses inherit it.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_COMPILE]))
+# One persistent compilation cache for the whole run: many modules compile the same tiny SD programs (a UNet or VAE
+# pass, an SR batch), and pytest-xdist's workers and the launchers' subprocesses inherit the directory, so each
+# program is compiled once per run. The main process makes it (xdist workers are started after this import, with
+# its environment) and removes it at the end; programs that compile in under JAX's default 1 s are not written.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="tadsr-jax-test-compile-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+else:
+    _SESSION_CACHE = None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

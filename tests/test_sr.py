@@ -136,16 +136,13 @@ def test_tiled_unet_one_tile_is_exact_and_several_tiles_are_close(sr_model):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for this module and its CLI subprocesses: the CLI reuses the programs
-    the in-process tests compiled (same model structure, shapes and settings)."""
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
-    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", directory)
+def compilation_cache():
+    """The run's persistent compilation cache (conftest.py), every program written to it while this module runs:
+    the CLI subprocesses reuse the programs the in-process tests compiled (same model, shapes and settings)."""
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    yield os.environ["JAX_COMPILATION_CACHE_DIR"]
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,14 @@
 
 python tests/train_worker.py cli [launch/train.py flags...]
     launch/train.py itself, except that the persistent compilation cache is the test session's
-    (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla, and that with
-    several processes the train step is compiled before its first call and the processes meet at a
-    barrier before running it (see `_CompileThenBarrier`).
+    (JAX_COMPILATION_CACHE_DIR, every program cached) instead of ~/.cache/tadsr_jax/xla; that with
+    several processes the train step is compiled before its first call and the processes meet at a barrier
+    before running it (see `_CompileThenBarrier`); and that with $TRAIN_WORKER_PLACEMENT set, the first train
+    step writes where its arguments live to that file (see `_record_placement`).
 python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
     [--nan_checks] [--config.X=Y ...]
     `loop.build` + the jitted step on the pipeline's first N global batches; writes every step's losses and
-    the final train state (flattened) to OUT.npz and what it saw (shardings) to OUT.json.
+    the final train state (flattened) to OUT.npz.
     With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
     must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
     NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
@@ -73,7 +74,8 @@ class _CompileThenBarrier:
         return self.compiled(*args)
 
 
-def _synchronize_first_step() -> None:
+def _wrap_step(wrapper) -> None:
+    """loop.build's trainer with its step function replaced by `wrapper(step_fn)`."""
     import dataclasses
 
     from tadsr_jax.train import loop
@@ -82,15 +84,54 @@ def _synchronize_first_step() -> None:
 
     def build(config, workdir):
         trainer = real_build(config, workdir)
-        return dataclasses.replace(trainer, step_fn=_CompileThenBarrier(trainer.step_fn))
+        return dataclasses.replace(trainer, step_fn=wrapper(trainer.step_fn))
 
     loop.build = build
+
+
+def _placement(state, frozen, batch) -> dict:
+    """Where the train step's arguments live: the mesh, which frozen weights are FSDP-split (and one example with
+    its shard shapes), the state's partition specs and the batch's shard shapes."""
+    from flax import nnx
+
+    flat_frozen = nnx.to_flat_state(frozen)
+    sharded = [
+        (".".join(map(str, path)), list(v[...].shape), sorted({tuple(s.data.shape) for s in v[...].addressable_shards}))
+        for path, v in flat_frozen
+        if "fsdp" in str(v[...].sharding.spec)
+    ]
+    return {
+        "device_count": jax.device_count(),
+        "mesh": dict(batch["lq"].sharding.mesh.shape),
+        "frozen_leaves": len(flat_frozen),
+        "frozen_sharded": len(sharded),
+        "sharded_example": sharded[:1],
+        "state_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)}),
+        "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["lq"].addressable_shards}),
+    }
+
+
+def _record_placement(path: str):
+    """A step wrapper that writes `_placement` of its first call's arguments to `path`."""
+
+    def wrapper(step_fn):
+        def step(state, frozen, rest, batch, neg_context):
+            if not os.path.exists(path):
+                with open(path, "w") as f:
+                    json.dump(_placement(state, frozen, batch), f)
+            return step_fn(state, frozen, rest, batch, neg_context)
+
+        return step
+
+    return wrapper
 
 
 def _cli(argv: list[str]) -> None:
     _use_session_cache()
     if any(a.startswith("--num_processes=") and a != "--num_processes=1" for a in argv):
-        _synchronize_first_step()
+        _wrap_step(_CompileThenBarrier)
+    if os.environ.get("TRAIN_WORKER_PLACEMENT"):
+        _wrap_step(_record_placement(os.environ["TRAIN_WORKER_PLACEMENT"]))
     sys.argv = [str(REPO / "launch" / "train.py"), *argv]
     runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
 
@@ -124,7 +165,6 @@ def _host_copy(tree):
 
 def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None:
     import numpy as np
-    from flax import nnx
 
     from tadsr_jax import parallel
     from tadsr_jax.train.loop import build
@@ -141,23 +181,6 @@ def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None
         assert values["finite"] == 1.0, values
         losses.append([values["loss/generator"], values["loss/fake_score"]])
     np.savez(out + ".npz", losses=np.array(losses), **{f"state/{k}": v for k, v in flat_state(state).items()})
-    frozen = nnx.to_flat_state(trainer.frozen)
-    sharded = [
-        (".".join(map(str, path)), list(v[...].shape), sorted({tuple(s.data.shape) for s in v[...].addressable_shards}))
-        for path, v in frozen
-        if "fsdp" in str(v[...].sharding.spec)
-    ]
-    meta = {
-        "device_count": jax.device_count(),
-        "mesh": dict(trainer.batch_sharding.mesh.shape),
-        "frozen_leaves": len(frozen),
-        "frozen_sharded": len(sharded),
-        "sharded_example": sharded[:1],
-        "state_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)}),
-        "batch_shard_shapes": sorted({tuple(s.data.shape) for s in batch["lq"].addressable_shards}),
-    }
-    with open(out + ".json", "w") as f:
-        json.dump(meta, f)
     if nan_checks:
         _nan_checks(trainer, state, initial, batches[steps], config, workdir, out + ".nan.json")
 

@@ -3,10 +3,11 @@ handling; and, in-process, the LoRA target sets at SD-2.1 size and the tiny mode
 
 Compiling the tiny train step takes a minute or more on a small CPU, so every training run is a subprocess
 (tests/train_worker.py: `launch/train.py` itself, or `loop.build` + the jitted step on fixed batches) and
-they all share one persistent compilation cache for this module: the 1-device program is compiled once and
-loaded by every other 1-device run. All runs use the same backend flags (conftest.py's: LLVM's expensive
-passes off), the same weights (one random SD folder) and the same images. Independent runs start together (the
-in-process tests run meanwhile), and every child process dies with this one and is killed when the module ends.
+they all share one persistent compilation cache for this module: launch/train.py's 1-device program is compiled
+once and loaded by every later 1-device launch/train.py run. All runs use the same backend flags (conftest.py's:
+LLVM's expensive passes off), the same weights (one random SD folder) and the same images. Independent runs start
+together (the in-process tests run meanwhile), and every child process dies with this one and is killed when the
+module ends.
 
 Runs (three train-step programs: 1 device, 8 devices in one process, 2 processes x 4 devices):
   one    1 device: 3 steps on the pipeline's first batches, then the NaN checks (tests/train_worker.py `steps
@@ -334,16 +335,17 @@ def _resume_command(shared, workdir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def interrupted(shared, runs) -> SimpleNamespace:
-    """Runs A and B (see the module docstring), started once the 1-device program is in the cache."""
-    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device program is compiled", interval=0.5)
+    """Runs A and B (see the module docstring). B starts once `one` is done with its steps; A once B's first run has
+    put their program (launch/train.py's step: not `one`'s, whose arguments differ) in the cache."""
+    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device steps are done", interval=0.5)
     a_dir, b_dir = shared.root / "A", shared.root / "B"
-    a = Run("A", _resume_command(shared, a_dir), 1, shared, nice=2)
     b1 = Run("B1", _resume_command(shared, b_dir), 1, shared)
     # kill -9 as soon as checkpoint 2 is complete (the run is then somewhere in steps 3..6).
     wait_for(lambda: complete_steps(b_dir), b1, "B's first checkpoint", interval=0.02)
     os.kill(b1.proc.pid, signal.SIGKILL)
     b1.proc.wait()
     killed = SimpleNamespace(rc=b1.proc.returncode, complete=complete_steps(b_dir))
+    a = Run("A", _resume_command(shared, a_dir), 1, shared, nice=2)
     # Rerun: it resumes; SIGTERM right after its first logged step.
     b2 = Run("B2", _resume_command(shared, b_dir), 1, shared)
     # Meanwhile a second launch on the same workdir: refused at once, naming B2.

@@ -67,7 +67,7 @@ def test_sr_program_compiles_for_one_chip():
     config = get_config()
     config.sr.batch_size, config.sr.dtype = 2, "bfloat16"
     device = aot.topology_devices(TOPOLOGY)[0]
-    program = aot.compile_sr(config, device, size=128)
+    program = aot.compile_sr(config, device, size=64)  # 64x64 compiles in 2/3 of the time of 128x128
     report = aot.report(program, aot.CHIPS[device.device_kind])
     assert report["fits"] and report["chips"] == 1 and report["images_per_chip"] == 2
     assert report["model_tflop"] > 0 and report["ms_per_image"] > 0

@@ -4,24 +4,25 @@ handling; and, in-process, the LoRA target sets at SD-2.1 size and the tiny mode
 Compiling the tiny train step takes a minute or more on a small CPU, so every training run is a subprocess
 (tests/train_worker.py: `launch/train.py` itself, or `loop.build` + the jitted step on fixed batches) and
 they all share one persistent compilation cache for this module: launch/train.py's 1-device program is compiled
-once and loaded by every later 1-device launch/train.py run. All runs use the same backend flags (conftest.py's:
+once and loaded by every other 1-device run. All runs use the same backend flags (conftest.py's:
 LLVM's expensive passes off), the same weights (one random SD folder) and the same images. Independent runs start
 together (the in-process tests run meanwhile), and every child process dies with this one and is killed when the
 module ends.
 
 Runs (three train-step programs: 1 device, 8 devices in one process, 2 processes x 4 devices):
-  one    1 device: 3 steps on the pipeline's first batches, then the NaN checks (tests/train_worker.py `steps
-         --nan_checks`: at a log step, and between check points)
+  one    1 device: 6 steps on the pipeline's first batches (launch/train.py's program, without its loop), keeping
+         the state after steps 3 and 6: the uninterrupted references; then the NaN checks (tests/train_worker.py
+         `steps --nan_checks`: at a log step, and between check points)
   two    launch/train.py as 2 processes x 4 devices (coordinator on 127.0.0.1, gloo), mesh data=4 x fsdp=2 with
          frozen weights >= 1024 elements FSDP-split, 3 steps and a sample image
   one_process  the same launch/train.py command as 1 process x 8 devices: the same global batches, per-row draws
          and so the same training whatever the process count, and the same as `one`'s whatever the mesh
-  A      launch/train.py, 1 device, 6 steps, a checkpoint every 2: the uninterrupted reference
-  B      the same command: SIGKILL once checkpoint 2 is complete; rerun (it resumes; a second launch on the same
-         workdir meanwhile is refused, naming it), SIGTERM after its first logged step (it saves and exits 75);
-         rerun (it resumes again) to step 6, which must equal A's step 6.
-  C      a copy of A's workdir with one byte of step 6 flipped: the same command falls back to step 4, moves
-         step 6 to checkpoints_damaged/ and trains to step 6 again, which must equal A's.
+  B      launch/train.py, 1 device, 6 steps, a checkpoint every 2: SIGKILL once checkpoint 2 is complete; rerun
+         (it resumes; a second launch on the same workdir meanwhile is refused, naming it), SIGTERM after its first
+         logged step (it saves and exits 75); rerun (it resumes again) to step 6, which must equal `one`'s step 6.
+  C      a copy of B's checkpoints with one byte of step 6 flipped: the same command falls back to the newest
+         intact checkpoint before it, moves step 6 to checkpoints_damaged/ and trains to step 6 again, which must
+         equal `one`'s.
 """
 
 from __future__ import annotations
@@ -256,8 +257,9 @@ def runs(shared) -> SimpleNamespace:
     steps = [
         "steps",
         *shared.args,
-        f"--config.train.steps={STEPS}",
-        f"--steps={STEPS}",
+        f"--config.train.steps={RESUME_STEPS}",
+        f"--steps={RESUME_STEPS}",
+        f"--save_steps={STEPS}",
         f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
     ]
     one = Run(
@@ -335,17 +337,15 @@ def _resume_command(shared, workdir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def interrupted(shared, runs) -> SimpleNamespace:
-    """Runs A and B (see the module docstring). B starts once `one` is done with its steps; A once B's first run has
-    put their program (launch/train.py's step: not `one`'s, whose arguments differ) in the cache."""
-    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device steps are done", interval=0.5)
-    a_dir, b_dir = shared.root / "A", shared.root / "B"
+    """Run B (see the module docstring), started once `one` has put the 1-device program in the cache."""
+    wait_for(lambda: Path(f"{runs.one_out}.npz").exists(), runs.one, "the 1-device program is compiled", interval=0.5)
+    b_dir = shared.root / "B"
     b1 = Run("B1", _resume_command(shared, b_dir), 1, shared)
     # kill -9 as soon as checkpoint 2 is complete (the run is then somewhere in steps 3..6).
     wait_for(lambda: complete_steps(b_dir), b1, "B's first checkpoint", interval=0.02)
     os.kill(b1.proc.pid, signal.SIGKILL)
     b1.proc.wait()
     killed = SimpleNamespace(rc=b1.proc.returncode, complete=complete_steps(b_dir))
-    a = Run("A", _resume_command(shared, a_dir), 1, shared, nice=2)
     # Rerun: it resumes; SIGTERM right after its first logged step.
     b2 = Run("B2", _resume_command(shared, b_dir), 1, shared)
     # Meanwhile a second launch on the same workdir: refused at once, naming B2.
@@ -367,10 +367,8 @@ def interrupted(shared, runs) -> SimpleNamespace:
     terminated.log = b2.log()
     # Rerun again: resumes from the SIGTERM checkpoint and finishes.
     b3 = Run("B3", _resume_command(shared, b_dir), 1, shared)
-    wait_all(a, b3)
-    return SimpleNamespace(
-        a_dir=a_dir, b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3, intruder=intruder
-    )
+    wait_all(b3)
+    return SimpleNamespace(b_dir=b_dir, killed=killed, terminated=terminated, b2=b2, b3=b3, intruder=intruder)
 
 
 def flip_byte_of_largest_array_file(step_dir: Path) -> Path:
@@ -387,11 +385,17 @@ def flip_byte_of_largest_array_file(step_dir: Path) -> Path:
 def damaged(shared, interrupted) -> SimpleNamespace:
     """Run C (see the module docstring)."""
     c_dir = shared.root / "C"
-    shutil.copytree(interrupted.a_dir / "checkpoints", c_dir / "checkpoints")
+    shutil.copytree(interrupted.b_dir / "checkpoints", c_dir / "checkpoints")
+    intact = max(s for s in complete_steps(c_dir) if s < RESUME_STEPS)
     flipped = flip_byte_of_largest_array_file(c_dir / "checkpoints" / str(RESUME_STEPS))
     c = Run("C", _resume_command(shared, c_dir), 1, shared)
     wait_all(c)
-    return SimpleNamespace(c_dir=c_dir, run=c, flipped=flipped.relative_to(c_dir / "checkpoints" / str(RESUME_STEPS)))
+    return SimpleNamespace(
+        c_dir=c_dir,
+        run=c,
+        intact=intact,
+        flipped=flipped.relative_to(c_dir / "checkpoints" / str(RESUME_STEPS)),
+    )
 
 
 # ------------------------------------------------------------------------------------- LoRA targets, in-process
@@ -560,7 +564,7 @@ def test_tiny_tadsr_adapters_and_trainable_sets(fake_groups):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_kill9_then_resume_equals_uninterrupted(shared, interrupted):
+def test_kill9_then_resume_equals_uninterrupted(shared, runs, interrupted):
     killed = interrupted.killed
     assert killed.rc == -signal.SIGKILL
     assert killed.complete and killed.complete[0] == CHECKPOINT_EVERY and max(killed.complete) < RESUME_STEPS
@@ -569,7 +573,8 @@ def test_kill9_then_resume_equals_uninterrupted(shared, interrupted):
     assert int(resumed.group(1)) == max(killed.complete)
     assert complete_steps(interrupted.b_dir)[-1] == RESUME_STEPS
     assert not [p for p in (interrupted.b_dir / "checkpoints").iterdir() if not p.name.isdigit()]  # no partials
-    got, ref = read_state(interrupted.b_dir, RESUME_STEPS), read_state(interrupted.a_dir, RESUME_STEPS)
+    wait_all(runs.one)
+    got, ref = read_state(interrupted.b_dir, RESUME_STEPS), _state(runs.one_out, RESUME_STEPS)
     assert sorted(got) == sorted(ref)
     different = [k for k in ref if not np.array_equal(got[k], ref[k])]
     worst = max(
@@ -606,21 +611,24 @@ def test_second_run_on_a_workdir_is_refused_naming_the_first(interrupted):
     assert "Traceback" not in intruder.log()
 
 
-def test_damaged_newest_checkpoint_falls_back_and_training_redoes_it(damaged, interrupted):
+def test_damaged_newest_checkpoint_falls_back_and_training_redoes_it(runs, damaged):
     log = damaged.run.log()
     skipped = [line for line in log.splitlines() if f"checkpoint step {RESUME_STEPS} skipped" in line]
     assert len(skipped) == 1 and str(damaged.flipped) in skipped[0], damaged.run.tail()
-    assert re.search(rf"resumed from step {RESUME_STEPS - CHECKPOINT_EVERY}\b", log), damaged.run.tail()
+    assert re.search(rf"resumed from step {damaged.intact}\b", log), damaged.run.tail()
     quarantined = damaged.c_dir / "checkpoints_damaged" / str(RESUME_STEPS)
     assert (quarantined / damaged.flipped).is_file()
     assert complete_steps(damaged.c_dir)[-1] == RESUME_STEPS
-    got, ref = read_state(damaged.c_dir, RESUME_STEPS), read_state(interrupted.a_dir, RESUME_STEPS)
+    wait_all(runs.one)
+    got, ref = read_state(damaged.c_dir, RESUME_STEPS), _state(runs.one_out, RESUME_STEPS)
     worst = max(float(np.abs(got[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in ref)
     assert worst <= 1e-6 and int(got["step"]) == RESUME_STEPS
 
 
-def _state(npz_prefix: Path) -> dict[str, np.ndarray]:
-    return {k.removeprefix("state/"): v for k, v in np.load(f"{npz_prefix}.npz").items() if k.startswith("state/")}
+def _state(npz_prefix: Path, step: int) -> dict[str, np.ndarray]:
+    """tests/train_worker.py `steps`'s train state after `step`."""
+    prefix = f"state{step}/"
+    return {k.removeprefix(prefix): v for k, v in np.load(f"{npz_prefix}.npz").items() if k.startswith(prefix)}
 
 
 def test_8_devices_match_1_device(shared, runs):
@@ -633,13 +641,14 @@ def test_8_devices_match_1_device(shared, runs):
     assert len(shard_shapes) == 1 and np.prod(shard_shapes[0]) * 2 == np.prod(shape), meta["sharded_example"]
     assert meta["state_specs"] == ["P()"] and meta["batch_shard_shapes"] == [[1, CROP, CROP, 3]]
     one_losses = np.load(f"{runs.one_out}.npz")["losses"]
-    assert one_losses.shape == (STEPS, 2) and len(np.unique(one_losses[:, 0])) == STEPS
+    assert one_losses.shape == (RESUME_STEPS, 2) and len(np.unique(one_losses[:, 0])) == RESUME_STEPS
+    one_losses = one_losses[:STEPS]
     logged = _logged_metrics(runs.one_process.log())
     eight_losses = np.array([[logged[s]["loss/generator"], logged[s]["loss/fake_score"]] for s in range(1, STEPS + 1)])
     losses_err = float(np.max(np.abs(eight_losses - one_losses) / np.abs(one_losses)))
     shared.errors["8 devices vs 1: losses (worst step, 6-decimal logs)"] = losses_err
     assert np.all(np.abs(eight_losses - one_losses) <= LOGGED_ROUNDING + TOLERANCE * np.abs(one_losses)), losses_err
-    one = _state(runs.one_out)
+    one = _state(runs.one_out, STEPS)
     assert_same_training(read_state(runs.one_process_dir, STEPS), one, "8 devices vs 1", shared.errors)
     assert np.abs(one["generator/unet/mid_block/resnets/0/conv1/lora/default_others/b/value"]).max() > 0  # trained
 
@@ -684,7 +693,7 @@ def test_nan_batch_leaves_state_and_stops_cleanly(runs):
     # The jitted step on a batch with one NaN pixel: not finite, every state leaf returned bit-identical.
     assert got["bad_finite"] == 0.0 and got["bad_loss_is_nan"]
     assert got["same_leaves"] and got["changed_leaves"] == [] and got["state_leaves"] > 600
-    assert got["step_before"] == got["step_after"] == STEPS
+    assert got["step_before"] == got["step_after"] == RESUME_STEPS
     assert got["next_finite"] == 1.0
     # Through loop.train: NaN at step 3 after the step-2 checkpoint.
     assert got["error"] is not None
@@ -717,18 +726,18 @@ def test_sr_model_takes_the_generator_of_a_training_workdir(shared, interrupted)
     config = get_config()
     folder = next(a.split("=", 1)[1] for a in shared.args if a.startswith("--config.model.pretrained="))
     model, _, _ = build_tadsr(folder, config.model, fake_score_groups=config.model.fake_score_groups)
-    trained = load_generator_weights(model, WeightsSource(workdir=str(interrupted.a_dir)), config)
+    trained = load_generator_weights(model, WeightsSource(workdir=str(interrupted.b_dir)), config)
     assert trained == [1, config.train.max_student_timestep]
     loaded = {
         "generator/" + "/".join(map(str, path)): np.asarray(v[...])
         for path, v in nnx.to_flat_state(nnx.state(model, GENERATOR))
     }
     # Orbax names each variable's leaf `.../value`.
-    saved = {k.removesuffix("/value"): v for k, v in read_state(interrupted.a_dir, RESUME_STEPS).items()}
+    saved = {k.removesuffix("/value"): v for k, v in read_state(interrupted.b_dir, RESUME_STEPS).items()}
     assert sorted(loaded) == sorted(k for k in saved if k.startswith("generator/"))
     assert all(np.array_equal(loaded[k], saved[k]) for k in loaded)
     # Its export (launch/convert.py --workdir) carries the trained timestep range into the manifest.
     out = shared.root / "exported.safetensors"
-    export_generator(config, folder, WeightsSource(workdir=str(interrupted.a_dir)), str(out))
+    export_generator(config, folder, WeightsSource(workdir=str(interrupted.b_dir)), str(out))
     manifest = json.loads(Path(f"{out}.json").read_text())
     assert manifest["metadata"]["trained_timesteps"] == [1, config.train.max_student_timestep]

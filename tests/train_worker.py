@@ -7,9 +7,10 @@ python tests/train_worker.py cli [launch/train.py flags...]
     before running it (see `_CompileThenBarrier`); and that with $TRAIN_WORKER_PLACEMENT set, the first train
     step writes where its arguments live to that file (see `_record_placement`).
 python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
-    [--nan_checks] [--config.X=Y ...]
-    `loop.build` + the jitted step on the pipeline's first N global batches; writes every step's losses and
-    the final train state (flattened) to OUT.npz.
+    [--save_steps=K,...] [--nan_checks] [--config.X=Y ...]
+    `loop.build` + the jitted step on the pipeline's first N global batches (the program launch/train.py
+    compiles: the XLA options are the launchers', tests/conftest.py); writes every step's losses and the train
+    state (flattened) after step N and after each step K to OUT.npz (`state<step>/...`).
     With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
     must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
     NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
@@ -163,7 +164,7 @@ def _host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None:
+def _steps(config, workdir: str, out: str, steps: int, save_steps: set[int], nan_checks: bool) -> None:
     import numpy as np
 
     from tadsr_jax import parallel
@@ -172,15 +173,17 @@ def _steps(config, workdir: str, out: str, steps: int, nan_checks: bool) -> None
 
     trainer = build(config, workdir)
     initial = _host_copy(trainer.state)
-    state, losses = trainer.state, []
+    state, losses, saved = trainer.state, [], {}
     batches = _batches(trainer, config, steps + 1)
-    for host_batch in batches[:steps]:
+    for step, host_batch in enumerate(batches[:steps], 1):
         batch = parallel.global_batch(host_batch, trainer.batch_sharding)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
         values = host_metrics(metrics)
         assert values["finite"] == 1.0, values
         losses.append([values["loss/generator"], values["loss/fake_score"]])
-    np.savez(out + ".npz", losses=np.array(losses), **{f"state/{k}": v for k, v in flat_state(state).items()})
+        if step in save_steps | {steps}:
+            saved.update({f"state{step}/{k}": v for k, v in flat_state(state).items()})
+    np.savez(out + ".npz", losses=np.array(losses), **saved)
     if nan_checks:
         _nan_checks(trainer, state, initial, batches[steps], config, workdir, out + ".nan.json")
 
@@ -358,6 +361,7 @@ def _main_flags() -> None:
     workdir = flags.DEFINE_string("workdir", None, "Work directory.", required=True)
     out = flags.DEFINE_string("out", None, "Output path prefix.", required=True)
     steps = flags.DEFINE_integer("steps", 3, "Steps (steps mode).")
+    save_steps = flags.DEFINE_list("save_steps", [], "Also save the state after these steps (steps mode).")
     nan_checks = flags.DEFINE_bool("nan_checks", False, "Then the NaN checks (steps mode).")
     sys.argv.pop(1)
 
@@ -365,7 +369,9 @@ def _main_flags() -> None:
         del argv
         _use_session_cache()
         os.makedirs(workdir.value, exist_ok=True)
-        _steps(config_flag.value, workdir.value, out.value, steps.value, nan_checks.value)
+        _steps(
+            config_flag.value, workdir.value, out.value, steps.value, set(map(int, save_steps.value)), nan_checks.value
+        )
 
     app.run(main)
 

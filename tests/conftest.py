@@ -16,12 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # inherit it.
 FAST_COMPILE = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_COMPILE]))
-# And the XLA:CPU options the launchers add (tadsr_jax/runtime.py), so that the tests compile the programs users
-# run, and a program compiled in a test process and by a launcher subprocess is one entry of the cache below (the
-# options are part of its key).
-from tadsr_jax import runtime  # noqa: E402  (after the variables above: importing JAX reads them)
-
-runtime.set_xla_cpu_flags()
 # One persistent compilation cache for the whole run: many modules compile the same tiny SD programs (a UNet or VAE
 # pass, an SR batch), and pytest-xdist's workers and the launchers' subprocesses inherit the directory, so each
 # program is compiled once per run. The main process makes it (xdist workers are started after this import, with

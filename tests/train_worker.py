@@ -8,8 +8,8 @@ python tests/train_worker.py cli [launch/train.py flags...]
     step writes where its arguments live to that file (see `_record_placement`).
 python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
     [--save_steps=K,...] [--nan_checks] [--config.X=Y ...]
-    `loop.build` + the jitted step on the pipeline's first N global batches (the program launch/train.py
-    compiles: the XLA options are the launchers', tests/conftest.py); writes every step's losses and the train
+    `loop.build` + the jitted step on the pipeline's first N global batches (the very program launch/train.py
+    compiles: with the launchers' XLA:CPU options); writes every step's losses and the train
     state (flattened) after step N and after each step K to OUT.npz (`state<step>/...`).
     With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
     must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
@@ -357,6 +357,8 @@ def _main_flags() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from tadsr_jax import runtime
+
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Work directory.", required=True)
     out = flags.DEFINE_string("out", None, "Output path prefix.", required=True)
@@ -367,6 +369,7 @@ def _main_flags() -> None:
 
     def main(argv):
         del argv
+        runtime.set_xla_cpu_flags()  # launch/train.py's options (part of the cache key), before JAX's backend starts
         _use_session_cache()
         os.makedirs(workdir.value, exist_ok=True)
         _steps(

@@ -116,10 +116,14 @@ def _record_placement(path: str):
     """A step wrapper that writes `_placement` of its first call's arguments to `path`."""
 
     def wrapper(step_fn):
+        recorded = False
+
         def step(state, frozen, rest, batch, neg_context):
-            if not os.path.exists(path):
+            nonlocal recorded
+            if not recorded:
                 with open(path, "w") as f:
                     json.dump(_placement(state, frozen, batch), f)
+                recorded = True
             return step_fn(state, frozen, rest, batch, neg_context)
 
         return step

@@ -7,10 +7,11 @@ python tests/train_worker.py cli [launch/train.py flags...]
     before running it (see `_CompileThenBarrier`); and that with $TRAIN_WORKER_PLACEMENT set, the first train
     step writes where its arguments live to that file (see `_record_placement`).
 python tests/train_worker.py steps --config=configs/tiny.py --workdir=W --out=OUT --steps=N
-    [--save_steps=K,...] [--nan_checks] [--config.X=Y ...]
+    [--save_steps=K,...] [--sample_step=S] [--nan_checks] [--config.X=Y ...]
     `loop.build` + the jitted step on the pipeline's first N global batches (the very program launch/train.py
-    compiles: with the launchers' XLA:CPU options); writes every step's losses and the train
-    state (flattened) after step N and after each step K to OUT.npz (`state<step>/...`).
+    compiles: with the launchers' XLA:CPU options); writes every step's metrics to OUT.metrics.json, and the train
+    state (flattened) after step N and after each step K to OUT.npz (`state<step>/...`), with the sample image
+    launch/train.py would write after step S (`sample`: LQ | SR | HR rows, uint8).
     With --nan_checks, then (same process, same compiled step): a step on a batch with a NaN (the state
     must come back unchanged), and `loop.train` from the initial state with a data iterator that yields a
     NaN batch at step 3 after the step-2 checkpoint, then again with NaN batches at steps 5 and 7, between
@@ -168,26 +169,34 @@ def _host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _steps(config, workdir: str, out: str, steps: int, save_steps: set[int], nan_checks: bool) -> None:
+def _steps(
+    config, workdir: str, out: str, steps: int, save_steps: set[int], sample_step: int, nan_checks: bool
+) -> None:
     import numpy as np
 
     from tadsr_jax import parallel
-    from tadsr_jax.train.loop import build
+    from tadsr_jax.train import loop, validation
     from tadsr_jax.train.step import host_metrics
 
-    trainer = build(config, workdir)
+    trainer = loop.build(config, workdir)
     initial = _host_copy(trainer.state)
-    state, losses, saved = trainer.state, [], {}
+    state, per_step, saved = trainer.state, [], {}
     batches = _batches(trainer, config, steps + 1)
     for step, host_batch in enumerate(batches[:steps], 1):
         batch = parallel.global_batch(host_batch, trainer.batch_sharding)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.rest, batch, trainer.neg_context)
         values = host_metrics(metrics)
         assert values["finite"] == 1.0, values
-        losses.append([values["loss/generator"], values["loss/fake_score"]])
+        per_step.append(values)
         if step in save_steps | {steps}:
             saved.update({f"state{step}/{k}": v for k, v in flat_state(state).items()})
-    np.savez(out + ".npz", losses=np.array(losses), **saved)
+        if step == sample_step:  # as loop.train samples
+            t = validation.global_timesteps(config.train.sample_timestep, trainer.batch_sharding, batch["lq"].shape[0])
+            sr = trainer.sample_fn(state, trainer.frozen, trainer.rest, batch, t, jax.random.key(0))
+            saved["sample"] = loop._grid(batch, sr)
+    np.savez(out + ".npz", **saved)
+    with open(out + ".metrics.json", "w") as f:
+        json.dump(per_step, f)
     if nan_checks:
         _nan_checks(trainer, state, initial, batches[steps], config, workdir, out + ".nan.json")
 
@@ -368,6 +377,7 @@ def _main_flags() -> None:
     out = flags.DEFINE_string("out", None, "Output path prefix.", required=True)
     steps = flags.DEFINE_integer("steps", 3, "Steps (steps mode).")
     save_steps = flags.DEFINE_list("save_steps", [], "Also save the state after these steps (steps mode).")
+    sample_step = flags.DEFINE_integer("sample_step", 0, "Save the sample image after this step (steps mode).")
     nan_checks = flags.DEFINE_bool("nan_checks", False, "Then the NaN checks (steps mode).")
     sys.argv.pop(1)
 
@@ -377,7 +387,13 @@ def _main_flags() -> None:
         _use_session_cache()
         os.makedirs(workdir.value, exist_ok=True)
         _steps(
-            config_flag.value, workdir.value, out.value, steps.value, set(map(int, save_steps.value)), nan_checks.value
+            config_flag.value,
+            workdir.value,
+            out.value,
+            steps.value,
+            set(map(int, save_steps.value)),
+            sample_step.value,
+            nan_checks.value,
         )
 
     app.run(main)

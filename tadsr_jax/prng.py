@@ -2,8 +2,11 @@
 given one key per row.
 
 XLA:CPU takes seconds to compile JAX's (default, partitionable) threefry sampler for arrays of rank >= 3,
-against ~0.3 s for rank <= 2, and the values only depend on the flat index. So we sample a
-(leading axis, rest) matrix and reshape: identical numbers, the leading (batch) axis kept for sharding.
+against ~0.3 s for rank <= 2, and the values only depend on the flat index. So inside a traced program we sample a
+(leading axis, rest) matrix and reshape: identical numbers, the leading (batch) axis kept for sharding. Outside
+one (initialising a model's weights), every new shape would compile a sampler of its own (a tiny UNet and VAE: 72
+samplers, 5.4 s of its 7.2 s build); there we draw the next power of two of the size as a vector and keep the
+first values, the same numbers again, so that all sizes up to 2^k share k + 1 compiled samplers.
 
 Every function also takes a (B,) array of keys, one per row of the leading axis: each row is then drawn from its
 own key alone, so a row's numbers do not depend on which other rows share its batch. The train step draws this
@@ -34,7 +37,10 @@ def _draw(sample: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Ar
     shape = tuple(shape)
     if _per_row(key):
         return jax.vmap(lambda k: sample(k, (math.prod(shape[1:]),)))(key).reshape(shape)
-    return sample(key, _matrix_shape(shape)).reshape(shape)
+    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+        return sample(key, _matrix_shape(shape)).reshape(shape)
+    size = math.prod(shape)
+    return sample(key, (1 << max(size - 1, 0).bit_length(),))[:size].reshape(shape)
 
 
 def normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:

@@ -30,6 +30,7 @@ def _launch(name: str, *args: str, env: dict | None = None) -> subprocess.Comple
     )
 
 
+@pytest.mark.slow  # runs the launcher
 @pytest.mark.parametrize(
     "name, args, line",
     [
@@ -52,6 +53,7 @@ def test_unknown_config_key_is_one_line_naming_the_closest_key(name, args, line)
     assert (run.returncode, run.stderr, run.stdout) == (2, line + "\n", "")
 
 
+@pytest.mark.slow  # runs the launcher
 def test_usage_errors_are_one_line():
     missing = _launch("sr", "--config=configs/tiny.py", "--input=x")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
@@ -76,6 +78,7 @@ def test_unknown_config_key_message():
     assert cli.unknown_config_key(config, ["zzzzzz"]) == "unknown config key 'zzzzzz'"
 
 
+@pytest.mark.slow  # runs the launcher
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_help_exits_0(name):
     run = _launch(name, "--help")
@@ -89,6 +92,7 @@ def _flag_names(help_text: str) -> set[str]:
 
 
 # evaluate.py's --batch_size is the scoring batch (images scored per call), not config.sr.batch_size.
+@pytest.mark.slow  # runs the launcher
 @pytest.mark.parametrize("name, not_sr_settings", [("sr", set()), ("evaluate", {"batch_size"})])
 def test_sr_settings_are_config_keys_not_flags(name, not_sr_settings):
     """The SR settings have one source, config.sr: the launchers that super-resolve have no flag named after one
@@ -101,6 +105,7 @@ def test_sr_settings_are_config_keys_not_flags(name, not_sr_settings):
     assert flags & sr_keys == not_sr_settings
 
 
+@pytest.mark.slow  # runs the launcher
 def test_convert_usage_keeps_its_continuation_lines():
     run = _launch("convert", "--help")
     assert run.returncode == 0
@@ -165,6 +170,7 @@ def test_other_libraries_info_is_dropped_unless_verbose(root_logging, capsys):
         assert lines == ["ours", *libraries_info, "a library warning"]
 
 
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.parametrize("verbose", [False, True])
 def test_transformers_torch_advice_only_with_verbose(verbose):
     """transformers says "PyTorch was not found" on import when torch is missing (here: made unimportable)."""

@@ -126,6 +126,7 @@ def _evaluate_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
+@pytest.mark.slow  # runs launch/evaluate.py
 def test_launcher_unknown_metric_and_fid_without_pyiqa_are_one_line(folders, tmp_path):
     """Both refused before anything is scored, exit 2, one line; pyiqa is made absent in the launcher's process
     (installed or not here)."""
@@ -216,6 +217,7 @@ def test_sweep_plot_writes_a_png(tmp_path):
         assert image.format == "PNG" and image.width > image.height > 100
 
 
+@pytest.mark.slow  # runs launch/evaluate.py
 def test_launcher_end_to_end(folders, tmp_path):
     sr, hr = folders
     out = tmp_path / "report"
@@ -244,6 +246,7 @@ def test_launcher_end_to_end(folders, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: lpips needs")
 
 
+@pytest.mark.slow  # runs launch/evaluate.py
 def test_launcher_lpips_alex_is_the_papers_lpips_row(folders, tmp_path):
     """--lpips_alex=FILE: by default beside PSNR/SSIM (notes for the LPIPS-VGG and DISTS left out), its means equal
     the AlexNet LPIPS of the files, labelled as the paper's LPIPS in the table."""
@@ -273,6 +276,7 @@ def test_launcher_lpips_alex_is_the_papers_lpips_row(folders, tmp_path):
     assert any(row.startswith("|  | LPIPS-Alex (paper's LPIPS)↓ |") for row in table), table
 
 
+@pytest.mark.slow  # runs launch/evaluate.py
 def test_columns_of_different_coverage_are_compared_on_the_images_scored_in_all(folders, tmp_path):
     """Column a lacks rocket, b lacks chelsea and b's coffee is unreadable: both are scored on astronaut alone (the
     only image scored in both), each lists what it left out, and the count is in the table and the JSON."""

@@ -600,6 +600,7 @@ def generator_value_and_grad(model, schedule, batch, neg_context, student_t, key
     return nnx.value_and_grad(fn, argnums=nnx.DiffState(0, GENERATOR), has_aux=True)(model)
 
 
+@pytest.mark.slow  # compiles the generator's gradient
 def test_generator_l2_loss_and_gradients(tiny):
     model = tiny["model"]
     rng = np.random.default_rng(8)

@@ -260,6 +260,7 @@ def test_missing_head_is_named(weight_files, tmp_path):
         load_lpips(broken)
 
 
+@pytest.mark.slow  # runs launch/convert.py
 def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
     out = tmp_path / "out.safetensors"
     result = subprocess.run(
@@ -283,6 +284,7 @@ def test_convert_cli_missing_input_is_one_line(weight_files, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # runs launch/convert.py
 def test_convert_cli_writes_the_alexnet_file(alex_weight_files, tmp_path):
     out = tmp_path / "lpips_alex.safetensors"
     result = subprocess.run(

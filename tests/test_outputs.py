@@ -154,6 +154,7 @@ def _launch_sr(tmp_path, folder, output, *flags) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # runs launch/sr.py
 def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
     folder, output = tmp_path / "in", tmp_path / "out"
     _inputs(folder, "a.png")
@@ -163,6 +164,7 @@ def test_launcher_refuses_a_bad_scale_in_one_line(tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.slow  # runs launch/sr.py
 def test_launcher_refuses_with_one_line_per_problem_before_loading_weights(tmp_path):
     """The weights file does not exist: had the model been loaded first, that would be the error."""
     folder = tmp_path / "in"

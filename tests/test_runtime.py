@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tadsr_jax import runtime
 
 CHECK = r"""
@@ -34,6 +36,7 @@ def test_set_xla_cpu_flags_adds_missing_flags_and_keeps_the_users(monkeypatch):
     assert os.environ["XLA_FLAGS"] == mine
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_flags_send_matmuls_to_ynnpack_and_convolutions_to_xla():
     """In a fresh process (XLA reads the flags once): this jaxlib knows the flag, and it has its effect."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -4,6 +4,7 @@ memory is mostly these saved activations), and the per-source listing `launch/co
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs.tiny import get_config
@@ -41,6 +42,7 @@ def test_lpips_keeps_nothing_of_the_targets_pass():
     assert 0 < one < 0.6 * both
 
 
+@pytest.mark.slow  # traces the train step three times
 def test_saved_activations_of_the_train_step_shrink_with_remat():
     """The listing of launch/compile.py: sources inside the package, largest first, and it sees a remat policy."""
     config = get_config()

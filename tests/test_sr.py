@@ -68,6 +68,7 @@ _unet = nnx.jit(lambda unet, z, t, ctx: unet(z, t, ctx))
 _encode = nnx.jit(lambda vae, x, t: vae.encode(x, t))
 
 
+@pytest.mark.slow  # compiles the student UNet with and without adapters, and the VAE encoder
 def test_merged_lora_equals_adapters(tiny_sd):
     model, _, _ = trained_tadsr(tiny_sd)
     merged = nnx.clone(model)
@@ -116,6 +117,7 @@ def test_tiled_call_blends_to_the_untiled_result_for_a_pointwise_function(shape)
     np.testing.assert_allclose(tiled_call(fn, z, 24, 8), fn(z), atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the UNet per tile shape
 def test_tiled_unet_one_tile_is_exact_and_several_tiles_are_close(sr_model):
     rng = np.random.default_rng(2)
     z = jnp.asarray(rng.normal(size=(1, 48, 64, 4)), jnp.float32)
@@ -150,6 +152,7 @@ def upscaler(sr_model, compilation_cache):
     return Upscaler(sr_model, SRSettings.from_config(CONFIG.sr))
 
 
+@pytest.mark.slow  # compiles SR programs (first use of the upscaler)
 def test_output_is_exactly_x4_and_reproducible(upscaler):
     images = [sample("astronaut", (32, 32)), sample("coffee", (21, 30)), sample("chelsea", (32, 32))]
     first = upscaler.super_resolve(images, ["", "", ""])
@@ -191,6 +194,7 @@ def direct_generator(sr_model):
     return nnx.jit(lambda vae, unet, lq, t, ctx, key: generate(vae, unet, sr_model.schedule, lq, t, ctx, key)[1])
 
 
+@pytest.mark.slow  # an SR program per scale
 @pytest.mark.parametrize("scale,side", [(1, 64), (2, 32), (3, 32)])
 def test_other_scales_equal_the_generator_on_the_bicubic_upscaled_input(
     sr_model, upscaler, direct_generator, scale, side
@@ -227,12 +231,14 @@ def test_other_scales_equal_the_generator_on_the_bicubic_upscaled_input(
     assert diff.max() <= 1
 
 
+@pytest.mark.slow  # an SR program
 def test_seed_changes_the_posterior_sample(upscaler):
     image = [sample("astronaut", (32, 32))]
     a, b = (upscaler.replace(seed=s).super_resolve(image, [""])[0] for s in (1, 2))
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow  # SR programs at two batch sizes
 def test_sweep_equals_single_runs_and_the_knob_matters(upscaler):
     image = sample("astronaut", (32, 32))
     single = upscaler.replace(timestep=900).super_resolve([image], [""])[0]
@@ -248,6 +254,7 @@ def test_sweep_equals_single_runs_and_the_knob_matters(upscaler):
     assert all(np.abs(pairs[t].astype(int) - outs[t].astype(int)).max() <= 1 for t in outs)
 
 
+@pytest.mark.slow  # a bfloat16 SR program
 def test_bfloat16_is_close_to_float32(tiny_sd, upscaler):
     model, tokenizer, schedule = trained_tadsr(tiny_sd)
     merge_generator(model)
@@ -301,6 +308,7 @@ def test_bfloat16_load_holds_one_float32_copy_at_most_and_matches_the_float32_lo
         )
 
 
+@pytest.mark.slow  # compiles the SR program twice
 def test_bfloat16_program_holds_no_float32_copy_of_the_weights(tiny_sd):
     """XLA:CPU computes bfloat16 convolutions and dots in float32. With its default scheduler every weight was
     converted before the first layer ran, so the bfloat16 program's scratch held a float32 copy of all weights
@@ -504,6 +512,7 @@ def test_convert_to_the_reference_format_then_sr_gives_the_same_image(
     assert np.array_equal(first, second)
 
 
+@pytest.mark.slow  # SR programs of both VAE paths
 def test_stripwise_vae_path_equals_the_one_pass_path(upscaler):
     """Above `vae_strip_above` pixels the VAE runs strip-wise on the host and the UNet one jitted tile at a time
     (the one-pass path maps over the tiles inside its program); the result is the same image. The tiny VAE does
@@ -515,6 +524,7 @@ def test_stripwise_vae_path_equals_the_one_pass_path(upscaler):
     assert np.abs(one_pass.astype(int) - stripwise.astype(int)).max() <= 1
 
 
+@pytest.mark.slow  # an SR program
 def test_timesteps_outside_the_trained_range_get_one_warning(tmp_path, tiny_sd, tiny_generator):
     """An export recording trained timesteps 1..200 (configs/tiny.py): t = 900 or a sweep reaching past 200 gets
     one warning line, t = 100 none, and weights that record no range (the reference's tadsr.pkl) none either."""

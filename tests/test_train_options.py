@@ -181,6 +181,7 @@ print(json.dumps({"moved": moved, "spec": str(y.sharding.spec), "mean": float(me
 """
 
 
+@pytest.mark.slow  # a 4-device Python process
 def test_micro_batches_stay_on_the_devices_of_their_rows():
     """On 4 devices (mesh 2 x 2): every micro-batch is spread over all devices and each device's rows stay on it;
     the accumulation's only collective is the all-reduce of the mean."""
@@ -346,6 +347,7 @@ def test_fine_tuning_starts_from_the_generator_that_inference_loads(tiny_sd, tin
     assert err <= 1.5e-4
 
 
+@pytest.mark.slow  # builds a trainer
 def test_a_workdir_with_checkpoints_resumes_without_reading_init_generator(tiny_sd, tmp_path):
     """A workdir holding a saved step resumes its own checkpoint (tests/test_training.py), so the build does not
     even read model.init_generator (here a file that is gone); a fresh workdir reads it, and says so if it is gone."""
@@ -370,6 +372,7 @@ def test_a_workdir_with_checkpoints_resumes_without_reading_init_generator(tiny_
 INPUTS = ["--config.model.pretrained=no_sd_here", "--config.data.path=no_images_here"]
 
 
+@pytest.mark.slow  # runs launch/train.py
 @pytest.mark.parametrize(
     "args, line",
     [

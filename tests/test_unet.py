@@ -71,6 +71,7 @@ def test_unet_matches_diffusers(unet_pair):
     assert rel_err(nhwc_to_nchw(ours), ref) <= 3e-4  # measured 7.3e-6, 9.9e-6 (float32, two summation orders): 30x
 
 
+@pytest.mark.slow  # diffusers' bfloat16 UNet on the CPU, and ours
 def test_unet_bf16_close_to_fp32(unet_pair):
     """bf16 weights and activations (norm statistics and softmax in fp32). Tolerance: the mean error may be
     at most 6% of the fp32 output's std (measured 1.5e-2 and 2.0e-2: bf16 rounding leaves no room for 10x) and at

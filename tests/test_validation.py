@@ -109,6 +109,7 @@ def test_lpips_and_dists_are_scored_when_their_weights_are_configured(eval_folde
     assert list(means[config.train.sample_timestep]) == ["psnr", "ssim", "lpips", "dists"]
 
 
+@pytest.mark.slow  # runs launch/train.py
 def test_eval_every_without_a_set_is_one_line_before_anything_loads(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run(

@@ -116,6 +116,7 @@ def test_folder_problems_are_one_line_errors(folder, tmp_path):
         load_unet(unsupported)
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_pulls_in_neither_torch_nor_tensorflow():
     code = (
         "import sys, tadsr_jax, tadsr_jax.nn, tadsr_jax.models.unet, tadsr_jax.models.vae, "

@@ -661,7 +661,8 @@ def test_two_processes_match_1_device(shared, runs):
     shared.errors["2x4 processes vs 1 device: logged metrics (worst, relative, 6-decimal logs)"] = worst
     reference = _state(runs.one_out, STEPS)
     assert_same_training(read_state(runs.two_dir, STEPS), reference, "2x4 processes vs 1 device", shared.errors)
-    assert np.abs(reference["generator/unet/mid_block/resnets/0/conv1/lora/default_others/b/value"]).max() > 0
+    trained = reference["generator/unet/mid_block/resnets/0/conv1/lora/default_others/b/value"]
+    assert np.abs(trained).max() > 0  # the LoRA B factors start at zero: the reference really trained
     written = np.asarray(Image.open(runs.two_dir / f"samples/step_{STEPS:08d}.png"), np.int16)
     sampled = np.load(f"{runs.one_out}.npz")["sample"].astype(np.int16)
     assert written.shape == sampled.shape, (written.shape, sampled.shape)

@@ -232,10 +232,9 @@ class GroupNorm(nnx.Module):
     """GroupNorm over NHWC (or NTC) input; statistics in float32 whatever the activation dtype.
 
     `__call__` can also apply a (scale, shift) modulation and SiLU, the ops that follow every GroupNorm of SD's
-    ResNet blocks. The three have one hand-written backward pass (`_group_norm_bwd`) that keeps only the input and
-    the per-group statistics: the float32 intermediates (each twice the bytes of a bf16 map, two per norm) were the
-    largest saved activations of a 512x512 train step, and recomputing the forward pass under autodiff (as
-    `jax.checkpoint` would) reads the map four more times than the two passes the backward needs.
+    ResNet blocks. The backward pass keeps only the input and per-group statistics: the float32 intermediates
+    (each twice the bytes of a bf16 map, two per norm) were the largest saved activations of a 512x512 train
+    step. What it recomputes depends on the platform the program is compiled for (`_group_norm`).
     """
 
     def __init__(self, num_groups: int, num_channels: int, *, eps: float, dtype=jnp.float32):
@@ -271,7 +270,6 @@ def _modulate(y: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None) -> 
     return y if scale_shift is None else y * (1 + scale_shift[0]) + scale_shift[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _group_norm(
     x: jax.Array,
     scale: jax.Array,
@@ -281,6 +279,32 @@ def _group_norm(
     eps: float,
     silu: bool,
 ) -> jax.Array:
+    """GN -> modulation -> SiLU with the backward pass each platform runs best (`jax.lax.platform_dependent`).
+
+    CPU: the hand-written two-pass backward (`_group_norm_two_pass`); the CPU train benchmark's step went from 3.9
+    to 3.4 s with it. Elsewhere: autodiff of the forward recomputed from the input (`jax.checkpoint`), which XLA
+    fuses better on TPU: on two SD ResNet blocks at 256x256x256, bf16, batch 4, forward and backward, a v5p
+    estimate of 21.7 ms, 32.3 GB of HBM traffic and 2.1 GiB of temporaries, against 22.8 ms, 37.6 GB and 3.5 GiB
+    with the hand-written backward.
+    """
+    static = (num_groups, eps, silu)
+    return jax.lax.platform_dependent(
+        x,
+        scale,
+        bias,
+        scale_shift,
+        cpu=lambda *args: _group_norm_two_pass(*args, *static),
+        default=lambda *args: _group_norm_recomputed(*args, *static),
+    )
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6), policy=jax.checkpoint_policies.nothing_saveable)
+def _group_norm_recomputed(x, scale, bias, scale_shift, num_groups, eps, silu):
+    return _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _group_norm_two_pass(x, scale, bias, scale_shift, num_groups, eps, silu):
     return _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu)[0]
 
 
@@ -305,30 +329,35 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
     Q = sum u n (the first pass): dt = P, ds = gamma Q + beta P, dbeta = sum_B (1 + s) P, dgamma = sum_B (1 + s) Q.
     With v = u (1 + s) gamma, the cotangent of n, the input's is rstd (v - mean_group(v) - n mean_group(v n)) (the
     second pass), where the group means of v and v n are group sums of (1 + s) gamma P and (1 + s) gamma Q.
+    Each pass recomputes n and u from x and g: kept between the passes, they would be two float32 maps in memory
+    (XLA does not duplicate the sigmoid into both passes by itself; the optimization barrier makes it).
     """
     del eps  # in rstd already
     x, scale, bias, scale_shift, mean, rstd = residuals
     f32 = jnp.float32
     batch, channels = x.shape[0], x.shape[-1]
-    x3 = x.astype(f32).reshape(batch, -1, channels)
     gamma, beta = scale.astype(f32), bias.astype(f32)
-    n = (x3 - mean) * rstd
-    factor = (
-        jnp.ones((batch, channels), f32)
-        if scale_shift is None
-        else 1 + scale_shift[0].astype(f32).reshape(batch, channels)
-    )
-    u = g.astype(f32).reshape(x3.shape)
-    if silu:
-        m = n * gamma + beta
-        if scale_shift is not None:
-            m = m * factor[:, None] + scale_shift[1].astype(f32).reshape(batch, 1, channels)
-        sig = jax.nn.sigmoid(m)
-        u = u * sig * (1 + m * (1 - sig))
+    factor, shift = jnp.ones((batch, channels), f32), None
+    if scale_shift is not None:
+        factor = 1 + scale_shift[0].astype(f32).reshape(batch, channels)
+        shift = scale_shift[1].astype(f32).reshape(batch, 1, channels)
+
+    def normalised_and_cotangent(x, g):
+        n = (x.astype(f32).reshape(batch, -1, channels) - mean) * rstd
+        u = g.astype(f32).reshape(n.shape)
+        if silu:
+            m = n * gamma + beta
+            m = m if shift is None else m * factor[:, None] + shift
+            sig = jax.nn.sigmoid(m)
+            u = u * sig * (1 + m * (1 - sig))
+        return n, u
+
+    n, u = normalised_and_cotangent(x, g)
     p, q = u.sum(1), (u * n).sum(1)  # (B, C)
-    count = x3.shape[1] * (channels // num_groups)
+    count = n.shape[1] * (channels // num_groups)
     mean_v = _per_group(factor * gamma * p, num_groups)[:, None] / count
     mean_vn = _per_group(factor * gamma * q, num_groups)[:, None] / count
+    n, u = normalised_and_cotangent(*jax.lax.optimization_barrier((x, g)))
     dx = rstd * (u * (factor * gamma)[:, None] - mean_v - n * mean_vn)
     d_scale_shift = None
     if scale_shift is not None:
@@ -339,7 +368,7 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
     return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias, d_scale_shift
 
 
-_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+_group_norm_two_pass.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class LayerNorm(nnx.Module):

@@ -329,8 +329,6 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
     Q = sum u n (the first pass): dt = P, ds = gamma Q + beta P, dbeta = sum_B (1 + s) P, dgamma = sum_B (1 + s) Q.
     With v = u (1 + s) gamma, the cotangent of n, the input's is rstd (v - mean_group(v) - n mean_group(v n)) (the
     second pass), where the group means of v and v n are group sums of (1 + s) gamma P and (1 + s) gamma Q.
-    Each pass recomputes n and u from x and g: kept between the passes, they would be two float32 maps in memory
-    (XLA does not duplicate the sigmoid into both passes by itself; the optimization barrier makes it).
     """
     del eps  # in rstd already
     x, scale, bias, scale_shift, mean, rstd = residuals
@@ -342,22 +340,17 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
         factor = 1 + scale_shift[0].astype(f32).reshape(batch, channels)
         shift = scale_shift[1].astype(f32).reshape(batch, 1, channels)
 
-    def normalised_and_cotangent(x, g):
-        n = (x.astype(f32).reshape(batch, -1, channels) - mean) * rstd
-        u = g.astype(f32).reshape(n.shape)
-        if silu:
-            m = n * gamma + beta
-            m = m if shift is None else m * factor[:, None] + shift
-            sig = jax.nn.sigmoid(m)
-            u = u * sig * (1 + m * (1 - sig))
-        return n, u
-
-    n, u = normalised_and_cotangent(x, g)
+    n = (x.astype(f32).reshape(batch, -1, channels) - mean) * rstd
+    u = g.astype(f32).reshape(n.shape)
+    if silu:
+        m = n * gamma + beta
+        m = m if shift is None else m * factor[:, None] + shift
+        sig = jax.nn.sigmoid(m)
+        u = u * sig * (1 + m * (1 - sig))
     p, q = u.sum(1), (u * n).sum(1)  # (B, C)
     count = n.shape[1] * (channels // num_groups)
     mean_v = _per_group(factor * gamma * p, num_groups)[:, None] / count
     mean_vn = _per_group(factor * gamma * q, num_groups)[:, None] / count
-    n, u = normalised_and_cotangent(*jax.lax.optimization_barrier((x, g)))
     dx = rstd * (u * (factor * gamma)[:, None] - mean_v - n * mean_vn)
     d_scale_shift = None
     if scale_shift is not None:

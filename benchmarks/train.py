@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, op_profile
 from tadsr_jax.flops import matmul_flops
 
 WORKER = "benchmarks.train"
@@ -180,7 +180,7 @@ def ensure_weights(cache_dir: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------- ours
 
 
-def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
+def run_ours(folder: str, steps: int, warmup: int, profile_steps: str = "0") -> dict[str, Any]:
     import jax
     import numpy as np
 
@@ -215,6 +215,7 @@ def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
         return box["state"], box["metrics"]
 
     timing = common.time_calls(call, steps=steps, warmup=warmup)
+    profile = op_profile.profile(call, compiled.as_text(), int(profile_steps)) if int(profile_steps) else None
     metrics = {k: float(np.asarray(v)) for k, v in box["metrics"].items()}
     peak = common.measure_matmul_peak("float32")
     return {
@@ -225,6 +226,7 @@ def run_ours(folder: str, steps: int, warmup: int) -> dict[str, Any]:
         "step_flops": step_flops,
         "peak_flops": peak,
         "metrics": metrics,
+        "op_profile": profile,
         "devices": [str(d) for d in jax.devices()],
         "backend": jax.default_backend(),
         "trainable": {
@@ -512,7 +514,8 @@ class _TorchTADSR:
         return F.mse_loss(eps, noise)
 
 
-def run_torch(folder: str, steps: int, warmup: int) -> dict[str, Any]:
+def run_torch(folder: str, steps: int, warmup: int, profile_steps: str = "0") -> dict[str, Any]:
+    del profile_steps  # a worker option of both sides; the op profile reads XLA's trace, so ours only
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -552,12 +555,15 @@ def run_torch(folder: str, steps: int, warmup: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- the bench
 
 
-def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common.Report:
-    """Write (once) the weights, then time ours and torch, each in its own subprocess; return the report."""
+def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None, profile_steps: int = 0) -> common.Report:
+    """Write (once) the weights, then time ours and torch, each in its own subprocess; return the report.
+
+    `profile_steps` > 0: ours then traces that many more steps and the report adds where they spend their time,
+    by op kind (`benchmarks.op_profile`)."""
     folder = ensure_weights(cache_dir)
     args = [f"--folder={folder}", f"--steps={steps}", f"--warmup={warmup}"]
     common.progress(f"bench train: ours (JAX), {warmup} warmup + {steps} timed steps")
-    ours = common.run_worker(WORKER, ["--side=ours", *args], label="ours (JAX)")
+    ours = common.run_worker(WORKER, ["--side=ours", *args, f"--profile_steps={profile_steps}"], label="ours (JAX)")
     common.progress(f"bench train: torch eager, {warmup} warmup + {steps} timed steps")
     ref = common.run_worker(WORKER, ["--side=torch", *args], label="torch")
 
@@ -618,6 +624,18 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
         f"train step: UNet/VAE {cfg['unet_channels']}, {HR_SIZE}x{HR_SIZE} HR, batch {BATCH}, fp32, "
         f"LoRA r{LORA_RANK}, text {cfg['text_encoder']}, all losses; speedup {result['speedup']:.2f}x"
     )
+    if ours["op_profile"]:
+        result["op_profile"] = profile = ours["op_profile"]
+        rows.append((f"profiled step ({profile_steps} traced)", common.seconds(profile["step_s"]), "-"))
+        rows += [(f"  {kind}", common.seconds(seconds), "-") for kind, seconds in profile["by_kind_s"].items()]
+        rows.append(
+            (
+                "  convolutions: FLOP/s; time below 20 GFLOP/s",
+                f"{common.si(profile['convolution_flop'] / profile['convolution_s'], 'FLOP/s')}; "
+                f"{common.seconds(profile['slow_convolution_s'])}",
+                "-",
+            )
+        )
     notes = [f"median of {steps} steps after {warmup} warmup; {os.cpu_count()} CPU cores; weights {folder}"]
     if not ours["metrics"].get("finite", 1.0):
         notes.append("warning: ours reported a non-finite loss (the step then leaves the state unchanged)")
@@ -625,4 +643,4 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None) -> common
 
 
 if __name__ == "__main__":
-    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch})
+    common.worker_main(sys.argv[1:], WORKER, prepare, {"ours": run_ours, "torch": run_torch}, profile_steps="0")

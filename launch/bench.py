@@ -1,4 +1,4 @@
-"""python launch/bench.py --what=train|sr|data [--steps=5] [--warmup=2] [--cache_dir=DIR]
+"""python launch/bench.py --what=train|sr|data [--steps=5] [--warmup=2] [--cache_dir=DIR] [--profile_steps=N]
 
 Measures our speed against the PyTorch reference on the same weights, ours and the reference one after the
 other, each in its own subprocess; `data` measures the input pipeline's degraded examples/s per core. Prints a
@@ -27,6 +27,9 @@ _SR_DTYPES = flags.DEFINE_list(
     "sr: dtypes to compare (float32, bfloat16); torch's bf16 on a CPU without bf16 matrix units is very slow.",
 )
 _SR_SIZES = flags.DEFINE_list("sr_sizes", ["256", "512"], "sr: output sides to measure.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "train: trace this many more steps of ours and add their time by op kind.", lower_bound=0
+)
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Where benchmark weights are written once (default ~/.cache/tadsr_jax/bench)."
 )
@@ -35,7 +38,9 @@ _CACHE_DIR = flags.DEFINE_string(
 def _train():
     from benchmarks import train
 
-    return train.run(steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value)
+    return train.run(
+        steps=_STEPS.value, warmup=_WARMUP.value, cache_dir=_CACHE_DIR.value, profile_steps=_PROFILE_STEPS.value
+    )
 
 
 def _sr():

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.attention_processor import AttnProcessor
@@ -56,3 +57,25 @@ def test_loop_bodies_count_once_per_step_and_gradients_count():
     # backward: one convolution for the input gradient, one for the kernel gradient, each as large
     assert matmul_flops(jax.make_jaxpr(jax.grad(conv, argnums=(0, 1)))(image, kernel)) == 3 * forward
     np.testing.assert_equal(matmul_flops(jax.make_jaxpr(lambda a: jnp.tanh(a) + 1)(x)), 0)
+
+
+def test_op_profile_finds_every_convolution_of_a_train_step_and_its_flops():
+    """The profile by op kind (`launch/bench.py --what=train --profile_steps=N`) on a real trace: the forward,
+    input-gradient and kernel-gradient convolutions are all found, with their exact FLOPs, in the right pass."""
+    from benchmarks import op_profile
+
+    b, h, w, cin, cout = 2, 24, 24, 16, 8
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) ** 2), argnums=(0, 1)))
+    compiled = step.lower(x, kernel).compile()
+    result = op_profile.profile(lambda: compiled(x, kernel), compiled.as_text(), steps=3)
+    print(f"\nop profile: {result}")
+    one_conv = 2 * b * h * w * cin * cout * 9
+    assert result["convolution_flop"] == 3 * one_conv  # forward, input gradient, kernel gradient, per step
+    by_kind = result["by_kind_s"]
+    assert by_kind["convolution, forward"] > 0 and by_kind["convolution, backward"] > 0
+    assert set(by_kind) == {f"{k}, {d}" for k in op_profile.KINDS for d in ("forward", "backward")}
+    assert result["step_s"] == pytest.approx(sum(by_kind.values()))

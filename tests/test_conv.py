@@ -1,4 +1,5 @@
-"""conv2d: the convolution every layer uses, and its matmul form for small maps on CPU, against torch in float64."""
+"""conv2d (with its matmul form for small maps on CPU) and the LoRA A convolution as a matmul and a tap sum,
+values and both gradients against torch's conv2d autograd in float64."""
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +12,14 @@ from torch_utils import nhwc_to_nchw, rel_err
 from tadsr_jax.nn import layers
 
 
-@pytest.mark.parametrize(
-    "size,stride,padding", [(2, 1, 1), (4, 1, 1), (16, 1, 1), (5, 2, 1), (8, 2, ((0, 1), (0, 1))), (7, 1, 0)]
-)
-def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
+def _errors_against_torch(conv, size: int, features: int, kernel_size: int, stride: int, padding) -> tuple:
+    """max |ours - torch float64| / std of the output, the input gradient and the kernel gradient, on an odd,
+    non-square map (size x size + 1, 6 channels)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, size, size + 1, 12))
-    kernel = rng.normal(size=(3, 3, 12, 10)) / np.sqrt(12 * 9)
+    x = rng.normal(size=(2, size, size + 1, 6))
+    kernel = rng.normal(size=(kernel_size, kernel_size, 6, features)) / np.sqrt(6 * kernel_size**2)
     out, vjp = jax.vjp(
-        lambda x, k: layers.conv2d(x, k, stride, padding), jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+        lambda x, k: conv(x, k, stride, padding), jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
     )
     cotangent = rng.normal(size=out.shape)
     dx, dkernel = vjp(jnp.asarray(cotangent, jnp.float32))
@@ -29,16 +29,34 @@ def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
     tk = torch.tensor(kernel.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
     ref = F.conv2d(F.pad(tx, (left, right, top, bottom)), tk, stride=stride)
     ref.backward(torch.tensor(nhwc_to_nchw(cotangent), dtype=torch.float64))
-    errors = (
+    return (
         rel_err(nhwc_to_nchw(out), ref.detach().numpy()),
         rel_err(nhwc_to_nchw(dx), tx.grad.numpy()),
         rel_err(np.asarray(dkernel).transpose(3, 2, 0, 1), tk.grad.numpy()),
     )
+
+
+@pytest.mark.parametrize(
+    "size,stride,padding", [(2, 1, 1), (4, 1, 1), (16, 1, 1), (5, 2, 1), (8, 2, ((0, 1), (0, 1))), (7, 1, 0)]
+)
+def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
+    errors = _errors_against_torch(layers.conv2d, size, 10, 3, stride, padding)
     print(f"\nconv2d {size}x{size + 1} s{stride} p{padding}: out, dx, dkernel errors {errors}")
-    # measured up to 1.3e-6 (float32 sums of 108 products, and of up to 272 positions for the kernel, against
+    # measured up to 1.1e-6 (float32 sums of 54 products, and of up to 272 positions for the kernel, against
     # float64; 16x17 is past CPU_MATMUL_CONV_MAX_POSITIONS, so XLA's convolution): ~15x; a shifted copy out of
     # order errs by ~1
     assert max(errors) <= 2e-5
+
+
+@pytest.mark.parametrize(
+    "kernel_size,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 2, ((0, 1), (0, 1))), (1, 1, 0), (3, 1, 0)]
+)
+def test_low_rank_conv_and_its_gradients_match_torch(kernel_size, stride, padding):
+    """The LoRA A convolution (rank 4) as a matmul and a sum of taps with a hand-written backward."""
+    errors = _errors_against_torch(layers.low_rank_conv2d, 9, 4, kernel_size, stride, padding)
+    print(f"\nlow-rank conv k{kernel_size} s{stride} p{padding}: out, dx, dkernel errors {errors}")
+    # measured up to 4.9e-7 (float32 sums of at most 54 terms against float64): ~20x; a tap out of place errs by ~1
+    assert max(errors) <= 1e-5
 
 
 def _lowered(platform: str, size: int) -> str:

@@ -25,6 +25,7 @@ import jax
 
 KINDS = ("convolution", "matmul", "reduction", "elementwise and copies")
 SLOW_CONV_FLOPS_PER_S = 20e9  # a convolution below this runs far from any CPU's matmul peak
+_MEASURED = "op_profile: measured call"  # the trace annotation around each measured call
 
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -138,13 +139,20 @@ def _shares(spans: list[tuple[float, float, str]]) -> collections.Counter:
 
 
 def summarize(trace: dict[str, Any], hlo_text: str, steps: int) -> dict[str, Any]:
-    """Seconds per step by kind and pass, and the convolutions' FLOP rate, of `steps` traced calls."""
+    """Seconds per step by kind and pass, and the convolutions' FLOP rate, of the calls `profile` annotated as
+    measured (`steps` of them)."""
     instructions, computations = _instructions(hlo_text)
     users = collections.defaultdict(list)
     for name, instruction in instructions.items():
         for operand in instruction["operands"]:
             users[operand].append(name)
-    shares = _shares(_spans(trace, instructions))
+    windows = [
+        (e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"] == _MEASURED
+    ]
+    if len(windows) != steps:
+        raise ValueError(f"the trace holds {len(windows)} measured calls, not {steps}")
+    spans = [span for span in _spans(trace, instructions) if any(lo <= span[0] <= hi for lo, hi in windows)]
+    shares = _shares(spans)
     by_kind = {f"{kind}, {direction}": 0.0 for kind in KINDS for direction in ("forward", "backward")}
     conv_s = conv_flop = slow_s = slow_flop = 0.0
     for name, microseconds in shares.items():
@@ -168,11 +176,14 @@ def summarize(trace: dict[str, Any], hlo_text: str, steps: int) -> dict[str, Any
 
 
 def profile(call: Callable[[], Any], hlo_text: str, steps: int) -> dict[str, Any]:
-    """Trace `steps` calls of `call` (each blocks until its results are ready) and `summarize` them."""
+    """Trace `steps` calls of `call` (each waits for its results) and `summarize` them. One more call runs first
+    inside the trace, unmeasured: the profiler's start-up cost lands in it (it doubled a first traced step)."""
     with tempfile.TemporaryDirectory(prefix="tadsr_op_profile_") as directory:
         with jax.profiler.trace(directory):
+            jax.block_until_ready(call())
             for _ in range(steps):
-                jax.block_until_ready(call())
+                with jax.profiler.TraceAnnotation(_MEASURED):
+                    jax.block_until_ready(call())
         (path,) = glob.glob(f"{directory}/plugins/profile/*/*.trace.json.gz")
         with gzip.open(path) as f:
             trace = json.load(f)

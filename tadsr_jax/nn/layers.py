@@ -281,11 +281,11 @@ def _group_norm(
 ) -> jax.Array:
     """GN -> modulation -> SiLU with the backward pass each platform runs best (`jax.lax.platform_dependent`).
 
-    CPU: the hand-written two-pass backward (`_group_norm_two_pass`); the CPU train benchmark's step went from 3.9
-    to 3.4 s with it. Elsewhere: autodiff of the forward recomputed from the input (`jax.checkpoint`), which XLA
-    fuses better on TPU: on two SD ResNet blocks at 256x256x256, bf16, batch 4, forward and backward, a v5p
-    estimate of 21.7 ms, 32.3 GB of HBM traffic and 2.1 GiB of temporaries, against 22.8 ms, 37.6 GB and 3.5 GiB
-    with the hand-written backward.
+    CPU: the hand-written two-pass backward (`_group_norm_two_pass`); the CPU train benchmark's traced step went
+    from 4.1 to 3.4 s with it. Elsewhere: autodiff of the forward recomputed from the input (`jax.checkpoint`),
+    which XLA fuses better on TPU: on two SD ResNet blocks at 256x256x256, bf16, batch 4, forward and backward, a
+    v5p estimate of 21.7 ms, 32.3 GB of HBM traffic and 2.1 GiB of temporaries, against 25.2 ms, 44.1 GB and
+    3.8 GiB with the hand-written backward.
     """
     static = (num_groups, eps, silu)
     return jax.lax.platform_dependent(

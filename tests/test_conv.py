@@ -12,12 +12,12 @@ from torch_utils import nhwc_to_nchw, rel_err
 from tadsr_jax.nn import layers
 
 
-def _errors_against_torch(conv, size: int, features: int, kernel_size: int, stride: int, padding) -> tuple:
+def _errors_against_torch(conv, size: int, channels: int, features: int, kernel_size: int, stride: int, padding):
     """max |ours - torch float64| / std of the output, the input gradient and the kernel gradient, on an odd,
-    non-square map (size x size + 1, 6 channels)."""
+    non-square map (size x size + 1)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, size, size + 1, 6))
-    kernel = rng.normal(size=(kernel_size, kernel_size, 6, features)) / np.sqrt(6 * kernel_size**2)
+    x = rng.normal(size=(2, size, size + 1, channels))
+    kernel = rng.normal(size=(kernel_size, kernel_size, channels, features)) / np.sqrt(channels * kernel_size**2)
     out, vjp = jax.vjp(
         lambda x, k: conv(x, k, stride, padding), jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
     )
@@ -40,10 +40,10 @@ def _errors_against_torch(conv, size: int, features: int, kernel_size: int, stri
     "size,stride,padding", [(2, 1, 1), (4, 1, 1), (16, 1, 1), (5, 2, 1), (8, 2, ((0, 1), (0, 1))), (7, 1, 0)]
 )
 def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
-    errors = _errors_against_torch(layers.conv2d, size, 10, 3, stride, padding)
+    errors = _errors_against_torch(layers.conv2d, size, layers.CPU_MATMUL_CONV_MIN_CHANNELS, 10, 3, stride, padding)
     print(f"\nconv2d {size}x{size + 1} s{stride} p{padding}: out, dx, dkernel errors {errors}")
-    # measured up to 1.1e-6 (float32 sums of 54 products, and of up to 272 positions for the kernel, against
-    # float64; 16x17 is past CPU_MATMUL_CONV_MAX_POSITIONS, so XLA's convolution): ~15x; a shifted copy out of
+    # measured up to 2.2e-6 (float32 sums of 1,152 products, and of up to 272 positions for the kernel, against
+    # float64; 16x17 is past CPU_MATMUL_CONV_MAX_POSITIONS, so XLA's convolution): ~9x; a shifted copy out of
     # order errs by ~1
     assert max(errors) <= 2e-5
 
@@ -53,23 +53,24 @@ def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
 )
 def test_low_rank_conv_and_its_gradients_match_torch(kernel_size, stride, padding):
     """The LoRA A convolution (rank 4) as a matmul and a sum of taps with a hand-written backward."""
-    errors = _errors_against_torch(layers.low_rank_conv2d, 9, 4, kernel_size, stride, padding)
+    errors = _errors_against_torch(layers.low_rank_conv2d, 9, 6, 4, kernel_size, stride, padding)
     print(f"\nlow-rank conv k{kernel_size} s{stride} p{padding}: out, dx, dkernel errors {errors}")
     # measured up to 4.9e-7 (float32 sums of at most 54 terms against float64): ~20x; a tap out of place errs by ~1
     assert max(errors) <= 1e-5
 
 
-def _lowered(platform: str, size: int) -> str:
-    x = jax.ShapeDtypeStruct((1, size, size, 8), jnp.float32)
-    kernel = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
+def _lowered(platform: str, size: int, channels: int = layers.CPU_MATMUL_CONV_MIN_CHANNELS) -> str:
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, channels, 8), jnp.float32)
     fn = jax.jit(lambda x, k: layers.conv2d(x, k, 1, 1))
     return fn.trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_the_form_is_chosen_for_the_platform_compiled_for():
-    """Small maps: a matmul in a CPU program, the convolution in a TPU one (even lowered on this CPU host); large
-    maps: the convolution everywhere."""
+    """Small maps with many channels: a matmul in a CPU program, the convolution in a TPU one (even lowered on
+    this CPU host); larger maps or fewer channels: the convolution everywhere."""
     small = int(np.sqrt(layers.CPU_MATMUL_CONV_MAX_POSITIONS))
     assert "convolution" not in _lowered("cpu", small)
     assert "convolution" in _lowered("tpu", small)
     assert "convolution" in _lowered("cpu", small + 1)
+    assert "convolution" in _lowered("cpu", small, channels=layers.CPU_MATMUL_CONV_MIN_CHANNELS // 2)

@@ -82,6 +82,9 @@ def _explicit(padding: Padding) -> tuple[tuple[int, int], tuple[int, int]]:
 # backward; XLA's kernels fall to 1-20 GFLOP/s below 8x8 maps); at 32x32 and up the convolution is as fast or
 # faster. TPUs keep the convolution: XLA's estimate for the matmul form there is 0.9-1.7x of it.
 CPU_MATMUL_CONV_MAX_POSITIONS = 16 * 16
+# ... and has at least this many input channels: with fewer the two forms run alike (16x16, 64 channels: 1.08x),
+# and the matmul form's extra ops cost compile time (the tiny test models' train steps compiled 30% slower).
+CPU_MATMUL_CONV_MIN_CHANNELS = 128
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
@@ -117,7 +120,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> ja
     (top, bottom), (left, right) = _explicit(padding)
     kh, kw = kernel.shape[:2]
     positions = ((x.shape[1] + top + bottom - kh) // stride + 1) * ((x.shape[2] + left + right - kw) // stride + 1)
-    if kh * kw == 1 or positions > CPU_MATMUL_CONV_MAX_POSITIONS:
+    if kh * kw == 1 or positions > CPU_MATMUL_CONV_MAX_POSITIONS or x.shape[-1] < CPU_MATMUL_CONV_MIN_CHANNELS:
         return _conv(x, kernel, stride, padding)
     return jax.lax.platform_dependent(
         x,

@@ -11,6 +11,7 @@ features x output size): the achieved GFLOP/s per convolution is what found the 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
@@ -116,9 +117,9 @@ def _spans(trace: dict[str, Any], instructions: dict[str, Any]) -> list[tuple[fl
     for e in events:
         if e["name"] not in instructions:
             continue
-        end = e["ts"] + e["dur"]
-        later = [t for t in ends.get(e["name"], ()) if t >= e["ts"]]
-        spans.append((e["ts"], max(end, later[0]) if later else end, e["name"]))
+        end, times = e["ts"] + e["dur"], ends.get(e["name"], [])
+        later = bisect.bisect_left(times, e["ts"])  # this launch's own end marker: the first at or after it
+        spans.append((e["ts"], max(end, times[later]) if later < len(times) else end, e["name"]))
     return spans
 
 

@@ -632,7 +632,7 @@ def run(steps: int = 5, warmup: int = 2, cache_dir: str | None = None, profile_s
         rows += [(f"  {kind}", common.seconds(seconds), "-") for kind, seconds in profile["by_kind_s"].items()]
         rows.append(
             (
-                "  convolutions: FLOP/s; time below 20 GFLOP/s",
+                f"  convolutions: FLOP/s; time below {common.si(op_profile.SLOW_CONV_FLOPS_PER_S, 'FLOP/s')}",
                 f"{common.si(profile['convolution_flop'] / profile['convolution_s'], 'FLOP/s')}; "
                 f"{common.seconds(profile['slow_convolution_s'])}",
                 "-",

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_utils import nhwc_to_nchw, rel_err
 
 from tadsr_jax.nn import layers
 from tadsr_jax.nn.layers import GroupNorm
-from tests.torch_utils import nhwc_to_nchw, rel_err
 
 GROUPS, EPS = 8, 1e-6
 

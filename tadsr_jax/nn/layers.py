@@ -97,17 +97,19 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax
     )
 
 
+def _window(x: jax.Array, di: int, dj: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+    """x[:, di::stride, dj::stride] cut to out_hw: what tap (di, dj) of a strided k x k window sees."""
+    ho, wo = out_hw
+    return x[:, di : di + stride * (ho - 1) + 1 : stride, dj : dj + stride * (wo - 1) + 1 : stride]
+
+
 def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
     """The convolution as (shifted copies of x, concatenated along channels in the kernel's (h, w) order) @ kernel."""
     kh, kw, channels, features = kernel.shape
     (top, bottom), (left, right) = _explicit(padding)
     x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-    shifted = [
-        x[:, di : di + stride * (ho - 1) + 1 : stride, dj : dj + stride * (wo - 1) + 1 : stride]
-        for di in range(kh)
-        for dj in range(kw)
-    ]
+    out_hw = ((x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1)
+    shifted = [_window(x, di, dj, stride, out_hw) for di in range(kh) for dj in range(kw)]
     return jnp.concatenate(shifted, axis=-1) @ kernel.reshape(kh * kw * channels, features)
 
 
@@ -153,13 +155,7 @@ def _sum_taps(z: jax.Array, k: int, stride: int, out_hw: tuple[int, int]) -> jax
 
     Hand-written backward: autodiff would pad each tap's cotangent to all k k taps and add the k k copies; the
     cotangent is one stack of the k k (strided) pads instead."""
-    ho, wo = out_hw
-    out = 0
-    for di in range(k):
-        for dj in range(k):
-            window = z[:, di : di + stride * (ho - 1) + 1 : stride, dj : dj + stride * (wo - 1) + 1 : stride]
-            out = out + window[:, :, :, di * k + dj]
-    return out
+    return sum(_window(z, di, dj, stride, out_hw)[:, :, :, di * k + dj] for di in range(k) for dj in range(k))
 
 
 def _sum_taps_fwd(z, k, stride, out_hw):

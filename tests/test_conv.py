@@ -52,17 +52,19 @@ def test_small_map_convolution_and_gradients_match_torch(size, stride, padding):
     "kernel_size,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 2, ((0, 1), (0, 1))), (1, 1, 0), (3, 1, 0)]
 )
 def test_low_rank_conv_and_its_gradients_match_torch(kernel_size, stride, padding):
-    """The LoRA A convolution (rank 4) as a matmul and a sum of taps with a hand-written backward."""
+    """The LoRA A convolution (rank 4); on CPU a matmul and a sum of taps with a hand-written backward."""
     errors = _errors_against_torch(layers.low_rank_conv2d, 9, 6, 4, kernel_size, stride, padding)
     print(f"\nlow-rank conv k{kernel_size} s{stride} p{padding}: out, dx, dkernel errors {errors}")
     # measured up to 4.9e-7 (float32 sums of at most 54 terms against float64): ~20x; a tap out of place errs by ~1
     assert max(errors) <= 1e-5
 
 
-def _lowered(platform: str, size: int, channels: int = layers.CPU_MATMUL_CONV_MIN_CHANNELS) -> str:
+def _lowered(
+    platform: str, size: int, channels: int = layers.CPU_MATMUL_CONV_MIN_CHANNELS, conv=layers.conv2d, features=8
+) -> str:
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    kernel = jax.ShapeDtypeStruct((3, 3, channels, 8), jnp.float32)
-    fn = jax.jit(lambda x, k: layers.conv2d(x, k, 1, 1))
+    kernel = jax.ShapeDtypeStruct((3, 3, channels, features), jnp.float32)
+    fn = jax.jit(lambda x, k: conv(x, k, 1, 1))
     return fn.trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -74,3 +76,9 @@ def test_the_form_is_chosen_for_the_platform_compiled_for():
     assert "convolution" in _lowered("tpu", small)
     assert "convolution" in _lowered("cpu", small + 1)
     assert "convolution" in _lowered("cpu", small, channels=layers.CPU_MATMUL_CONV_MIN_CHANNELS // 2)
+
+
+def test_the_low_rank_form_is_chosen_for_the_platform_compiled_for():
+    """LoRA A: the tap sum in a CPU program, the convolution in a TPU one."""
+    assert "convolution" not in _lowered("cpu", 32, conv=layers.low_rank_conv2d, features=4)
+    assert "convolution" in _lowered("tpu", 32, conv=layers.low_rank_conv2d, features=4)

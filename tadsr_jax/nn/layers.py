@@ -133,14 +133,26 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> ja
 
 
 def low_rank_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-    """`conv2d` for a kernel with few output channels (a LoRA A factor: k x k, C -> r), as one matmul and a sum.
+    """`conv2d` for a kernel with few output channels (a LoRA A factor: k x k, C -> r), the form chosen for the
+    platform compiled for (`jax.lax.platform_dependent`).
 
-    x @ kernel as a (C, k k r) matrix gives every tap's contribution at every position; output (i, j) sums tap
-    (di, dj) of position (s i + di, s j + dj) (`_sum_taps`). Same FLOPs as the convolution. XLA:CPU runs
-    convolutions with 4 output channels at 3-13 GFLOP/s, 5-30x below its large ones; this form makes their
-    forward and backward passes 1.4-6x faster there (SD shapes, rank 4). On TPU, XLA's estimates for a
-    convolution with its adapter stay within 4% either way (nine SD-2.1 shapes, bf16) with fewer temporaries.
+    CPU: one matmul and a sum of taps (`_low_rank_taps`): XLA:CPU runs convolutions with 4 output channels at
+    3-13 GFLOP/s, 5-30x below its large ones; the tap form makes their forward and backward passes 1.4-6x faster
+    there (SD shapes, rank 4). TPU keeps the convolution: its (B, H, W, k k r) tap map fills 36 of the 128 lanes
+    of every tile, and XLA's v5p estimate for a conv with its rank-4 adapter, forward and backward, was 11% worse
+    with it (bf16, batch 8: 512x512x128 6.51 against 5.88 ms; 64x64x320 0.549 against 0.494 ms).
     """
+    return jax.lax.platform_dependent(
+        x,
+        kernel,
+        cpu=lambda x, k: _low_rank_taps(x, k, stride, padding),
+        default=lambda x, k: _conv(x, k, stride, padding),
+    )
+
+
+def _low_rank_taps(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+    """x @ kernel as a (C, k k r) matrix gives every tap's contribution at every position; output (i, j) sums tap
+    (di, dj) of position (s i + di, s j + dj) (`_sum_taps`). Same FLOPs as the convolution."""
     k, _, channels, rank = kernel.shape
     (top, bottom), (left, right) = _explicit(padding)
     z = (x @ kernel.transpose(2, 0, 1, 3).reshape(channels, k * k * rank)).reshape(*x.shape[:3], k * k, rank)
@@ -257,16 +269,31 @@ def _per_group(per_channel: jax.Array, num_groups: int) -> jax.Array:
     return jnp.broadcast_to(grouped, (b, num_groups, c // num_groups)).reshape(b, c)
 
 
-def _group_stats(x3: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    """Per-channel copies of each group's mean and 1/std, (B, 1, C) float32, from x3 = x as (B, positions, C)."""
-    count = x3.shape[1] * (x3.shape[2] // num_groups)
-    mean = _per_group(x3.sum(1), num_groups)[:, None] / count
-    var = _per_group(jnp.square(x3 - mean).sum(1), num_groups)[:, None] / count  # two passes: no cancellation
-    return mean, jax.lax.rsqrt(var + eps)
+def _group_stats(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Per-channel copies of each group's mean and 1/std, (B, 1, .., 1, C) float32, in one pass over x.
 
-
-def _modulate(y: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    return y if scale_shift is None else y * (1 + scale_shift[0]) + scale_shift[1]
+    The variance is E[d^2] - E[d]^2 over float32 sums of d = x - k. For a float32 x, k is one value of each group
+    (its first position's first channel; a constant of the differentiation, the statistics do not depend on it),
+    so the difference does not cancel when a group's mean is large against its spread. A 16-bit x takes k = 0:
+    the float32 cancellation then stays below the output's own 16-bit rounding unless a group's mean exceeds ~50
+    times its spread, and the shift would cost XLA's v5p estimate 8-16% on the VAE's 512x512 ResNet blocks.
+    One pass instead of two (the mean, then the squares about it) saves a read of every map on TPU. The sums
+    run over the spatial axes of x as it is: a reshape to (B, positions, C) is a relayout copy on TPU.
+    """
+    axes = tuple(range(1, x.ndim - 1))
+    channels = x.shape[-1]
+    per_group = channels // num_groups
+    count = math.prod(x.shape[1:-1]) * per_group
+    per_sample = (x.shape[0],) + (1,) * len(axes) + (channels,)
+    d = x.astype(jnp.float32)
+    shift = 0.0
+    if jnp.dtype(x.dtype).itemsize >= 4:
+        pilot = d[(slice(None),) + (0,) * len(axes) + (slice(None, None, per_group),)]  # (B, G)
+        shift = jax.lax.stop_gradient(jnp.repeat(pilot, per_group, axis=-1).reshape(per_sample))
+        d = d - shift
+    shifted_mean = _per_group(d.sum(axes), num_groups) / count
+    var = jnp.maximum(_per_group(jnp.square(d).sum(axes), num_groups) / count - jnp.square(shifted_mean), 0.0)
+    return shift + shifted_mean.reshape(per_sample), jax.lax.rsqrt(var.reshape(per_sample) + eps)
 
 
 def _group_norm(
@@ -283,8 +310,8 @@ def _group_norm(
     CPU: the hand-written two-pass backward (`_group_norm_two_pass`); the CPU train benchmark's traced step went
     from 4.1 to 3.4 s with it. Elsewhere: autodiff of the forward recomputed from the input (`jax.checkpoint`),
     which XLA fuses better on TPU: on two SD ResNet blocks at 256x256x256, bf16, batch 4, forward and backward, a
-    v5p estimate of 21.7 ms, 32.3 GB of HBM traffic and 2.1 GiB of temporaries, against 25.2 ms, 44.1 GB and
-    3.8 GiB with the hand-written backward.
+    v5p estimate of 20.2 ms, 29.3 GB of HBM traffic and 2.6 GiB of temporaries, against 24.8 ms, 44.1 GB and
+    4.4 GiB with the hand-written backward (and 21.7 ms, 32.3 GB with the two-pass statistics of before).
     """
     static = (num_groups, eps, silu)
     return jax.lax.platform_dependent(
@@ -313,11 +340,16 @@ def _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu):
         raise ValueError(
             f"GroupNorm: scale and shift must have shape {per_sample}, got {[a.shape for a in scale_shift]}"
         )
-    x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
-    mean, rstd = _group_stats(x3, num_groups, eps)
-    y = ((x3 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-    y = _modulate(y.reshape(x.shape), scale_shift)
-    return (jax.nn.silu(y) if silu else y), (x, scale, bias, scale_shift, mean, rstd)
+    f32 = jnp.float32
+    mean, rstd = _group_stats(x, num_groups, eps)
+    # Everything up to SiLU is one affine map of x per (sample, channel): m = x a + b, one fused pass in float32.
+    a = rstd * scale.astype(f32)
+    b = bias.astype(f32) - mean * a
+    if scale_shift is not None:
+        factor = 1 + scale_shift[0].astype(f32)
+        a, b = a * factor, b * factor + scale_shift[1].astype(f32)
+    m = x.astype(f32) * a + b
+    return (jax.nn.silu(m) if silu else m).astype(x.dtype), (x, scale, bias, scale_shift, mean, rstd)
 
 
 def _group_norm_bwd(num_groups, eps, silu, residuals, g):
@@ -332,32 +364,33 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
     del eps  # in rstd already
     x, scale, bias, scale_shift, mean, rstd = residuals
     f32 = jnp.float32
-    batch, channels = x.shape[0], x.shape[-1]
+    batch, channels, axes = x.shape[0], x.shape[-1], tuple(range(1, x.ndim - 1))
+    per_sample = mean.shape  # (B, 1, .., 1, C)
     gamma, beta = scale.astype(f32), bias.astype(f32)
     factor, shift = jnp.ones((batch, channels), f32), None
     if scale_shift is not None:
         factor = 1 + scale_shift[0].astype(f32).reshape(batch, channels)
-        shift = scale_shift[1].astype(f32).reshape(batch, 1, channels)
+        shift = scale_shift[1].astype(f32)
 
-    n = (x.astype(f32).reshape(batch, -1, channels) - mean) * rstd
-    u = g.astype(f32).reshape(n.shape)
+    n = (x.astype(f32) - mean) * rstd
+    u = g.astype(f32)
     if silu:
         m = n * gamma + beta
-        m = m if shift is None else m * factor[:, None] + shift
+        m = m if shift is None else m * factor.reshape(per_sample) + shift
         sig = jax.nn.sigmoid(m)
         u = u * sig * (1 + m * (1 - sig))
-    p, q = u.sum(1), (u * n).sum(1)  # (B, C)
-    count = n.shape[1] * (channels // num_groups)
-    mean_v = _per_group(factor * gamma * p, num_groups)[:, None] / count
-    mean_vn = _per_group(factor * gamma * q, num_groups)[:, None] / count
-    dx = rstd * (u * (factor * gamma)[:, None] - mean_v - n * mean_vn)
+    p, q = u.sum(axes), (u * n).sum(axes)  # (B, C)
+    count = math.prod(x.shape[1:-1]) * (channels // num_groups)
+    mean_v = (_per_group(factor * gamma * p, num_groups) / count).reshape(per_sample)
+    mean_vn = (_per_group(factor * gamma * q, num_groups) / count).reshape(per_sample)
+    dx = rstd * (u * (factor * gamma).reshape(per_sample) - mean_v - n * mean_vn)
     d_scale_shift = None
     if scale_shift is not None:
         s, t = scale_shift
         d_scale_shift = ((gamma * q + beta * p).reshape(s.shape).astype(s.dtype), p.reshape(t.shape).astype(t.dtype))
     d_scale = (factor * q).sum(0).astype(scale.dtype)
     d_bias = (factor * p).sum(0).astype(bias.dtype)
-    return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias, d_scale_shift
+    return dx.astype(x.dtype), d_scale, d_bias, d_scale_shift
 
 
 _group_norm_two_pass.defvjp(_group_norm_fwd, _group_norm_bwd)

@@ -26,9 +26,7 @@ def matmul_flops(traced: Any) -> float:
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
         elif name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            per_output = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+            total += _conv_flops(eqn)
         else:
             inner = [
                 matmul_flops(value)
@@ -45,3 +43,25 @@ def matmul_flops(traced: Any) -> float:
             else:
                 total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
     return total
+
+
+def _conv_flops(eqn: Any) -> float:
+    """2 x output elements x input channels per group x the kernel taps per output position that land on the
+    input, not on the holes of an input dilation (`lhs_dilation`, how a strided convolution's input gradient and a
+    transposed convolution run: counting the holes would count a stride-2 convolution's input gradient 4x).
+    Taps on padding count, as in torch's FlopCounterMode."""
+    params = eqn.params
+    dimension_numbers = params["dimension_numbers"]
+    kernel, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+    per_output = math.prod(kernel) // kernel[dimension_numbers.rhs_spec[0]]
+    for i, (out_dim, kernel_dim) in enumerate(zip(dimension_numbers.out_spec[2:], dimension_numbers.rhs_spec[2:])):
+        dilation = params["lhs_dilation"][i]
+        if dilation == 1:
+            continue
+        taps, positions = kernel[kernel_dim], out[out_dim]
+        stride, rhs_dilation, low = params["window_strides"][i], params["rhs_dilation"][i], params["padding"][i][0]
+        landed = sum(
+            (o * stride + t * rhs_dilation - low) % dilation == 0 for o in range(positions) for t in range(taps)
+        )
+        per_output = per_output * landed / (taps * positions)
+    return 2.0 * math.prod(out) * per_output

@@ -59,6 +59,26 @@ def test_loop_bodies_count_once_per_step_and_gradients_count():
     np.testing.assert_equal(matmul_flops(jax.make_jaxpr(lambda a: jnp.tanh(a) + 1)(x)), 0)
 
 
+def test_input_dilation_holes_do_not_count():
+    """A stride-2 convolution's input gradient is a convolution over the output gradient dilated by 2: every
+    multiply-add of the forward pass has one partner there, so forward + input gradient + kernel gradient is 3x
+    the forward (up to taps on padding, which count as in torch). Counting the holes would make it 6x."""
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).sum()
+    image, kernel = jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 5))
+    forward = 2 * 2 * 8 * 8 * 5 * 3 * 3 * 3
+    assert matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == forward
+    both = matmul_flops(jax.make_jaxpr(jax.grad(conv, argnums=(0, 1)))(image, kernel))
+    assert both == pytest.approx(3 * forward, rel=0.05)
+    # a transposed convolution (input dilated by 2, 4x4 kernel): 2 of the 4 taps land in each direction
+    up = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    small = jnp.ones((2, 8, 8, 3))
+    assert matmul_flops(jax.make_jaxpr(up)(small, jnp.ones((4, 4, 3, 5)))) == 2 * 2 * 16 * 16 * 5 * 3 * 2 * 2
+
+
 def test_op_profile_finds_every_convolution_of_a_train_step_and_its_flops():
     """The profile by op kind (`launch/bench.py --what=train --profile_steps=N`) on a real trace: the forward,
     input-gradient and kernel-gradient convolutions are all found, with their exact FLOPs, in the right pass."""

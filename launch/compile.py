@@ -6,7 +6,8 @@ for each of --sr_sizes (config.sr.batch_size images per call, networks in config
 --config.sr.dtype=bfloat16 to see accelerator serving), and prints per chip what XLA says of each: HBM needed
 against the chip's (arguments, outputs, temporaries), FLOPs (XLA's and our model count), XLA's time estimate beside
 the roofline bound, images/s per chip, MFU and the collectives; for the train step also the activations its
-backward pass keeps, by source. Every time figure is an estimate, not a measurement. The last line is the report as
+backward pass keeps, by source, and for each program what XLA's estimate spends its cycles on (by op kind,
+result shape and source line). Every time figure is an estimate, not a measurement. The last line is the report as
 JSON. Compiling the SD-2.1 step takes ~20 minutes and ~15 GiB of host memory on a 2-core machine; its SR program ~2
 minutes.
 """
@@ -26,6 +27,9 @@ _SR_SIZES = flags.DEFINE_list("sr_sizes", ["512"], "Working-image sides (pixels)
 _ACTIVATIONS = flags.DEFINE_integer(
     "activations", 8, "List this many of the train step's largest saved activations per chip (0: none)."
 )
+_CYCLES = flags.DEFINE_integer(
+    "cycles", 10, "List this many of each program's largest items by XLA's estimated cycles (0: none)."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2**30
@@ -33,6 +37,24 @@ GiB = 2**30
 
 def _host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _add_cycles(report: dict, program) -> None:
+    """The program's largest items by XLA's estimated cycles, into the report and printed (--cycles)."""
+    from tadsr_jax.train import aot
+
+    if not _CYCLES.value:
+        return
+    items = aot.estimated_cycles(program.compiled.as_text())
+    if not items:
+        return
+    report["largest_estimated_cycles"] = items[: _CYCLES.value]
+    print("XLA's estimated cycles by op kind, result shape and source line, largest:", file=sys.stderr)
+    for item in items[: _CYCLES.value]:
+        print(
+            f"  {100 * item['share']:5.1f}% {item['kind']:<12} {item['shape']:<28} {item['source']}",
+            file=sys.stderr,
+        )
 
 
 def main(argv):
@@ -55,9 +77,11 @@ def main(argv):
             )
         if "train" in _WHAT.value:
             start = time.perf_counter()
-            report = aot.report(aot.compile_train_step(config, devices), chip)
+            program = aot.compile_train_step(config, devices)
+            report = aot.report(program, chip)
             report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
             print(aot.format_report(report), file=sys.stderr)
+            _add_cycles(report, program)
             if _ACTIVATIONS.value:
                 per_chip = max(1, config.train.batch_size // len(devices))
                 kept = aot.saved_activations(config, devices[0].platform, per_chip)
@@ -78,11 +102,13 @@ def main(argv):
             result["sr"] = []
             for size in sizes:
                 start = time.perf_counter()
-                report = aot.report(aot.compile_sr(config, devices[0], size=size), chip)
+                program = aot.compile_sr(config, devices[0], size=size)
+                report = aot.report(program, chip)
                 report["dtype"] = config.sr.dtype
                 report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
                 print(f"SR at {size}x{size}, {config.sr.dtype}:", file=sys.stderr)
                 print(aot.format_report(report, what="call"), file=sys.stderr)
+                _add_cycles(report, program)
                 result["sr"].append(report)
     except ValueError as e:
         print(f"compile: error: {e}", file=sys.stderr)

@@ -57,6 +57,20 @@ def test_tiny_step_fits_and_reports(compiled):
     assert report["collectives"]["all-reduce"]["count"] >= 1
 
 
+def test_estimated_cycles_say_what_the_step_spends_them_on(compiled):
+    """XLA's per-instruction estimates, summed by kind, shape and source line (launch/compile.py --cycles)."""
+    _, _, step = compiled
+    items = aot.estimated_cycles(step.compiled.as_text())
+    assert len(items) > 10 and sum(i["share"] for i in items) == pytest.approx(1.0)
+    assert [i["cycles"] for i in items] == sorted((i["cycles"] for i in items), reverse=True)
+    convolutions = [i for i in items if i["kind"] == "convolution"]
+    assert convolutions and any(i["source"].startswith("layers.py:") for i in convolutions)
+    assert all(i["shape"] == "tuple" or "[" in i["shape"] for i in items)
+    # a CPU program carries no such estimates
+    cpu = jax.jit(lambda x: x @ x).lower(jnp.ones((4, 4))).compile()
+    assert aot.estimated_cycles(cpu.as_text()) == []
+
+
 def test_frozen_weights_are_sharded_as_the_rules_say(compiled):
     config, _, step = compiled
     model, _ = aot.abstract_model(config)

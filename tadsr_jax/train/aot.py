@@ -331,6 +331,65 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return {kind: {"count": ops[kind], "bytes": float(sizes[kind])} for kind in sorted(ops)}
 
 
+def estimated_cycles(hlo_text: str) -> list[dict[str, Any]]:
+    """What a compiled TPU program spends XLA's time estimate on: the `estimated_cycles` XLA's TPU backend writes
+    into each top-level instruction's backend config, summed by kind (a fusion is named by the convolution, dot or
+    reduction it holds), result shape and the source line of its innermost stack frame; largest first, as
+    [{"kind", "shape", "source", "cycles", "share"}]. Empty for a program without those estimates (CPU, GPU).
+
+    This is how to find what to change in a program XLA estimates slower than its roofline: a kind or a shape
+    that takes far more of the cycles than of the FLOPs (relayout copies, pads, reductions). Loop bodies count
+    once, whatever their trip count.
+    """
+
+    def table(name: str, pattern: str) -> dict[str, Any]:
+        section = re.search(rf"^{name}\n((?:\d+ .*\n)+)", hlo_text, re.M)
+        return {m[0]: m[1:] for m in re.findall(pattern, section.group(1), re.M)} if section else {}
+
+    files = {k: v[0] for k, v in table("FileNames", r'^(\d+) "(?:.*/)?([^"/]+)"').items()}
+    functions = {k: v[0] for k, v in table("FunctionNames", r'^(\d+) "([^"]+)"').items()}
+    locations = table("FileLocations", r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)")
+    frames = {k: v[0] for k, v in table("StackFrames", r"^(\d+) \{file_location_id=(\d+)").items()}
+
+    computations: dict[str, list[str]] = {}
+    body: list[str] = []
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if header:
+            body = computations.setdefault(header.group(1), [])
+        elif line.startswith("  "):
+            body.append(line)
+    fused = {c for lines in computations.values() for line in lines for c in re.findall(r"calls=%([\w.\-]+)", line)}
+    totals: Counter = Counter()
+    for name, lines in computations.items():
+        if name in fused:
+            continue
+        for line in lines:
+            cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+            instruction = re.match(r"\s+(?:ROOT )?%\S+ = \(?(\w+\[[\d,]*\])?.*? ([a-z][\w\-]*)\(", line)
+            if not cycles or not instruction:
+                continue
+            shape, kind = instruction.group(1) or "tuple", instruction.group(2)
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            if called:
+                inner = "\n".join(computations.get(called.group(1), []))
+                kind = next((k for k, op in _FUSED_KINDS if op in inner), kind)
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            location = locations.get(frames.get(frame.group(1), ""), None) if frame else None
+            source = (
+                f"{files.get(location[0], '?')}:{location[2]} ({functions.get(location[1], '?')})" if location else "?"
+            )
+            totals[(kind, shape, source)] += int(cycles.group(1))
+    total = sum(totals.values())
+    return [
+        {"kind": kind, "shape": shape, "source": source, "cycles": cycles, "share": cycles / total}
+        for (kind, shape, source), cycles in totals.most_common()
+    ]
+
+
+_FUSED_KINDS = (("convolution", "convolution("), ("dot", " dot("), ("reduce", " reduce("))
+
+
 def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:
     """Per-chip memory, FLOPs, time estimates, images/s and MFU of a compiled program (all XLA's estimates).
 

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 100_000
-    config.train.batch_size = 16  # global
+    config.train.batch_size = 16  # global; 8+ per TPU chip (README, Parallelism: "Eight images per chip")
     # Micro-batches per optimizer update (the reference's --gradient_accumulation_steps): each update's gradients
     # are the mean over batch_size images, computed accumulate_steps micro-batches at a time (less memory).
     config.train.accumulate_steps = 1

@@ -269,8 +269,8 @@ def _per_group(per_channel: jax.Array, num_groups: int) -> jax.Array:
     return jnp.broadcast_to(grouped, (b, num_groups, c // num_groups)).reshape(b, c)
 
 
-def _group_stats(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    """Per-channel copies of each group's mean and 1/std, (B, 1, .., 1, C) float32, in one pass over x.
+def _group_stats_one_pass(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Per-channel copies of each group's mean and 1/std, (B, 1, .., 1, C) float32, in one pass over x (TPU).
 
     The variance is E[d^2] - E[d]^2 over float32 sums of d = x - k. For a float32 x, k is one value of each group
     (its first position's first channel; a constant of the differentiation, the statistics do not depend on it),
@@ -296,6 +296,18 @@ def _group_stats(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, 
     return shift + shifted_mean.reshape(per_sample), jax.lax.rsqrt(var.reshape(per_sample) + eps)
 
 
+def _group_stats_two_pass(x3: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Per-channel copies of each group's mean and 1/std, (B, 1, C) float32, from x3 = x as (B, positions, C)."""
+    count = x3.shape[1] * (x3.shape[2] // num_groups)
+    mean = _per_group(x3.sum(1), num_groups)[:, None] / count
+    var = _per_group(jnp.square(x3 - mean).sum(1), num_groups)[:, None] / count  # two passes: no cancellation
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _modulate(y: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    return y if scale_shift is None else y * (1 + scale_shift[0]) + scale_shift[1]
+
+
 def _group_norm(
     x: jax.Array,
     scale: jax.Array,
@@ -305,13 +317,16 @@ def _group_norm(
     eps: float,
     silu: bool,
 ) -> jax.Array:
-    """GN -> modulation -> SiLU with the backward pass each platform runs best (`jax.lax.platform_dependent`).
+    """GN -> modulation -> SiLU in the form each platform runs best (`jax.lax.platform_dependent`).
 
-    CPU: the hand-written two-pass backward (`_group_norm_two_pass`); the CPU train benchmark's traced step went
-    from 4.1 to 3.4 s with it. Elsewhere: autodiff of the forward recomputed from the input (`jax.checkpoint`),
-    which XLA fuses better on TPU: on two SD ResNet blocks at 256x256x256, bf16, batch 4, forward and backward, a
-    v5p estimate of 20.2 ms, 29.3 GB of HBM traffic and 2.6 GiB of temporaries, against 24.8 ms, 44.1 GB and
-    4.4 GiB with the hand-written backward (and 21.7 ms, 32.3 GB with the two-pass statistics of before).
+    CPU: two-pass statistics over x as (B, positions, C) and a hand-written two-pass backward
+    (`_group_norm_two_pass`); the CPU train benchmark's traced step went from 4.1 to 3.4 s with that backward,
+    and the one-pass form below made the untraced step 0.5-0.7 s slower there (2.42 -> 2.93-3.13 s).
+    Elsewhere: one-pass statistics and one multiply-add per element (`_group_norm_affine`), differentiated by
+    autodiff of the forward recomputed from the input (`jax.checkpoint`), which XLA fuses better on TPU: two SD
+    ResNet blocks at 256x256x256, bf16, batch 4, forward and backward: a v5p estimate of 20.2 ms, 29.3 GB of HBM
+    traffic and 2.6 GiB of temporaries, against 24.8 ms, 44.1 GB and 4.4 GiB with the hand-written backward and
+    21.7 ms, 32.3 GB with the two-pass statistics; at 512x512x128, 8 images: 25.5 ms against 30.5 ms.
     """
     static = (num_groups, eps, silu)
     return jax.lax.platform_dependent(
@@ -326,30 +341,43 @@ def _group_norm(
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5, 6), policy=jax.checkpoint_policies.nothing_saveable)
 def _group_norm_recomputed(x, scale, bias, scale_shift, num_groups, eps, silu):
-    return _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu)[0]
+    return _group_norm_affine(x, scale, bias, scale_shift, num_groups, eps, silu)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _group_norm_two_pass(x, scale, bias, scale_shift, num_groups, eps, silu):
-    return _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu)[0]
+    return _group_norm_two_pass_fwd(x, scale, bias, scale_shift, num_groups, eps, silu)[0]
 
 
-def _group_norm_fwd(x, scale, bias, scale_shift, num_groups, eps, silu):
+def _check_scale_shift(x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None) -> None:
     per_sample = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
     if scale_shift is not None and any(a.shape != per_sample for a in scale_shift):
         raise ValueError(
             f"GroupNorm: scale and shift must have shape {per_sample}, got {[a.shape for a in scale_shift]}"
         )
+
+
+def _group_norm_affine(x, scale, bias, scale_shift, num_groups, eps, silu):
+    """Everything up to SiLU as one affine map of x per (sample, channel), m = x a + b: one fused pass."""
+    _check_scale_shift(x, scale_shift)
     f32 = jnp.float32
-    mean, rstd = _group_stats(x, num_groups, eps)
-    # Everything up to SiLU is one affine map of x per (sample, channel): m = x a + b, one fused pass in float32.
+    mean, rstd = _group_stats_one_pass(x, num_groups, eps)
     a = rstd * scale.astype(f32)
     b = bias.astype(f32) - mean * a
     if scale_shift is not None:
         factor = 1 + scale_shift[0].astype(f32)
         a, b = a * factor, b * factor + scale_shift[1].astype(f32)
     m = x.astype(f32) * a + b
-    return (jax.nn.silu(m) if silu else m).astype(x.dtype), (x, scale, bias, scale_shift, mean, rstd)
+    return (jax.nn.silu(m) if silu else m).astype(x.dtype)
+
+
+def _group_norm_two_pass_fwd(x, scale, bias, scale_shift, num_groups, eps, silu):
+    _check_scale_shift(x, scale_shift)
+    x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+    mean, rstd = _group_stats_two_pass(x3, num_groups, eps)
+    y = ((x3 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = _modulate(y.reshape(x.shape), scale_shift)
+    return (jax.nn.silu(y) if silu else y), (x, scale, bias, scale_shift, mean, rstd)
 
 
 def _group_norm_bwd(num_groups, eps, silu, residuals, g):
@@ -364,36 +392,35 @@ def _group_norm_bwd(num_groups, eps, silu, residuals, g):
     del eps  # in rstd already
     x, scale, bias, scale_shift, mean, rstd = residuals
     f32 = jnp.float32
-    batch, channels, axes = x.shape[0], x.shape[-1], tuple(range(1, x.ndim - 1))
-    per_sample = mean.shape  # (B, 1, .., 1, C)
+    batch, channels = x.shape[0], x.shape[-1]
     gamma, beta = scale.astype(f32), bias.astype(f32)
     factor, shift = jnp.ones((batch, channels), f32), None
     if scale_shift is not None:
         factor = 1 + scale_shift[0].astype(f32).reshape(batch, channels)
-        shift = scale_shift[1].astype(f32)
+        shift = scale_shift[1].astype(f32).reshape(batch, 1, channels)
 
-    n = (x.astype(f32) - mean) * rstd
-    u = g.astype(f32)
+    n = (x.astype(f32).reshape(batch, -1, channels) - mean) * rstd
+    u = g.astype(f32).reshape(n.shape)
     if silu:
         m = n * gamma + beta
-        m = m if shift is None else m * factor.reshape(per_sample) + shift
+        m = m if shift is None else m * factor[:, None] + shift
         sig = jax.nn.sigmoid(m)
         u = u * sig * (1 + m * (1 - sig))
-    p, q = u.sum(axes), (u * n).sum(axes)  # (B, C)
-    count = math.prod(x.shape[1:-1]) * (channels // num_groups)
-    mean_v = (_per_group(factor * gamma * p, num_groups) / count).reshape(per_sample)
-    mean_vn = (_per_group(factor * gamma * q, num_groups) / count).reshape(per_sample)
-    dx = rstd * (u * (factor * gamma).reshape(per_sample) - mean_v - n * mean_vn)
+    p, q = u.sum(1), (u * n).sum(1)  # (B, C)
+    count = n.shape[1] * (channels // num_groups)
+    mean_v = _per_group(factor * gamma * p, num_groups)[:, None] / count
+    mean_vn = _per_group(factor * gamma * q, num_groups)[:, None] / count
+    dx = rstd * (u * (factor * gamma)[:, None] - mean_v - n * mean_vn)
     d_scale_shift = None
     if scale_shift is not None:
         s, t = scale_shift
         d_scale_shift = ((gamma * q + beta * p).reshape(s.shape).astype(s.dtype), p.reshape(t.shape).astype(t.dtype))
     d_scale = (factor * q).sum(0).astype(scale.dtype)
     d_bias = (factor * p).sum(0).astype(bias.dtype)
-    return dx.astype(x.dtype), d_scale, d_bias, d_scale_shift
+    return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias, d_scale_shift
 
 
-_group_norm_two_pass.defvjp(_group_norm_fwd, _group_norm_bwd)
+_group_norm_two_pass.defvjp(_group_norm_two_pass_fwd, _group_norm_bwd)
 
 
 class LayerNorm(nnx.Module):

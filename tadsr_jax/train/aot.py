@@ -331,6 +331,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return {kind: {"count": ops[kind], "bytes": float(sizes[kind])} for kind in sorted(ops)}
 
 
+# A fusion in the cycle listing is named by the first of these ops its fused computation holds.
+_FUSED_KINDS = (("convolution", "convolution("), ("dot", " dot("), ("reduce", " reduce("))
+
+
 def estimated_cycles(hlo_text: str) -> list[dict[str, Any]]:
     """What a compiled TPU program spends XLA's time estimate on: the `estimated_cycles` XLA's TPU backend writes
     into each top-level instruction's backend config, summed by kind (a fusion is named by the convolution, dot or
@@ -385,9 +389,6 @@ def estimated_cycles(hlo_text: str) -> list[dict[str, Any]]:
         {"kind": kind, "shape": shape, "source": source, "cycles": cycles, "share": cycles / total}
         for (kind, shape, source), cycles in totals.most_common()
     ]
-
-
-_FUSED_KINDS = (("convolution", "convolution("), ("dot", " dot("), ("reduce", " reduce("))
 
 
 def report(program: CompiledProgram, chip: ChipSpec) -> dict[str, Any]:

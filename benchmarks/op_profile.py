@@ -6,7 +6,8 @@ whether it belongs to the backward pass (JAX names those ops `transpose(...)`). 
 asynchronously: the event is the launch, and an `end: <name>` marker says when it finished, so an op lasts
 from its start to that marker. Where ops overlap, each instant is split evenly among those running, so the
 kinds add up to the wall time of the traced steps. Convolution FLOPs come from the HLO (window x input
-features x output size): the achieved GFLOP/s per convolution is what found the slow ones in our train step.
+features x output size, leaving out taps on the holes of an input dilation): the achieved GFLOP/s per
+convolution is what found the slow ones in our train step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from tadsr_jax import flops
 
 KINDS = ("convolution", "matmul", "reduction", "elementwise and copies")
 SLOW_CONV_FLOPS_PER_S = 20e9  # a convolution below this runs far from any CPU's matmul peak
@@ -76,20 +79,37 @@ def _kind(instruction: dict[str, Any], computations: dict[str, dict[str, str]]) 
 def _conv_flops(
     instruction: dict[str, Any], instructions: dict[str, dict[str, Any]], computations: dict[str, dict[str, str]]
 ) -> float | None:
-    """2 x output elements x window size x input features per group, of a convolution or a fusion around one."""
+    """2 x output elements x input features per group x the window taps per output that land on input (not on
+    an input dilation's holes: `tadsr_jax.flops.landed_taps`), of a convolution or a fusion around one."""
     if instruction["calls"] and "convolution" in computations.get(instruction["calls"], {}):
         instruction = instructions[computations[instruction["calls"]]["convolution"]]
     if instruction["opcode"] != "convolution" or not instruction["operands"]:
         return None
     lhs = instructions.get(instruction["operands"][0])
-    window = re.search(r"window=\{size=([\dx]+)", instruction["rest"])
-    labels = re.search(r"dim_labels=(\w+)_", instruction["rest"])
+    window = re.search(r"window=\{([^}]*)\}", instruction["rest"])
+    labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", instruction["rest"])
     if lhs is None or window is None or labels is None:
         return None
     groups = re.search(r"feature_group_count=(\d+)", instruction["rest"])
     features = _dims(lhs["shape"])[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
-    size = math.prod(int(w) for w in window.group(1).split("x"))
-    return 2.0 * math.prod(_dims(instruction["shape"])) * size * features
+    # e.g. "size=3x3 pad=1_2x1_2 lhs_dilate=2x2" -> {"size": ["3", "3"], "pad": ["1_2", "1_2"], ...}
+    fields = {key: value.split("x") for key, value in re.findall(r"(\w+)=(\S+)", window.group(1))}
+    sizes = [int(size) for size in fields["size"]]
+    dimension = lambda name, default: [int(v.split("_")[0]) for v in fields.get(name, [default] * len(sizes))]
+    out_dims = _dims(instruction["shape"])
+    taps = 1.0
+    for i, args in enumerate(
+        zip(
+            sizes,
+            dimension("stride", "1"),
+            dimension("rhs_dilate", "1"),
+            dimension("pad", "0"),
+            dimension("lhs_dilate", "1"),
+        )
+    ):
+        positions = out_dims[labels.group(2).index(str(i))]
+        taps *= flops.landed_taps(positions, *args) / positions
+    return 2.0 * math.prod(out_dims) * taps * features
 
 
 def _op_name(name: str, instructions: dict[str, dict[str, Any]], users: dict[str, list[str]]) -> str:

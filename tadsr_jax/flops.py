@@ -45,23 +45,34 @@ def matmul_flops(traced: Any) -> float:
     return total
 
 
+def landed_taps(positions: int, taps: int, stride: int, rhs_dilation: int, low_pad: int, lhs_dilation: int) -> int:
+    """How many (output position, kernel tap) pairs of one spatial dimension of a convolution land on the input,
+    not on the holes of an input dilation (`lhs_dilation`: how a strided convolution's input gradient and a
+    transposed convolution run; counting the holes would count a stride-2 convolution's input gradient 4x).
+    Taps on padding count, as in torch's FlopCounterMode."""
+    if lhs_dilation == 1:
+        return positions * taps
+    return sum(
+        (o * stride + t * rhs_dilation - low_pad) % lhs_dilation == 0 for o in range(positions) for t in range(taps)
+    )
+
+
 def _conv_flops(eqn: Any) -> float:
     """2 x output elements x input channels per group x the kernel taps per output position that land on the
-    input, not on the holes of an input dilation (`lhs_dilation`, how a strided convolution's input gradient and a
-    transposed convolution run: counting the holes would count a stride-2 convolution's input gradient 4x).
-    Taps on padding count, as in torch's FlopCounterMode."""
+    input (`landed_taps`)."""
     params = eqn.params
     dimension_numbers = params["dimension_numbers"]
     kernel, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
     per_output = math.prod(kernel) // kernel[dimension_numbers.rhs_spec[0]]
     for i, (out_dim, kernel_dim) in enumerate(zip(dimension_numbers.out_spec[2:], dimension_numbers.rhs_spec[2:])):
-        dilation = params["lhs_dilation"][i]
-        if dilation == 1:
-            continue
         taps, positions = kernel[kernel_dim], out[out_dim]
-        stride, rhs_dilation, low = params["window_strides"][i], params["rhs_dilation"][i], params["padding"][i][0]
-        landed = sum(
-            (o * stride + t * rhs_dilation - low) % dilation == 0 for o in range(positions) for t in range(taps)
+        landed = landed_taps(
+            positions,
+            taps,
+            params["window_strides"][i],
+            params["rhs_dilation"][i],
+            params["padding"][i][0],
+            params["lhs_dilation"][i],
         )
         per_output = per_output * landed / (taps * positions)
     return 2.0 * math.prod(out) * per_output

@@ -79,6 +79,25 @@ def test_input_dilation_holes_do_not_count():
     assert matmul_flops(jax.make_jaxpr(up)(small, jnp.ones((4, 4, 3, 5)))) == 2 * 2 * 16 * 16 * 5 * 3 * 2 * 2
 
 
+def test_op_profile_counts_a_strided_convolution_gradient_as_the_jaxpr_count_does():
+    """The profile's FLOPs come from the compiled HLO, the MFU's from the jaxpr: both leave out the holes of the
+    dilated input a stride-2 convolution's input gradient runs on (counting them would make it 4x)."""
+    from benchmarks import op_profile
+
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).sum()
+    image, kernel = jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 5))
+    grad = jax.jit(jax.grad(conv, argnums=(0, 1)))
+    instructions, computations = op_profile._instructions(grad.lower(image, kernel).compile().as_text())
+    counted = [op_profile._conv_flops(i, instructions, computations) for i in instructions.values()]
+    counted = [c for c in counted if c is not None]
+    assert len(counted) == 2  # the input gradient and the kernel gradient (XLA drops the unused forward)
+    forward = matmul_flops(jax.make_jaxpr(conv)(image, kernel))
+    assert matmul_flops(jax.make_jaxpr(grad)(image, kernel)) == pytest.approx(3 * forward)
+    assert sum(counted) == pytest.approx(2 * forward)
+
+
 def test_op_profile_finds_every_convolution_of_a_train_step_and_its_flops():
     """The profile by op kind (`launch/bench.py --what=train --profile_steps=N`) on a real trace: the forward,
     input-gradient and kernel-gradient convolutions are all found, with their exact FLOPs, in the right pass."""

@@ -387,6 +387,10 @@ INPUTS = ["--config.model.pretrained=no_sd_here", "--config.data.path=no_images_
             "paired_list, tfds or mixture)",
         ),
         (
+            [*INPUTS, "--config.model.remat.unet=layers"],
+            "train: error: model.remat.unet: unknown remat policy 'layers' (one of none, full, dots, dots_no_batch)",
+        ),
+        (
             [*INPUTS, "--config.train.lr_schedule=cosine_annealing"],
             "train: error: train.lr_schedule: unknown schedule 'cosine_annealing' (known: constant, "
             "constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)",

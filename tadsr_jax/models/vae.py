@@ -103,11 +103,11 @@ class VAEMidBlock(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        x = self.resnets[0](x, temb)
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, layer_remat: str = "none") -> jax.Array:
+        x = remat.call(self.resnets[0], layer_remat, x, temb)
         if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x, temb)
+            x = remat.call(self.attentions[0], layer_remat, x)
+        return remat.call(self.resnets[1], layer_remat, x, temb)
 
 
 class EncoderDownBlock(nnx.Module):
@@ -143,10 +143,10 @@ class EncoderDownBlock(nnx.Module):
             nnx.List([Downsample2D(out_channels, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
         )
 
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, layer_remat: str = "none") -> jax.Array:
         for resnet in self.resnets:
-            x = resnet(x, temb)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
+            x = remat.call(resnet, layer_remat, x, temb)
+        return x if self.downsamplers is None else remat.call(self.downsamplers[0], layer_remat, x)
 
 
 class Encoder(nnx.Module):
@@ -191,7 +191,7 @@ class Encoder(nnx.Module):
         )
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.remat = "none"  # tadsr_jax.nn.remat policy of each down block and the mid block
+        self.remat = "none"  # tadsr_jax.nn.remat policy of each down block and the mid block (or of their layers)
 
     def time_embed(self, timesteps: jax.Array | int, batch: int) -> jax.Array:
         t = batch_timesteps(timesteps, batch)
@@ -203,9 +203,10 @@ class Encoder(nnx.Module):
             raise ValueError("the time-aware encoder needs timesteps")
         temb = self.time_embed(timesteps, x.shape[0]) if self.time_aware else None
         x = self.conv_in(x.astype(self.conv_in.kernel.dtype))
+        block_remat, layer_remat = remat.block_and_layer_policies(self.remat)
         for block in self.down_blocks:
-            x = remat.call(block, self.remat, x, temb)
-        x = remat.call(self.mid_block, self.remat, x, temb)
+            x = remat.call(block, block_remat, x, temb, layer_remat=layer_remat)
+        x = remat.call(self.mid_block, block_remat, x, temb, layer_remat=layer_remat)
         return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
@@ -238,10 +239,10 @@ class DecoderUpBlock(nnx.Module):
         )
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, layer_remat: str = "none") -> jax.Array:
         for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+            x = remat.call(resnet, layer_remat, x)
+        return x if self.upsamplers is None else remat.call(self.upsamplers[0], layer_remat, x)
 
 
 class Decoder(nnx.Module):
@@ -269,12 +270,14 @@ class Decoder(nnx.Module):
         )
         self.conv_norm_out = GroupNorm(groups, rev[-1], eps=VAE_EPS, dtype=dtype)
         self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.remat = "none"  # tadsr_jax.nn.remat policy of the mid block and each up block
+        self.remat = "none"  # tadsr_jax.nn.remat policy of the mid block and each up block (or of their layers)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        x = remat.call(self.mid_block, self.remat, self.conv_in(z.astype(self.conv_in.kernel.dtype)))
+        block_remat, layer_remat = remat.block_and_layer_policies(self.remat)
+        x = self.conv_in(z.astype(self.conv_in.kernel.dtype))
+        x = remat.call(self.mid_block, block_remat, x, layer_remat=layer_remat)
         for block in self.up_blocks:
-            x = remat.call(block, self.remat, x)
+            x = remat.call(block, block_remat, x, layer_remat=layer_remat)
         return self.conv_out(self.conv_norm_out(x, silu=True))
 
 

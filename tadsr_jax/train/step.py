@@ -108,6 +108,17 @@ def init_state(generator: nnx.State, fake_score: nnx.State, tx: optax.GradientTr
     )
 
 
+REMAT_KEYS = ("unet", "vae_encoder", "vae_decoder")
+
+
+def remat_policy(config: ml_collections.ConfigDict, key: str) -> str:
+    """`config.model.remat.<key>`, checked (ValueError naming the key); the UNet has no layer-wise policy."""
+    try:
+        return remat.check_policy(config.model.remat[key], per_layer=key != "unet")
+    except ValueError as e:
+        raise ValueError(f"model.remat.{key}: {e}") from None
+
+
 def make_model(
     config: ml_collections.ConfigDict,
     unet: UNet2DConditionModel,
@@ -120,9 +131,7 @@ def make_model(
     under eval_shape); `platform` is the one the step is compiled for (default: JAX's default backend)."""
     set_attention_implementation(unet, config.model.attention, platform)
     set_attention_implementation(vae, config.model.attention, platform)
-    unet.remat = remat.check_policy(config.model.remat.unet)
-    vae.encoder.remat = remat.check_policy(config.model.remat.vae_encoder)
-    vae.decoder.remat = remat.check_policy(config.model.remat.vae_decoder)
+    unet.remat, vae.encoder.remat, vae.decoder.remat = (remat_policy(config, key) for key in REMAT_KEYS)
     return TADSR(
         unet,
         vae,
@@ -216,8 +225,10 @@ def trained_timesteps(train_config: ml_collections.ConfigDict) -> list[int]:
 
 def check_config(config: ml_collections.ConfigDict, batch_shards: int) -> None:
     """Raise ValueError, one line naming the key, for train settings that cannot work, before anything loads:
-    the lr schedule, and a batch that does not split into `train.accumulate_steps` equal micro-batches over the
-    `batch_shards` devices it is spread over."""
+    the remat policies, the lr schedule, and a batch that does not split into `train.accumulate_steps` equal
+    micro-batches over the `batch_shards` devices it is spread over."""
+    for key in REMAT_KEYS:
+        remat_policy(config, key)
     learning_rate(config.train)
     accumulate, batch_size = config.train.accumulate_steps, config.train.batch_size
     if accumulate < 1:

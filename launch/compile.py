@@ -16,6 +16,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -57,6 +59,25 @@ def _add_cycles(report: dict, program) -> None:
         )
 
 
+def _compile_and_report(label: str, build: Callable[[], Any], chip, what: str) -> dict:
+    """The report of `build()`'s compiled program, printed under `label`; for a program XLA refused for the
+    chip's HBM, a report that says so."""
+    from tadsr_jax.train import aot
+
+    start = time.perf_counter()
+    try:
+        program = build()
+    except aot.DoesNotFit as e:
+        print(f"{label}: DOES NOT FIT ({e})", file=sys.stderr)
+        return {"fits": False, "xla_error": str(e), "compile_s": time.perf_counter() - start}
+    report = aot.report(program, chip)
+    report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
+    print(f"{label}:", file=sys.stderr)
+    print(aot.format_report(report, what=what), file=sys.stderr)
+    _add_cycles(report, program)
+    return report
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -76,12 +97,9 @@ def main(argv):
                 f"(known: {', '.join(aot.CHIPS)})"
             )
         if "train" in _WHAT.value:
-            start = time.perf_counter()
-            program = aot.compile_train_step(config, devices)
-            report = aot.report(program, chip)
-            report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
-            print(aot.format_report(report), file=sys.stderr)
-            _add_cycles(report, program)
+            report = _compile_and_report(
+                "train step", lambda: aot.compile_train_step(config, devices), chip, what="step"
+            )
             if _ACTIVATIONS.value:
                 per_chip = max(1, config.train.batch_size // len(devices))
                 kept = aot.saved_activations(config, devices[0].platform, per_chip)
@@ -101,14 +119,13 @@ def main(argv):
         if "sr" in _WHAT.value:
             result["sr"] = []
             for size in sizes:
-                start = time.perf_counter()
-                program = aot.compile_sr(config, devices[0], size=size)
-                report = aot.report(program, chip)
+                report = _compile_and_report(
+                    f"SR at {size}x{size}, {config.sr.dtype}",
+                    lambda size=size: aot.compile_sr(config, devices[0], size=size),
+                    chip,
+                    what="call",
+                )
                 report["dtype"] = config.sr.dtype
-                report["compile_s"], report["host_peak_rss_gib"] = time.perf_counter() - start, _host_peak_gib()
-                print(f"SR at {size}x{size}, {config.sr.dtype}:", file=sys.stderr)
-                print(aot.format_report(report, what="call"), file=sys.stderr)
-                _add_cycles(report, program)
                 result["sr"].append(report)
     except ValueError as e:
         print(f"compile: error: {e}", file=sys.stderr)

@@ -117,3 +117,13 @@ def test_flash_attention_is_partitioned_over_a_multi_host_mesh():
     assert "tpu_custom_call" in step.lower(params, tokens).compile().as_text()  # the Pallas kernel
     # Its FLOPs are counted on all 8 devices' shards: the forward's two matmuls at least, 2 * 2*T*S*D per head.
     assert matmul_flops(step.trace(params, tokens)) >= 8 * 2 * (2 * 2 * 256 * 256 * 64)
+
+
+def test_a_program_too_large_for_the_chip_is_refused_in_one_line():
+    """XLA's out-of-memory refusal becomes DoesNotFit with its one line (launch/compile.py reports it and goes
+    on); here a program whose sort needs two 24 GiB buffers on a 16 GiB v5e chip."""
+    on_chip = jax.sharding.SingleDeviceSharding(aot.topology_devices(TOPOLOGY)[0])
+    x = jax.ShapeDtypeStruct((80_000,), jnp.float32, sharding=on_chip)
+    traced = jax.jit(lambda x: jnp.sort(x[:, None] * x[None, :], axis=0)[:1]).trace(x)
+    with pytest.raises(aot.DoesNotFit, match=r"^RESOURCE_EXHAUSTED: .*exceeds available HBM \(15\.75G\)\.$"):
+        aot.compile_for_chip(traced)

@@ -138,6 +138,20 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class DoesNotFit(Exception):
+    """XLA refused to compile a program for a chip: its buffers need more HBM than the chip has."""
+
+
+def compile_for_chip(traced: jax.stages.Traced) -> jax.stages.Compiled:
+    """`traced`, lowered and compiled; DoesNotFit with XLA's one line when it cannot fit the chip's HBM."""
+    try:
+        return traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not str(e).startswith("RESOURCE_EXHAUSTED"):
+            raise
+        raise DoesNotFit(str(e).splitlines()[0]) from None
+
+
 @dataclasses.dataclass
 class CompiledProgram:
     """A compiled program and what the report needs beside XLA's own analyses."""
@@ -195,7 +209,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     traced = _train_step_trace(config, devices, mesh)
     return CompiledProgram(
-        compiled=traced.lower().compile(),
+        compiled=compile_for_chip(traced),
         model_flops=matmul_flops(_train_step_trace(_without_recomputation(config), devices, mesh)),
         executed_flops=matmul_flops(traced),
         num_devices=len(devices),
@@ -241,7 +255,7 @@ def compile_sr(config: ml_collections.ConfigDict, device: jax.Device, *, size: i
 
     traced = trace(config.model.attention)
     return CompiledProgram(
-        compiled=traced.lower().compile(),
+        compiled=compile_for_chip(traced),
         model_flops=matmul_flops(trace("xla")),
         executed_flops=matmul_flops(traced),
         num_devices=1,

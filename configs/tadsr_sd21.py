@@ -44,8 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The reference's fake score effectively trains only its mid-block LoRA; ("encoder", "decoder", "others")
     # gives it all three groups.
     config.model.fake_score_groups = ("others",)
-    # Rematerialisation policies (tadsr_jax/nn/remat.py: none, full, dots, dots_no_batch): recompute each block's
-    # activations in the backward pass instead of keeping them (memory for compute).
+    # Rematerialisation policies (tadsr_jax/nn/remat.py: none, full, dots, dots_no_batch; the VAE halves also
+    # layers): recompute each block's activations in the backward pass instead of keeping them (memory for
+    # compute). 8 images per 16 GiB v5e chip: unet=full, vae_encoder=full, vae_decoder=layers (README).
     config.model.remat = ml_collections.ConfigDict()
     config.model.remat.unet = "none"
     config.model.remat.vae_encoder = "none"

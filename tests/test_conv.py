@@ -2,6 +2,8 @@
 convolution of a nearest-x2 upsampled map (as one input-dilated convolution on TPU): values and both gradients
 against torch's autograd in float64."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,11 +66,18 @@ def test_low_rank_conv_and_its_gradients_match_torch(kernel_size, stride, paddin
 
 
 @pytest.mark.parametrize(
-    "form", [layers.nearest_x2_conv2d, layers._upsampling_conv], ids=["platform's (CPU here)", "TPU's"]
+    "form,features",
+    [
+        (layers.nearest_x2_conv2d, 5),
+        (functools.partial(layers.nearest_x2_conv2d, low_rank=True), 4),
+        (layers._upsampling_conv, 5),
+    ],
+    ids=["platform's (CPU here: phase convolutions)", "platform's low-rank", "TPU's input-dilated"],
 )
-def test_the_convolution_of_a_nearest_upsampled_map_matches_torch(form):
-    """Upsample2D's x2 step: the platform's form, and the TPU's input-dilated convolution run here on CPU."""
-    errors = _errors_against_torch(lambda x, k, stride, padding: form(x, k), 5, 6, 4, 3, 1, 1, upsample=True)
+def test_the_convolution_of_a_nearest_upsampled_map_matches_torch(form, features):
+    """Upsample2D's x2 step: the platform's forms (a kernel and a LoRA A factor), and the TPU's input-dilated
+    convolution run here on CPU."""
+    errors = _errors_against_torch(lambda x, k, stride, padding: form(x, k), 5, 6, features, 3, 1, 1, upsample=True)
     print(f"\nnearest x2 conv: out, dx, dkernel errors {errors}")
     # measured up to 1.1e-6 (float32 sums of at most 54 terms, 216 for the kernel, against float64): ~18x; a block
     # sum of the kernel off by one tap errs by ~1

@@ -23,8 +23,8 @@ POLICIES = {
 
 # `full` at each layer of a block (ResNet block, attention, resampler) instead of at the block: the backward pass
 # keeps every layer's input, more than `full` keeps, but recomputes one layer at a time, so its peak holds one
-# layer's activations instead of a whole block's. At 8 images of 512x512 the VAE decoder's last block (three ResNet
-# blocks at 512x512) holds about 7 GiB in its backward pass under `full`.
+# layer's activations instead of a whole block's. Under `full` the VAE decoder's backward pass recomputes its last
+# block, three ResNet blocks at 512x512, at once (the decoder alone at 8 images on v5e: 6.7 GiB of temporaries).
 LAYERS = "layers"
 
 

@@ -190,17 +190,18 @@ def nearest_x2_conv2d(x: jax.Array, kernel: jax.Array, *, low_rank: bool = False
     )
 
 
-# Output row 2i + p of the upsampled map's 3x3 convolution sees input rows i - 1 + p and i + p: kernel rows
-# (0, 1 + 2) for p = 0 and (0 + 1, 2) for p = 1. The same holds for columns.
-_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+def _block_sums(kernel: jax.Array) -> jax.Array:
+    """The 3x3 kernel's 4x4 sums over the four 2x2 offsets. Output row 2i + p of the upsampled map's convolution
+    sees input rows i - 1 + p and i + p, with kernel rows (0, 1 + 2) for p = 0 and (0 + 1, 2) for p = 1: rows
+    p and p + 2 of these sums (the same for columns)."""
+    return sum(jnp.pad(kernel, ((a, 1 - a), (b, 1 - b), (0, 0), (0, 0))) for a in (0, 1) for b in (0, 1))
 
 
 def _upsampling_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """TPU's form: the 2x2 block sums of the kernel (`_PHASE_TAPS` of both phases at once, 4x4) over x dilated by 2."""
-    blocks = sum(jnp.pad(kernel, ((a, 1 - a), (b, 1 - b), (0, 0), (0, 0))) for a in (0, 1) for b in (0, 1))
+    """TPU's form: the block sums (`_block_sums`) over x dilated by 2, all four output phases in one convolution."""
     return jax.lax.conv_general_dilated(
         x,
-        blocks,
+        _block_sums(kernel),
         window_strides=(1, 1),
         padding=((2, 2), (2, 2)),
         lhs_dilation=(2, 2),
@@ -209,22 +210,18 @@ def _upsampling_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _phase_convs(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """CPU's form: each output phase (p, q) as a 2x2 convolution of x with the kernel's rows and columns summed as
-    `_PHASE_TAPS` says, the four interleaved."""
+    """CPU's form: each output phase (p, q) as a 2x2 convolution of x with rows p, p + 2 and columns q, q + 2 of
+    the block sums (`_block_sums`), the four interleaved."""
     batch, height, width, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-    def summed(k: jax.Array, groups: tuple[tuple[int, ...], ...], axis: int) -> jax.Array:
-        return jnp.stack([sum(jnp.take(k, i, axis=axis) for i in group) for group in groups], axis=axis)
-
-    rows = []
-    for p in (0, 1):
-        row_kernel = summed(kernel, _PHASE_TAPS[p], axis=0)
-        phases = [
-            _conv(padded[:, p : p + height + 1, q : q + width + 1], summed(row_kernel, _PHASE_TAPS[q], axis=1), 1, 0)
-            for q in (0, 1)
-        ]
-        rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2, O)
+    blocks = _block_sums(kernel)
+    rows = [
+        jnp.stack(
+            [_conv(padded[:, p : p + height + 1, q : q + width + 1], blocks[p::2, q::2], 1, 0) for q in (0, 1)],
+            axis=3,
+        )  # (B, H, W, 2, O)
+        for p in (0, 1)
+    ]
     return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, -1)
 
 

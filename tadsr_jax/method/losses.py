@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_BLUR_TAPS = 21  # 5 + 4 * floor(999 / 200)
+_EXACT = jax.lax.Precision.HIGHEST  # float32 products on every platform (TPU's default would round to bf16)
 
 
 def blur_kernel_size(t: jax.Array) -> jax.Array:
@@ -18,8 +19,8 @@ def blur_taps(t: jax.Array) -> jax.Array:
     """(B,) timesteps -> (B, 21) torchvision-GaussianBlur 1-D taps, centred and zero outside each kernel.
 
     Kernel k = 5 + 4 floor(t/200), sigma = 1 + t/200, taps exp(-x^2 / 2 sigma^2) at x = -(k-1)/2 .. (k-1)/2,
-    normalised. Embedding every kernel in 21 centred taps lets one reflect-padded convolution serve all
-    samples: reflection depends only on the offset, so zero taps outside k change nothing.
+    normalised. Every kernel is embedded in 21 centred taps, so all samples share one shape: the zero taps outside
+    k add nothing, reflected or not.
     """
     t = jnp.asarray(t)
     sigma = 1.0 + t.astype(jnp.float32) / 200.0
@@ -29,24 +30,29 @@ def blur_taps(t: jax.Array) -> jax.Array:
     return taps / taps.sum(axis=1, keepdims=True)
 
 
+def _blur_matrices(taps: jax.Array, n: int) -> jax.Array:
+    """(B, 21) taps -> (B, n, n): row i holds the weight of every input position in output position i along an
+    axis of n positions, reflect padding folded in (torch's "reflect": the edge pixel is not repeated)."""
+    pad = MAX_BLUR_TAPS // 2
+    source = jnp.abs(jnp.arange(n)[:, None] + jnp.arange(-pad, pad + 1)[None])  # (n, 21): reflected at 0 ...
+    source = jnp.where(source > n - 1, 2 * (n - 1) - source, source)  # ... and at n - 1
+    return jnp.einsum("bk,ikj->bij", taps, jax.nn.one_hot(source, n, dtype=taps.dtype), precision=_EXACT)
+
+
 def timestep_blur(images: jax.Array, t: jax.Array) -> jax.Array:
     """Per-sample separable Gaussian blur of NHWC images with reflect padding (TADSR's Blur_t).
 
-    Samples and channels are folded into the feature axis of one depthwise convolution per direction, so each
-    sample gets its own kernel in two ops.
+    Each direction is one batched matmul with a (B, n, n) banded matrix that holds the sample's taps and the
+    reflection. XLA:CPU runs the 21-tap depthwise convolution of the same blur (samples and channels as feature
+    groups) far from its matmul speed: forward and gradient of the blurred L2 of two 128x128 images took 34 ms as
+    convolutions and 1.5 ms as matmuls (380 ms and 37 ms at 512x512).
     """
-    b, h, w, c = images.shape
-    pad = MAX_BLUR_TAPS // 2
-    if min(h, w) <= pad:
-        raise ValueError(f"timestep_blur needs images larger than {pad} pixels, got {h}x{w}")
-    taps = jnp.repeat(blur_taps(t).astype(images.dtype), c, axis=0).T  # (21, b*c), feature index = b * c + ch
-    x = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    x = x.transpose(1, 2, 0, 3).reshape(1, h + 2 * pad, w + 2 * pad, b * c)
-    conv = lambda x, kernel: jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=b * c
-    )
-    x = conv(conv(x, taps.reshape(MAX_BLUR_TAPS, 1, 1, b * c)), taps.reshape(1, MAX_BLUR_TAPS, 1, b * c))
-    return x.reshape(h, w, b, c).transpose(2, 0, 1, 3)
+    h, w = images.shape[1:3]
+    if min(h, w) <= MAX_BLUR_TAPS // 2:
+        raise ValueError(f"timestep_blur needs images larger than {MAX_BLUR_TAPS // 2} pixels, got {h}x{w}")
+    taps = blur_taps(t).astype(images.dtype)
+    x = jnp.einsum("bij,bjwc->biwc", _blur_matrices(taps, h), images, precision=_EXACT)
+    return jnp.einsum("bkw,biwc->bikc", _blur_matrices(taps, w), x, precision=_EXACT)
 
 
 def blurred_mse(pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:

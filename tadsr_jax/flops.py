@@ -5,11 +5,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+
+_UNCOUNTED = "uncounted_flops"  # the name scope of `uncounted`
+
+
+def uncounted():
+    """A name scope whose matmuls and convolutions `matmul_flops` leaves out: for a matmul that computes, for speed
+    on one platform, what the model itself does with other ops (GroupNorm's group totals, Blur_t's banded
+    matrices), so that the form chosen never inflates an MFU figure."""
+    return jax.named_scope(_UNCOUNTED)
+
 
 def matmul_flops(traced: Any) -> float:
     """FLOPs of the matmuls and convolutions of a traced JAX function (a `jax.stages.Traced` or a jaxpr):
     2 per multiply-add, a scan's body times its length, a Pallas kernel's body times its grid, a shard_map's body
-    times its devices, the larger branch of a cond.
+    times its devices, the larger branch of a cond; nothing traced under `uncounted`.
 
     The model-FLOP convention of MFU figures and of torch's FlopCounterMode: elementwise work is not counted.
     Counted on the jaxpr because XLA's cost analysis counts a loop body once whatever its trip count, and
@@ -20,6 +31,8 @@ def matmul_flops(traced: Any) -> float:
         jaxpr = jaxpr.jaxpr
     total = 0.0
     for eqn in jaxpr.eqns:
+        if _UNCOUNTED in str(eqn.source_info.name_stack):
+            continue
         name = eqn.primitive.name
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]

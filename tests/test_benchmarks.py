@@ -11,6 +11,7 @@ from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
 from torch_utils import randomize_
 
+from tadsr_jax import flops
 from tadsr_jax.flops import matmul_flops
 from tadsr_jax.weights.loaders import load_unet
 
@@ -118,3 +119,21 @@ def test_op_profile_finds_every_convolution_of_a_train_step_and_its_flops():
     assert by_kind["convolution, forward"] > 0 and by_kind["convolution, backward"] > 0
     assert set(by_kind) == {f"{k}, {d}" for k in op_profile.KINDS for d in ("forward", "backward")}
     assert result["step_s"] == pytest.approx(sum(by_kind.values()))
+
+
+def test_uncounted_matmuls_are_left_out_under_transforms():
+    """A matmul under `flops.uncounted` counts nothing, in its forward and its gradient, inside a cond too; the
+    same matmul outside counts."""
+    x, w = jnp.ones((3, 8)), jnp.ones((8, 4))
+
+    def f(x, w):
+        with flops.uncounted():
+            hidden = x @ w
+        return jnp.sum(hidden @ w.T)
+
+    counted = 2 * 3 * 4 * 8  # hidden @ w.T only
+    assert matmul_flops(jax.make_jaxpr(f)(x, w)) == counted
+    # forward, and the cotangent of `hidden` through it; x's cotangent (through the uncounted product) is left out
+    assert matmul_flops(jax.make_jaxpr(jax.grad(f))(x, w)) == 2 * counted
+    branched = jax.make_jaxpr(lambda x, w: jax.lax.cond(True, f, lambda x, w: jnp.sum(x @ w), x, w))(x, w)
+    assert matmul_flops(branched) == counted  # the larger branch: the other one's 2 x 3 x 8 x 4 equals counted too

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tadsr_jax import flops
+
 MAX_BLUR_TAPS = 21  # 5 + 4 * floor(999 / 200)
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on every platform (TPU's default would round to bf16)
 
@@ -51,8 +53,9 @@ def timestep_blur(images: jax.Array, t: jax.Array) -> jax.Array:
     if min(h, w) <= MAX_BLUR_TAPS // 2:
         raise ValueError(f"timestep_blur needs images larger than {MAX_BLUR_TAPS // 2} pixels, got {h}x{w}")
     taps = blur_taps(t).astype(images.dtype)
-    x = jnp.einsum("bij,bjwc->biwc", _blur_matrices(taps, h), images, precision=_EXACT)
-    return jnp.einsum("bkw,biwc->bikc", _blur_matrices(taps, w), x, precision=_EXACT)
+    with flops.uncounted():  # n multiply-adds per output where the model's blur has at most 21
+        x = jnp.einsum("bij,bjwc->biwc", _blur_matrices(taps, h), images, precision=_EXACT)
+        return jnp.einsum("bkw,biwc->bikc", _blur_matrices(taps, w), x, precision=_EXACT)
 
 
 def blurred_mse(pred: jax.Array, target: jax.Array, t: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tadsr_jax import prng
+from tadsr_jax import flops, prng
 from tadsr_jax.nn import lora
 
 
@@ -363,7 +363,8 @@ def _per_group_materialized(per_channel: jax.Array, num_groups: int) -> jax.Arra
     channels = per_channel.shape[-1]
     group = np.arange(channels) // (channels // num_groups)
     same_group = jnp.asarray(group[:, None] == group[None], per_channel.dtype)
-    return jnp.dot(per_channel, same_group, precision=jax.lax.Precision.HIGHEST)
+    with flops.uncounted():  # a sum, not model FLOPs
+        return jnp.dot(per_channel, same_group, precision=jax.lax.Precision.HIGHEST)
 
 
 def _group_stats_one_pass(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:

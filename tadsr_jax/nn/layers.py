@@ -355,16 +355,19 @@ def _per_group(per_channel: jax.Array, num_groups: int) -> jax.Array:
 
 
 def _per_group_materialized(per_channel: jax.Array, num_groups: int) -> jax.Array:
-    """`_per_group` as a matmul with the (C, C) 0/1 same-group matrix, for the CPU forms: the totals then come out
-    of an op of their own, (B, C) in memory. XLA:CPU fuses `_per_group`'s broadcast into every consumer's loop over
-    the map, and that loop's per-element group indexing made GroupNorm 2x slower there (forward of 2x128x128x64:
-    1.97 -> 0.91 ms). Only inside a custom VJP: autodiff would keep the matrix as a residual of every norm.
+    """`_per_group` as two matmuls with the (C, G) 0/1 group-membership matrix (sums, then one copy per channel),
+    for the CPU forms: the totals then come out of an op of their own, (B, C) in memory. XLA:CPU fuses
+    `_per_group`'s broadcast into every consumer's loop over the map, and that loop's per-element group indexing made
+    GroupNorm 2x slower there (forward of 2x128x128x64: 1.97 -> 0.91 ms). Not one (C, C) same-group matrix: at
+    SD's 2560 channels that is a 26 MB constant per norm, and its matmul took 1.07 ms against 0.15. Only inside a
+    custom VJP: autodiff would keep the matrix as a residual of every norm.
     """
     channels = per_channel.shape[-1]
     group = np.arange(channels) // (channels // num_groups)
-    same_group = jnp.asarray(group[:, None] == group[None], per_channel.dtype)
+    membership = jnp.asarray(group[:, None] == np.arange(num_groups)[None], per_channel.dtype)
     with flops.uncounted():  # a sum, not model FLOPs
-        return jnp.dot(per_channel, same_group, precision=jax.lax.Precision.HIGHEST)
+        totals = jnp.dot(per_channel, membership, precision=jax.lax.Precision.HIGHEST)
+        return jnp.dot(totals, membership.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _group_stats_one_pass(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:

@@ -401,9 +401,8 @@ def _group_stats_two_pass(x3: jax.Array, num_groups: int, eps: float) -> tuple[j
     """Per-channel copies of each group's mean and 1/std, (B, 1, C) float32, from x3 = x as (B, positions, C)."""
     count = x3.shape[1] * (x3.shape[2] // num_groups)
     mean = _per_group_materialized(x3.sum(1), num_groups)[:, None] / count
-    var = (
-        _per_group_materialized(jnp.square(x3 - mean).sum(1), num_groups)[:, None] / count
-    )  # two passes: no cancellation
+    # The squares about the mean, a second pass: no cancellation.
+    var = _per_group_materialized(jnp.square(x3 - mean).sum(1), num_groups)[:, None] / count
     return mean, jax.lax.rsqrt(var + eps)
 
 
